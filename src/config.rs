@@ -1,0 +1,326 @@
+//! Every setting, its default and its meaning, in one struct.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file named by `--config`, environment
+//! variables (`SESSION_AUTHORITY_<SETTING>`), command-line flags. Tests build a [`Config`]
+//! directly, so they need neither files nor environment variables.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use figment::{
+    providers::{Format, Serialized, Toml},
+    Figment,
+};
+use serde::{Deserialize, Serialize};
+
+/// The service's settings. Durations are written like `30m`, `12h`, `7d`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to serve gRPC on.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store. Created if missing; never overwritten if foreign.
+    pub data_dir: PathBuf,
+    /// A session unused this long ends.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A session ends this long after creation, however active.
+    #[serde(with = "humantime_serde")]
+    pub absolute_timeout: Duration,
+    /// Idle timeout of "remember me" sessions.
+    #[serde(with = "humantime_serde")]
+    pub remember_me_idle_timeout: Duration,
+    /// Absolute timeout of "remember me" sessions.
+    #[serde(with = "humantime_serde")]
+    pub remember_me_absolute_timeout: Duration,
+    /// Most live sessions one user may hold; at the limit the least recently used is evicted.
+    pub max_sessions_per_user: u32,
+    /// Resolution of `last_seen_at`: a validate writes the new last use only when the stored one
+    /// is at least this old, so validation is not a disk write per call. Idle deadlines are
+    /// therefore exact to within this interval.
+    #[serde(with = "humantime_serde")]
+    pub touch_interval: Duration,
+    /// How often the sweeper ends sessions past their deadline and prunes the event log.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Events older than this are pruned from the log.
+    #[serde(with = "humantime_serde")]
+    pub event_retention_age: Duration,
+    /// At most this many events are kept in the log.
+    pub event_retention_count: u64,
+    /// An idle event stream receives a heartbeat this often.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Capacity of the in-memory live event fan-out; a subscriber further behind reads from the
+    /// durable log instead.
+    pub event_buffer: usize,
+    /// Memory for the store's page cache, in MiB.
+    pub cache_mib: u64,
+    /// Log format: `text` for people, `json` for log pipelines.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("./data"),
+            idle_timeout: Duration::from_secs(30 * 60),
+            absolute_timeout: Duration::from_secs(12 * 3600),
+            remember_me_idle_timeout: Duration::from_secs(7 * 86400),
+            remember_me_absolute_timeout: Duration::from_secs(30 * 86400),
+            max_sessions_per_user: 10,
+            touch_interval: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(10),
+            event_retention_age: Duration::from_secs(7 * 86400),
+            event_retention_count: 10_000_000,
+            heartbeat_interval: Duration::from_secs(15),
+            event_buffer: 4096,
+            cache_mib: 512,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A setting is out of its allowed range.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}: {1}")]
+    Invalid(&'static str, String),
+    #[error("reading configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+}
+
+impl Config {
+    /// Checks ranges that the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let check = |ok: bool, name: &'static str, why: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(name, why.to_string()))
+            }
+        };
+        let second = Duration::from_secs(1);
+        check(
+            self.idle_timeout >= second,
+            "idle_timeout",
+            "must be at least 1s",
+        )?;
+        check(
+            self.absolute_timeout >= self.idle_timeout,
+            "absolute_timeout",
+            "must be at least idle_timeout",
+        )?;
+        check(
+            self.remember_me_idle_timeout >= second,
+            "remember_me_idle_timeout",
+            "must be at least 1s",
+        )?;
+        check(
+            self.remember_me_absolute_timeout >= self.remember_me_idle_timeout,
+            "remember_me_absolute_timeout",
+            "must be at least remember_me_idle_timeout",
+        )?;
+        check(
+            (1..=10_000).contains(&self.max_sessions_per_user),
+            "max_sessions_per_user",
+            "must be 1-10000",
+        )?;
+        check(
+            self.touch_interval < self.idle_timeout,
+            "touch_interval",
+            "must be shorter than idle_timeout",
+        )?;
+        check(
+            self.sweep_interval >= Duration::from_millis(10),
+            "sweep_interval",
+            "must be at least 10ms",
+        )?;
+        check(
+            self.event_retention_count >= 1,
+            "event_retention_count",
+            "must be at least 1",
+        )?;
+        check(
+            self.heartbeat_interval >= Duration::from_millis(10),
+            "heartbeat_interval",
+            "must be at least 10ms",
+        )?;
+        check(
+            (16..=1 << 20).contains(&self.event_buffer),
+            "event_buffer",
+            "must be 16-1048576",
+        )?;
+        check(self.cache_mib >= 8, "cache_mib", "must be at least 8")?;
+        Ok(())
+    }
+
+    /// Reads the configuration from defaults, the optional file, the environment and `args`.
+    pub fn load<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Cli::parse_from(args);
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &cli.config {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(Serialized::defaults(&cli.settings))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Command line of the `session-authority` binary. Every flag also reads an environment variable.
+#[derive(Debug, Parser)]
+#[command(name = "session-authority", version, about)]
+struct Cli {
+    /// A TOML file with any of the settings below (same names, snake_case).
+    #[arg(long, short, env = "SESSION_AUTHORITY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: CliSettings,
+}
+
+/// Flags that override the file. Absent flags leave the file's value (or the default) alone.
+#[derive(Debug, clap::Args, Serialize)]
+struct CliSettings {
+    /// Address to serve gRPC on [default: 127.0.0.1:50051]
+    #[arg(long, env = "SESSION_AUTHORITY_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    /// Directory of the embedded store [default: ./data]
+    #[arg(long, env = "SESSION_AUTHORITY_DATA_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// Idle timeout, e.g. 30m [default: 30m]
+    #[arg(long, env = "SESSION_AUTHORITY_IDLE_TIMEOUT", value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout: Option<String>,
+    /// Absolute timeout [default: 12h]
+    #[arg(long, env = "SESSION_AUTHORITY_ABSOLUTE_TIMEOUT", value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    absolute_timeout: Option<String>,
+    /// Idle timeout of "remember me" sessions [default: 7d]
+    #[arg(long, env = "SESSION_AUTHORITY_REMEMBER_ME_IDLE_TIMEOUT", value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remember_me_idle_timeout: Option<String>,
+    /// Absolute timeout of "remember me" sessions [default: 30d]
+    #[arg(long, env = "SESSION_AUTHORITY_REMEMBER_ME_ABSOLUTE_TIMEOUT", value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remember_me_absolute_timeout: Option<String>,
+    /// Most live sessions per user [default: 10]
+    #[arg(long, env = "SESSION_AUTHORITY_MAX_SESSIONS_PER_USER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_sessions_per_user: Option<u32>,
+    /// Resolution of last-seen times [default: 60s]
+    #[arg(long, env = "SESSION_AUTHORITY_TOUCH_INTERVAL", value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    touch_interval: Option<String>,
+    /// How often expired sessions are swept [default: 10s]
+    #[arg(long, env = "SESSION_AUTHORITY_SWEEP_INTERVAL", value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sweep_interval: Option<String>,
+    /// Oldest event kept in the log [default: 7d]
+    #[arg(long, env = "SESSION_AUTHORITY_EVENT_RETENTION_AGE", value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_retention_age: Option<String>,
+    /// Most events kept in the log [default: 10000000]
+    #[arg(long, env = "SESSION_AUTHORITY_EVENT_RETENTION_COUNT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_retention_count: Option<u64>,
+    /// Heartbeat period of idle event streams [default: 15s]
+    #[arg(long, env = "SESSION_AUTHORITY_HEARTBEAT_INTERVAL", value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_interval: Option<String>,
+    /// Live event fan-out capacity [default: 4096]
+    #[arg(long, env = "SESSION_AUTHORITY_EVENT_BUFFER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_buffer: Option<usize>,
+    /// Store page cache in MiB [default: 512]
+    #[arg(long, env = "SESSION_AUTHORITY_CACHE_MIB")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_mib: Option<u64>,
+    /// Log format [default: text]
+    #[arg(long, env = "SESSION_AUTHORITY_LOG_FORMAT", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
+}
+
+/// Checks a duration flag early (so a typo fails with clap's message) and keeps its text for the
+/// merge.
+fn duration(s: &str) -> Result<String, humantime::DurationError> {
+    humantime::parse_duration(s).map(|_| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_arguments_gives_the_documented_defaults() {
+        let config = Config::load(["session-authority"]).expect("defaults load");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sa.toml");
+        std::fs::write(
+            &file,
+            "idle_timeout = \"5m\"\nmax_sessions_per_user = 3\nlisten = \"127.0.0.1:7000\"\n",
+        )
+        .expect("write");
+        let config = Config::load([
+            "session-authority",
+            "--config",
+            file.to_str().expect("utf-8 path"),
+            "--max-sessions-per-user",
+            "4",
+        ])
+        .expect("loads");
+        assert_eq!(config.idle_timeout, Duration::from_secs(300));
+        assert_eq!(config.max_sessions_per_user, 4);
+        assert_eq!(config.listen.port(), 7000);
+    }
+
+    #[test]
+    fn out_of_range_settings_are_refused_by_name() {
+        let err = Config::load(["session-authority", "--max-sessions-per-user", "0"])
+            .expect_err("zero refused");
+        assert!(err.to_string().contains("max_sessions_per_user"), "{err}");
+        let err = Config::load([
+            "session-authority",
+            "--idle-timeout",
+            "2h",
+            "--absolute-timeout",
+            "1h",
+        ])
+        .expect_err("absolute < idle refused");
+        assert!(err.to_string().contains("absolute_timeout"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sa.toml");
+        std::fs::write(&file, "idle_timout = \"5m\"\n").expect("write");
+        let err = Config::load(["session-authority", "-c", file.to_str().expect("utf-8")])
+            .expect_err("typo refused");
+        assert!(err.to_string().contains("idle_timout"), "{err}");
+    }
+}

@@ -1,0 +1,80 @@
+//! The service's one error type and its one mapping to `tonic::Status`.
+//!
+//! The domain and the store return [`Error`]; only [`From<Error> for Status`] decides what a
+//! caller sees. Anything about a token says exactly "session not valid", whatever the cause.
+
+use tonic::{Code, Status};
+
+use crate::token::SessionId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field failed validation. `field` is the proto field name.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+
+    /// The token is unknown, malformed, expired or revoked. One variant for all four, so no code
+    /// path can tell a caller which it was.
+    #[error("session not valid")]
+    SessionNotValid,
+
+    /// An admin call named a session the service does not know.
+    #[error("session {0} not found")]
+    SessionNotFound(SessionId),
+
+    /// The store could not read or write. The request may or may not have taken effect only if it
+    /// was a write that was applied but not flushed; callers should retry idempotently.
+    #[error("storage unavailable: {0}")]
+    Storage(String),
+
+    /// The service is stopping and takes no more writes.
+    #[error("service is shutting down")]
+    ShuttingDown,
+
+    /// The data directory holds something this service must not open or overwrite.
+    #[error("refusing to open the data directory: {0}")]
+    DataDir(String),
+
+    /// The server could not start or stopped abnormally (never sent to a caller).
+    #[error("server: {0}")]
+    Server(String),
+
+    /// An event cursor is older than the oldest kept event, or beyond the newest one.
+    #[error("{0}")]
+    CursorOutOfRange(String),
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::SessionNotValid => Code::Unauthenticated,
+            Error::SessionNotFound(_) => Code::NotFound,
+            Error::Storage(_) | Error::ShuttingDown | Error::DataDir(_) | Error::Server(_) => {
+                Code::Unavailable
+            }
+            Error::CursorOutOfRange(_) => Code::OutOfRange,
+        };
+        if code == Code::Unavailable {
+            tracing::warn!(error = %e, "request failed: service unavailable");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

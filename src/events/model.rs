@@ -1,0 +1,56 @@
+//! What happened to a session, as recorded in the durable event log.
+
+use crate::{
+    clock::Timestamp,
+    sessions::model::{Device, ExpiryKind, RevokeReason},
+    token::SessionId,
+};
+
+/// One entry of the event log. `sequence` is strictly increasing with no holes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub sequence: u64,
+    pub occurred_at: Timestamp,
+    pub tenant_id: String,
+    pub user_id: String,
+    pub session_id: SessionId,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    Created {
+        device: Device,
+        remember_me: bool,
+        /// Sessions this creation evicted (each also has its own `Revoked` event).
+        evicted: Vec<SessionId>,
+    },
+    Revoked {
+        reason: RevokeReason,
+    },
+    Expired {
+        kind: ExpiryKind,
+    },
+    /// The session's token changed; the old token is dead.
+    Rotated,
+}
+
+/// The kinds, for filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Created,
+    Revoked,
+    Expired,
+    Rotated,
+}
+
+impl EventKind {
+    pub fn event_type(&self) -> EventType {
+        match self {
+            EventKind::Created { .. } => EventType::Created,
+            EventKind::Revoked { .. } => EventType::Revoked,
+            EventKind::Expired { .. } => EventType::Expired,
+            EventKind::Rotated => EventType::Rotated,
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! # session-authority
+//!
+//! The one place where a company's user sessions are created, checked, listed, limited and
+//! revoked, served over gRPC and stored durably in an embedded sled database.
+//!
+//! Data flows one way: **gRPC layer → domain → store**; the store publishes **events** after the
+//! flush that made them durable.
+//!
+//! # Layout
+//!
+//! - [`config`]: every setting, its default and its meaning; flags, environment and TOML file.
+//! - [`service`]: the tonic layer (decode and validate requests, call the domain, encode replies)
+//!   and [`run`], the one function that starts the server, for `main` and tests alike.
+//! - [`sessions`]: the domain: create, validate, rotate, list, revoke; timeouts and the per-user
+//!   limit; the background sweeper. No tonic, no sled.
+//! - [`store`]: the only code that touches sled: key encoding, records, the single-writer
+//!   group-commit write path. Behind the [`store::SessionStore`] trait.
+//! - [`events`]: the event model and the live fan-out of durable events.
+//! - [`token`]: session ids and secrets: generation (ChaCha20 seeded from the OS), the token's
+//!   wire form, hashing. Nothing else touches a secret.
+//! - [`clock`]: injected time, so expiry is tested without sleeping.
+//! - [`error`]: the error type and its one mapping to `tonic::Status`.
+//! - [`proto`]: generated code and the descriptor set for reflection.
+
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod proto;
+pub mod service;
+pub mod sessions;
+pub mod store;
+pub mod token;
+
+pub use service::run;

@@ -1,0 +1,346 @@
+//! Decoding and validating requests into domain values (`TryFrom`), and encoding domain values
+//! into replies. Every rejection names the proto field it is about.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+
+use crate::{
+    clock::Timestamp,
+    error::{Error, Result},
+    proto::v1 as pb,
+    sessions::{
+        limits,
+        model::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
+        ListQuery, NewSession,
+    },
+    store::{ListScope, RevokeTarget},
+    token::SessionId,
+};
+
+// === decoding ===
+
+/// A tenant or user id: 1-128 bytes of UTF-8 without control characters.
+pub fn id_field(field: &'static str, value: String) -> Result<String> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if value.len() > limits::MAX_ID_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {} bytes", limits::MAX_ID_BYTES),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(value)
+}
+
+fn text_field(field: &'static str, value: String, max: usize) -> Result<String> {
+    if value.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {max} bytes"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(value)
+}
+
+pub fn session_id_field(field: &'static str, value: &str) -> Result<SessionId> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    value
+        .parse()
+        .map_err(|e: crate::token::BadSessionId| Error::invalid(field, e.to_string()))
+}
+
+fn location(l: pb::Location) -> Result<Location> {
+    let country = l.country;
+    if !country.is_empty()
+        && !(country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase()))
+    {
+        return Err(Error::invalid(
+            "device.location.country",
+            "must be an ISO 3166-1 alpha-2 code in upper case, e.g. \"GB\"",
+        ));
+    }
+    let coordinates = match (l.latitude, l.longitude) {
+        (None, None) => None,
+        (Some(lat), Some(lon)) => {
+            if !(-90.0..=90.0).contains(&lat) {
+                return Err(Error::invalid(
+                    "device.location.latitude",
+                    "must be within -90..90",
+                ));
+            }
+            if !(-180.0..=180.0).contains(&lon) {
+                return Err(Error::invalid(
+                    "device.location.longitude",
+                    "must be within -180..180",
+                ));
+            }
+            Some((lat, lon))
+        }
+        (Some(_), None) => {
+            return Err(Error::invalid(
+                "device.location.longitude",
+                "is required when latitude is set",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(Error::invalid(
+                "device.location.latitude",
+                "is required when longitude is set",
+            ))
+        }
+    };
+    Ok(Location {
+        country,
+        city: text_field("device.location.city", l.city, limits::MAX_CITY_BYTES)?,
+        coordinates,
+    })
+}
+
+impl TryFrom<pb::Device> for Device {
+    type Error = Error;
+
+    fn try_from(d: pb::Device) -> Result<Self> {
+        let ip = if d.ip.is_empty() {
+            None
+        } else {
+            Some(
+                d.ip.parse::<IpAddr>()
+                    .map_err(|_| Error::invalid("device.ip", "must be an IPv4 or IPv6 address"))?,
+            )
+        };
+        Ok(Device {
+            ip,
+            user_agent: text_field(
+                "device.user_agent",
+                d.user_agent,
+                limits::MAX_USER_AGENT_BYTES,
+            )?,
+            label: text_field(
+                "device.device_label",
+                d.device_label,
+                limits::MAX_DEVICE_LABEL_BYTES,
+            )?,
+            location: d.location.map(location).transpose()?,
+        })
+    }
+}
+
+fn attributes(map: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    if map.len() > limits::MAX_ATTRIBUTES {
+        return Err(Error::invalid(
+            "attributes",
+            format!("at most {} entries", limits::MAX_ATTRIBUTES),
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in map {
+        let key_ok = !k.is_empty()
+            && k.len() <= limits::MAX_ATTRIBUTE_KEY_BYTES
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !key_ok {
+            return Err(Error::invalid(
+                "attributes",
+                format!(
+                    "keys must be 1-{} characters of [A-Za-z0-9_.-]",
+                    limits::MAX_ATTRIBUTE_KEY_BYTES
+                ),
+            ));
+        }
+        let v = text_field("attributes", v, limits::MAX_ATTRIBUTE_VALUE_BYTES)?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+impl TryFrom<pb::CreateSessionRequest> for NewSession {
+    type Error = Error;
+
+    fn try_from(r: pb::CreateSessionRequest) -> Result<Self> {
+        Ok(NewSession {
+            tenant_id: id_field("tenant_id", r.tenant_id)?,
+            user_id: id_field("user_id", r.user_id)?,
+            remember_me: r.remember_me,
+            device: r
+                .device
+                .map(Device::try_from)
+                .transpose()?
+                .unwrap_or_default(),
+            attributes: attributes(r.attributes)?,
+        })
+    }
+}
+
+impl TryFrom<pb::ListSessionsRequest> for ListQuery {
+    type Error = Error;
+
+    fn try_from(r: pb::ListSessionsRequest) -> Result<Self> {
+        let tenant_id = id_field("tenant_id", r.tenant_id)?;
+        let user_id = if r.user_id.is_empty() {
+            None
+        } else {
+            Some(id_field("user_id", r.user_id)?)
+        };
+        let page_size = match usize::try_from(r.page_size).unwrap_or(usize::MAX) {
+            0 => limits::DEFAULT_PAGE_SIZE,
+            n if n > limits::MAX_PAGE_SIZE => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("must be at most {}", limits::MAX_PAGE_SIZE),
+                ))
+            }
+            n => n,
+        };
+        let cursor = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                URL_SAFE_NO_PAD
+                    .decode(r.page_token.as_bytes())
+                    .map_err(|_| {
+                        Error::invalid("page_token", "is not a token from this service")
+                    })?,
+            )
+        };
+        Ok(ListQuery {
+            scope: ListScope { tenant_id, user_id },
+            page_size,
+            cursor,
+        })
+    }
+}
+
+/// The reason a caller gave; `default` stands in for UNSPECIFIED.
+pub fn revoke_reason(value: i32, default: RevokeReason) -> Result<RevokeReason> {
+    let reason = pb::RevokeReason::try_from(value)
+        .map_err(|_| Error::invalid("reason", format!("unknown value {value}")))?;
+    Ok(match reason {
+        pb::RevokeReason::Unspecified => default,
+        pb::RevokeReason::UserLogout => RevokeReason::UserLogout,
+        pb::RevokeReason::UserLogoutOthers => RevokeReason::UserLogoutOthers,
+        pb::RevokeReason::Admin => RevokeReason::Admin,
+        pb::RevokeReason::SuspiciousActivity => RevokeReason::SuspiciousActivity,
+        pb::RevokeReason::Policy => RevokeReason::Policy,
+        pb::RevokeReason::LimitEviction => {
+            return Err(Error::invalid(
+                "reason",
+                "LIMIT_EVICTION is set by the service only",
+            ))
+        }
+    })
+}
+
+/// Decodes RevokeSessions' ids: 1-1000 valid ids.
+pub fn revoke_ids(ids: Vec<String>) -> Result<RevokeTarget> {
+    if ids.is_empty() {
+        return Err(Error::invalid("session_ids", "at least one id is required"));
+    }
+    if ids.len() > limits::MAX_REVOKE_IDS {
+        return Err(Error::invalid(
+            "session_ids",
+            format!("at most {} ids per call", limits::MAX_REVOKE_IDS),
+        ));
+    }
+    ids.iter()
+        .map(|id| session_id_field("session_ids", id))
+        .collect::<Result<Vec<_>>>()
+        .map(RevokeTarget::Sessions)
+}
+
+// === encoding ===
+
+pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    let ms = t.as_millis();
+    prost_types::Timestamp {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        // Below 1e9, so it fits.
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+pub fn revoke_reason_to_proto(r: RevokeReason) -> pb::RevokeReason {
+    match r {
+        RevokeReason::UserLogout => pb::RevokeReason::UserLogout,
+        RevokeReason::UserLogoutOthers => pb::RevokeReason::UserLogoutOthers,
+        RevokeReason::Admin => pb::RevokeReason::Admin,
+        RevokeReason::LimitEviction => pb::RevokeReason::LimitEviction,
+        RevokeReason::SuspiciousActivity => pb::RevokeReason::SuspiciousActivity,
+        RevokeReason::Policy => pb::RevokeReason::Policy,
+    }
+}
+
+pub fn expiry_kind_to_proto(k: ExpiryKind) -> pb::ExpiryKind {
+    match k {
+        ExpiryKind::Idle => pb::ExpiryKind::Idle,
+        ExpiryKind::Absolute => pb::ExpiryKind::Absolute,
+    }
+}
+
+impl From<&Device> for pb::Device {
+    fn from(d: &Device) -> Self {
+        pb::Device {
+            ip: d.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            user_agent: d.user_agent.clone(),
+            device_label: d.label.clone(),
+            location: d.location.as_ref().map(|l| pb::Location {
+                country: l.country.clone(),
+                city: l.city.clone(),
+                latitude: l.coordinates.map(|c| c.0),
+                longitude: l.coordinates.map(|c| c.1),
+            }),
+        }
+    }
+}
+
+impl From<&Session> for pb::Session {
+    fn from(s: &Session) -> Self {
+        let mut out = pb::Session {
+            session_id: s.id.to_string(),
+            tenant_id: s.tenant_id.clone(),
+            user_id: s.user_id.clone(),
+            created_at: Some(timestamp(s.created_at)),
+            last_seen_at: Some(timestamp(s.last_seen_at)),
+            idle_expires_at: Some(timestamp(s.idle_expires_at())),
+            absolute_expires_at: Some(timestamp(s.absolute_expires_at)),
+            remember_me: s.remember_me,
+            device: Some(pb::Device::from(&s.device)),
+            attributes: s
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            rotation_count: s.rotation_count,
+            ..Default::default()
+        };
+        match s.state {
+            SessionState::Active => out.set_state(pb::SessionState::Active),
+            SessionState::Revoked { at, reason } => {
+                out.set_state(pb::SessionState::Revoked);
+                out.ended_at = Some(timestamp(at));
+                out.set_revoke_reason(revoke_reason_to_proto(reason));
+            }
+            SessionState::Expired { at, kind } => {
+                out.set_state(pb::SessionState::Expired);
+                out.ended_at = Some(timestamp(at));
+                out.set_expiry_kind(expiry_kind_to_proto(kind));
+            }
+        }
+        out
+    }
+}
+
+pub fn page_token(cursor: Option<Vec<u8>>) -> String {
+    cursor
+        .map(|c| URL_SAFE_NO_PAD.encode(c))
+        .unwrap_or_default()
+}

@@ -1,0 +1,110 @@
+//! The tonic layer and the one function that starts the server, used by `main` and the tests.
+//!
+//! Handlers only decode (see [`convert`]), call the domain, and encode; errors become `Status`
+//! through the single mapping in `crate::error`.
+
+pub mod convert;
+mod sessions;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+pub use self::sessions::SessionApi;
+use crate::{
+    clock::Clock,
+    config::Config,
+    error::{Error, Result},
+    proto::{self, v1::session_service_server::SessionServiceServer},
+    sessions::{run_sweeper, Retention, Sessions, Settings},
+    store::{SessionStore, SledStore},
+    token::TokenGenerator,
+};
+
+/// Serves the session authority on `listener` until `shutdown` completes, then stops gracefully:
+/// health turns NOT_SERVING, in-flight calls finish, the sweeper stops and the store is flushed
+/// and closed. Returns once the data directory can be reopened.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    config
+        .validate()
+        .map_err(|e| Error::Server(format!("invalid configuration: {e}")))?;
+    let store = Arc::new(SledStore::open(
+        &config.data_dir,
+        config.cache_mib.saturating_mul(1 << 20),
+        config.event_buffer,
+    )?);
+    let tokens = TokenGenerator::from_os().map_err(|e| Error::Server(e.to_string()))?;
+    let sessions = Arc::new(Sessions::new(
+        store.clone(),
+        clock,
+        tokens,
+        Settings::from(&config),
+    ));
+
+    let (stop, stopped) = watch::channel(false);
+    let sweeper = tokio::spawn(run_sweeper(
+        sessions.clone(),
+        config.sweep_interval,
+        Retention {
+            age: config.event_retention_age,
+            count: config.event_retention_count,
+        },
+        stopped.clone(),
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<SessionServiceServer<SessionApi<SledStore>>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e| Error::Server(format!("reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    // v1alpha too: grpcurl 1.8 and many tools still ask for it.
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, data_dir = %config.data_dir.display(), "serving");
+
+    let on_shutdown = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: refusing new calls, finishing in-flight ones");
+            health
+                .set_not_serving::<SessionServiceServer<SessionApi<SledStore>>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            let _ = stop.send(true);
+        }
+    };
+
+    let served = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(SessionServiceServer::new(SessionApi::new(sessions.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+        .await
+        .map_err(|e| Error::Server(e.to_string()));
+
+    let _ = sweeper.await;
+    let closed = store.close().await;
+    tracing::info!("stopped");
+    served.and(closed)
+}

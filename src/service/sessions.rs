@@ -1,0 +1,153 @@
+//! `SessionService`: decode, call the domain, encode. No logic of its own.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, id_field, revoke_ids, revoke_reason, session_id_field};
+use crate::{
+    proto::v1::{self as pb, session_service_server::SessionService},
+    sessions::{model::RevokeReason, ListQuery, NewSession, Sessions},
+    store::{RevokeTarget, SessionStore},
+};
+
+/// The gRPC face of [`Sessions`].
+pub struct SessionApi<S> {
+    sessions: Arc<Sessions<S>>,
+}
+
+impl<S> SessionApi<S> {
+    pub fn new(sessions: Arc<Sessions<S>>) -> Self {
+        Self { sessions }
+    }
+}
+
+fn ids(ids: Vec<crate::token::SessionId>) -> Vec<String> {
+    ids.iter().map(ToString::to_string).collect()
+}
+
+#[tonic::async_trait]
+impl<S: SessionStore> SessionService for SessionApi<S> {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let new = NewSession::try_from(request.into_inner())?;
+        let created = self.sessions.create(new).await?;
+        Ok(Response::new(pb::CreateSessionResponse {
+            session: Some((&created.session).into()),
+            token: created.token.expose().to_string(),
+            evicted_session_ids: ids(created.evicted),
+            sequence: created.sequence,
+        }))
+    }
+
+    async fn validate_session(
+        &self,
+        request: Request<pb::ValidateSessionRequest>,
+    ) -> Result<Response<pb::ValidateSessionResponse>, Status> {
+        let r = request.into_inner();
+        let session = self.sessions.validate(&r.token, r.touch.unwrap_or(true))?;
+        Ok(Response::new(pb::ValidateSessionResponse {
+            session: Some((&session).into()),
+        }))
+    }
+
+    async fn rotate_session(
+        &self,
+        request: Request<pb::RotateSessionRequest>,
+    ) -> Result<Response<pb::RotateSessionResponse>, Status> {
+        let rotated = self.sessions.rotate(&request.into_inner().token).await?;
+        Ok(Response::new(pb::RotateSessionResponse {
+            session: Some((&rotated.session).into()),
+            token: rotated.token.expose().to_string(),
+            sequence: rotated.sequence,
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let id = session_id_field("session_id", &request.into_inner().session_id)?;
+        let session = self.sessions.get(&id)?;
+        Ok(Response::new(pb::GetSessionResponse {
+            session: Some((&session).into()),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let query = ListQuery::try_from(request.into_inner())?;
+        let page = self.sessions.list(&query)?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: page.sessions.iter().map(Into::into).collect(),
+            next_page_token: convert::page_token(page.next),
+        }))
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        let r = request.into_inner();
+        let id = session_id_field("session_id", &r.session_id)?;
+        let reason = revoke_reason(r.reason, RevokeReason::Admin)?;
+        let outcome = self
+            .sessions
+            .revoke(RevokeTarget::Sessions(vec![id]), reason)
+            .await?;
+        let session = self.sessions.get(&id)?;
+        Ok(Response::new(pb::RevokeSessionResponse {
+            revoked: !outcome.revoked.is_empty(),
+            session: Some((&session).into()),
+            sequence: outcome.sequence,
+        }))
+    }
+
+    async fn revoke_sessions(
+        &self,
+        request: Request<pb::RevokeSessionsRequest>,
+    ) -> Result<Response<pb::RevokeSessionsResponse>, Status> {
+        let r = request.into_inner();
+        let target = revoke_ids(r.session_ids)?;
+        let reason = revoke_reason(r.reason, RevokeReason::Admin)?;
+        let outcome = self.sessions.revoke(target, reason).await?;
+        Ok(Response::new(pb::RevokeSessionsResponse {
+            revoked_session_ids: ids(outcome.revoked),
+            sequence: outcome.sequence,
+        }))
+    }
+
+    async fn revoke_user_sessions(
+        &self,
+        request: Request<pb::RevokeUserSessionsRequest>,
+    ) -> Result<Response<pb::RevokeUserSessionsResponse>, Status> {
+        let r = request.into_inner();
+        let tenant_id = id_field("tenant_id", r.tenant_id)?;
+        let user_id = id_field("user_id", r.user_id)?;
+        let except = if r.except_session_id.is_empty() {
+            None
+        } else {
+            Some(session_id_field("except_session_id", &r.except_session_id)?)
+        };
+        let default = if except.is_some() {
+            RevokeReason::UserLogoutOthers
+        } else {
+            RevokeReason::Admin
+        };
+        let reason = revoke_reason(r.reason, default)?;
+        let target = RevokeTarget::User {
+            tenant_id,
+            user_id,
+            except,
+        };
+        let outcome = self.sessions.revoke(target, reason).await?;
+        Ok(Response::new(pb::RevokeUserSessionsResponse {
+            revoked_session_ids: ids(outcome.revoked),
+            sequence: outcome.sequence,
+        }))
+    }
+}

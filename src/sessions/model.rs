@@ -1,0 +1,176 @@
+//! The session as the domain sees it, and the rules that are pure functions of it (deadlines,
+//! which sessions to evict). No I/O here: the store calls these inside its atomic writes.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use crate::{
+    clock::Timestamp,
+    token::{SessionId, TokenHash},
+};
+
+/// Where a client is, as far as the caller knows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Location {
+    /// ISO 3166-1 alpha-2, upper case; empty if unknown.
+    pub country: String,
+    /// Free text; empty if unknown.
+    pub city: String,
+    /// Latitude and longitude in degrees, if known (always both or neither).
+    pub coordinates: Option<(f64, f64)>,
+}
+
+/// What the caller knows about the client device.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Device {
+    pub ip: Option<IpAddr>,
+    pub user_agent: String,
+    pub label: String,
+    pub location: Option<Location>,
+}
+
+/// Why a session was revoked. Mirrors the proto enum; `LimitEviction` is the service's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeReason {
+    UserLogout,
+    UserLogoutOthers,
+    Admin,
+    LimitEviction,
+    SuspiciousActivity,
+    Policy,
+}
+
+/// Which deadline a session passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryKind {
+    Idle,
+    Absolute,
+}
+
+/// Whether a session is live, and if not how it ended. Ended sessions are kept as tombstones until
+/// their absolute deadline, so that repeated revokes are answered consistently and admins can see
+/// how a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Active,
+    Revoked { at: Timestamp, reason: RevokeReason },
+    Expired { at: Timestamp, kind: ExpiryKind },
+}
+
+/// A user session. Holds the hash of its current token, never the token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    pub id: SessionId,
+    pub tenant_id: String,
+    pub user_id: String,
+    pub token_hash: TokenHash,
+    pub created_at: Timestamp,
+    /// Last use, as stored: at most `touch_interval` behind the true last use.
+    pub last_seen_at: Timestamp,
+    /// Fixed at creation from the timeouts in force then.
+    pub idle_timeout: Duration,
+    pub absolute_expires_at: Timestamp,
+    pub remember_me: bool,
+    pub device: Device,
+    pub attributes: BTreeMap<String, String>,
+    pub state: SessionState,
+    pub rotation_count: u32,
+}
+
+impl Session {
+    /// When the session ends if it is not used again.
+    pub fn idle_expires_at(&self) -> Timestamp {
+        self.last_seen_at
+            .saturating_add(self.idle_timeout)
+            .min(self.absolute_expires_at)
+    }
+
+    /// The earlier of the two deadlines: when the sweeper should look at this session again.
+    pub fn next_deadline(&self) -> Timestamp {
+        match self.state {
+            SessionState::Active => self.idle_expires_at(),
+            // Tombstones are purged when the session could not have lived any longer anyway.
+            _ => self.absolute_expires_at,
+        }
+    }
+
+    /// Which deadline an active session has passed at `now`, if any. The absolute deadline wins
+    /// a tie, because it is the one that no activity could have moved.
+    pub fn expiry_at(&self, now: Timestamp) -> Option<ExpiryKind> {
+        if now >= self.absolute_expires_at {
+            Some(ExpiryKind::Absolute)
+        } else if now >= self.idle_expires_at() {
+            Some(ExpiryKind::Idle)
+        } else {
+            None
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.state == SessionState::Active
+    }
+
+    /// Live at `now`: active and before both deadlines.
+    pub fn is_live_at(&self, now: Timestamp) -> bool {
+        self.is_active() && self.expiry_at(now).is_none()
+    }
+}
+
+/// Picks which of a user's live sessions to evict so that one more fits under `limit`: the least
+/// recently used first, ties broken by creation time and id so the choice is deterministic.
+pub fn sessions_to_evict(live: &[Session], limit: usize) -> Vec<SessionId> {
+    let excess = (live.len() + 1).saturating_sub(limit);
+    let mut by_use: Vec<&Session> = live.iter().collect();
+    by_use.sort_by_key(|s| (s.last_seen_at, s.created_at, s.id));
+    by_use.into_iter().take(excess).map(|s| s.id).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::TokenGenerator;
+
+    fn session(generator: &TokenGenerator, created: u64, seen: u64) -> Session {
+        let id = generator.session_id();
+        Session {
+            id,
+            tenant_id: "t".into(),
+            user_id: "u".into(),
+            token_hash: generator.issue(&id).hash,
+            created_at: Timestamp::from_millis(created),
+            last_seen_at: Timestamp::from_millis(seen),
+            idle_timeout: Duration::from_millis(100),
+            absolute_expires_at: Timestamp::from_millis(created + 1000),
+            remember_me: false,
+            device: Device::default(),
+            attributes: BTreeMap::new(),
+            state: SessionState::Active,
+            rotation_count: 0,
+        }
+    }
+
+    #[test]
+    fn idle_deadline_slides_but_never_past_the_absolute_one() {
+        let g = TokenGenerator::from_seed([0; 32]);
+        let s = session(&g, 0, 950);
+        assert_eq!(s.idle_expires_at(), Timestamp::from_millis(1000));
+        assert_eq!(s.expiry_at(Timestamp::from_millis(999)), None);
+        assert_eq!(
+            s.expiry_at(Timestamp::from_millis(1000)),
+            Some(ExpiryKind::Absolute)
+        );
+        let s = session(&g, 0, 10);
+        assert_eq!(
+            s.expiry_at(Timestamp::from_millis(110)),
+            Some(ExpiryKind::Idle)
+        );
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_used() {
+        let g = TokenGenerator::from_seed([1; 32]);
+        let live = vec![session(&g, 0, 50), session(&g, 1, 10), session(&g, 2, 30)];
+        assert_eq!(sessions_to_evict(&live, 3), vec![live[1].id]);
+        assert_eq!(sessions_to_evict(&live, 2), vec![live[1].id, live[2].id]);
+        assert!(sessions_to_evict(&live, 4).is_empty());
+    }
+}

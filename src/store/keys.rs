@@ -1,0 +1,141 @@
+//! The one key encoding of the store. All maps live in one sled tree, told apart by a one-byte
+//! prefix, so that a change to a session, its indexes and its event is one atomic `sled::Batch`
+//! (sled's batches are atomic within a tree; its multi-tree transactions are several times
+//! slower). Integers are big-endian so that scans come out ordered.
+//!
+//! | prefix | map                     | key after the prefix                              | value          |
+//! |--------|-------------------------|---------------------------------------------------|----------------|
+//! | `s`    | sessionid_session       | session id (16)                                   | SessionRecord  |
+//! | `u`    | user_sessionid          | len, tenant, len, user, created_at (8), id (16)   | empty          |
+//! | `d`    | deadline_sessionid      | next deadline (8), id (16)                        | empty          |
+//! | `e`    | sequence_event          | sequence (8)                                      | EventRecord    |
+//! | `m`    | meta                    | name                                              | varies         |
+//!
+//! `user_sessionid` holds active sessions only, so counting a user's sessions for the limit is a
+//! short prefix scan. `deadline_sessionid` holds every session under the instant the sweeper must
+//! look at it again (idle deadline while active, absolute deadline for a tombstone).
+
+use crate::{clock::Timestamp, token::SessionId};
+
+pub const SESSION: u8 = b's';
+pub const USER: u8 = b'u';
+pub const DEADLINE: u8 = b'd';
+pub const EVENT: u8 = b'e';
+
+/// Marks a directory as ours, with the layout version. Checked at open.
+pub const META_FORMAT: &[u8] = b"mformat";
+pub const FORMAT_VALUE: &[u8] = b"session-authority/1";
+/// The newest event sequence ever assigned; survives pruning of the whole log.
+pub const META_HEAD: &[u8] = b"mhead";
+
+pub fn session(id: &SessionId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = SESSION;
+    k[1..].copy_from_slice(id.as_bytes());
+    k
+}
+
+/// Prefix of a tenant's entries in `user_sessionid`, or of one user's if `user` is given.
+/// Lengths are bounded by validation to 255 bytes, so one length byte suffices and no tenant's
+/// prefix can be a prefix of another's.
+pub fn user_prefix(tenant: &str, user: Option<&str>) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + tenant.len() + user.map_or(0, str::len));
+    k.push(USER);
+    push_str(&mut k, tenant);
+    if let Some(user) = user {
+        push_str(&mut k, user);
+    }
+    k
+}
+
+fn push_str(k: &mut Vec<u8>, s: &str) {
+    // Validation caps ids at 128 bytes; saturate rather than wrap if that ever changes.
+    k.push(u8::try_from(s.len()).unwrap_or(u8::MAX));
+    k.extend_from_slice(s.as_bytes());
+}
+
+pub fn user_session(tenant: &str, user: &str, created_at: Timestamp, id: &SessionId) -> Vec<u8> {
+    let mut k = user_prefix(tenant, Some(user));
+    k.extend_from_slice(&created_at.as_millis().to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// The session id at the end of a `user_sessionid` key.
+pub fn session_id_of_user_key(key: &[u8]) -> Option<SessionId> {
+    key.len()
+        .checked_sub(SessionId::LEN)
+        .and_then(|start| SessionId::from_slice(&key[start..]))
+}
+
+pub fn deadline(at: Timestamp, id: &SessionId) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[0] = DEADLINE;
+    k[1..9].copy_from_slice(&at.as_millis().to_be_bytes());
+    k[9..].copy_from_slice(id.as_bytes());
+    k
+}
+
+/// The deadline and session id of a `deadline_sessionid` key.
+pub fn parse_deadline(key: &[u8]) -> Option<(Timestamp, SessionId)> {
+    if key.len() != 25 || key[0] != DEADLINE {
+        return None;
+    }
+    let at = u64::from_be_bytes(key[1..9].try_into().ok()?);
+    Some((
+        Timestamp::from_millis(at),
+        SessionId::from_slice(&key[9..])?,
+    ))
+}
+
+pub fn event(sequence: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = EVENT;
+    k[1..].copy_from_slice(&sequence.to_be_bytes());
+    k
+}
+
+pub fn parse_event(key: &[u8]) -> Option<u64> {
+    if key.len() != 9 || key[0] != EVENT {
+        return None;
+    }
+    Some(u64::from_be_bytes(key[1..].try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_prefixes_do_not_overlap() {
+        // "ab" + user "c" must not fall under tenant "a" + user "bc".
+        let a = user_session(
+            "ab",
+            "c",
+            Timestamp::from_millis(1),
+            &SessionId::from_bytes([1; 16]),
+        );
+        assert!(!a.starts_with(&user_prefix("a", Some("bc"))));
+        assert!(a.starts_with(&user_prefix("ab", None)));
+        assert!(!a.starts_with(&user_prefix("a", None)));
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let id = SessionId::from_bytes([9; 16]);
+        let k = deadline(Timestamp::from_millis(42), &id);
+        assert_eq!(parse_deadline(&k), Some((Timestamp::from_millis(42), id)));
+        assert_eq!(parse_event(&event(7)), Some(7));
+        let u = user_session("t", "u", Timestamp::from_millis(5), &id);
+        assert_eq!(session_id_of_user_key(&u), Some(id));
+    }
+
+    #[test]
+    fn deadlines_and_events_sort_by_number() {
+        let id = SessionId::from_bytes([0; 16]);
+        assert!(
+            deadline(Timestamp::from_millis(255), &id) < deadline(Timestamp::from_millis(256), &id)
+        );
+        assert!(event(255) < event(256));
+    }
+}

@@ -1,0 +1,162 @@
+//! Durable state: sessions, their indexes and the event log. The only code that touches sled.
+//!
+//! The domain talks to a [`SessionStore`]: reads are plain calls, writes are whole operations
+//! (create with limit enforcement, revoke, rotate, sweep) that a store applies atomically, each
+//! with the events it causes, and acknowledges only once durable. The decisions inside them (which
+//! session to evict, whether a deadline passed) are pure functions of `sessions::model`, so a
+//! second backend reuses them and only has to provide atomicity and durability.
+
+mod keys;
+mod records;
+mod sled_store;
+
+use std::future::Future;
+
+pub use sled_store::SledStore;
+
+use crate::{
+    clock::Timestamp,
+    error::Result,
+    events::Event,
+    sessions::model::{RevokeReason, Session},
+    token::{SessionId, TokenHash},
+};
+
+/// Which sessions a revoke ends.
+#[derive(Debug, Clone)]
+pub enum RevokeTarget {
+    /// These sessions; every id must exist or nothing is revoked.
+    Sessions(Vec<SessionId>),
+    /// Every active session of a user, except one if given.
+    User {
+        tenant_id: String,
+        user_id: String,
+        except: Option<SessionId>,
+    },
+}
+
+/// What a create did.
+#[derive(Debug, Clone)]
+pub struct CreateOutcome {
+    /// Sessions revoked to stay under the limit.
+    pub evicted: Vec<SessionId>,
+    /// Sequence of the `Created` event.
+    pub sequence: u64,
+}
+
+/// What a revoke did.
+#[derive(Debug, Clone)]
+pub struct RevokeOutcome {
+    /// Sessions this call ended (in the order asked, or by creation time for a user).
+    pub revoked: Vec<SessionId>,
+    /// Sequence of the last event written, or the head if none was.
+    pub sequence: u64,
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone)]
+pub struct RotateOutcome {
+    pub session: Session,
+    pub sequence: u64,
+}
+
+/// Which sessions a list covers.
+#[derive(Debug, Clone)]
+pub struct ListScope {
+    pub tenant_id: String,
+    pub user_id: Option<String>,
+}
+
+/// One page of a listing. `next` is an opaque cursor, `None` at the end.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub sessions: Vec<Session>,
+    pub next: Option<Vec<u8>>,
+}
+
+/// The bounds of the event log: events `first..=head` can be read (`first` is `head + 1` when the
+/// log is empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBounds {
+    pub first: u64,
+    pub head: u64,
+}
+
+/// Storage for sessions and their event log.
+///
+/// Every write method returns only once its change and its events are durable, or fails having
+/// acknowledged nothing. Events reach the [`crate::events::EventBus`] after that, in sequence
+/// order.
+pub trait SessionStore: Send + Sync + 'static {
+    /// A session by id, live or tombstone.
+    fn get(&self, id: &SessionId) -> Result<Option<Session>>;
+
+    /// Active sessions in `scope`, ordered by user, creation time and id, after `cursor`. May
+    /// include sessions past a deadline that the sweeper has not ended yet.
+    fn list(&self, scope: &ListScope, cursor: Option<&[u8]>, limit: usize) -> Result<ListPage>;
+
+    /// Ids of sessions whose next deadline is at or before `now`, oldest first.
+    fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<SessionId>>;
+
+    /// Durable events with `sequence > after`, at most `limit`, in order.
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>>;
+
+    /// What the event log holds now (durable part only).
+    fn log_bounds(&self) -> Result<LogBounds>;
+
+    /// Whether the store can take writes. False after an I/O failure, until a restart.
+    fn is_healthy(&self) -> bool;
+
+    /// Stores a new session, first expiring the user's sessions past a deadline and evicting the
+    /// least recently used live ones so that at most `limit` are live afterwards.
+    fn create(
+        &self,
+        session: Session,
+        limit: usize,
+    ) -> impl Future<Output = Result<CreateOutcome>> + Send;
+
+    /// Replaces the token hash of session `id` if its current hash is `current` and it is live.
+    /// `SessionNotValid` otherwise.
+    fn rotate(
+        &self,
+        id: SessionId,
+        current: TokenHash,
+        replacement: TokenHash,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<RotateOutcome>> + Send;
+
+    /// Revokes the target's active sessions. Sessions already ended are skipped, not an error;
+    /// sessions found past a deadline are expired instead.
+    fn revoke(
+        &self,
+        target: RevokeTarget,
+        reason: RevokeReason,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<RevokeOutcome>> + Send;
+
+    /// Ends each listed session that is past a deadline (one `Expired` event each), purges
+    /// tombstones past their absolute deadline, and re-files the rest. Returns how many expired.
+    fn sweep(
+        &self,
+        ids: Vec<SessionId>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Deletes events older than `older_than`, and the oldest beyond `keep`. Returns how many.
+    fn prune_events(
+        &self,
+        older_than: Timestamp,
+        keep: u64,
+    ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Records a use of a live session, best effort and without waiting: it becomes durable with
+    /// the next flush. Dropped if the store is busy, which only makes `last_seen_at` coarser.
+    fn touch(&self, id: SessionId, now: Timestamp);
+
+    /// Asks for a session found past a deadline to be expired, without waiting (a validate must
+    /// answer at once). Exactly one `Expired` event results, however often this is called.
+    fn expire_soon(&self, id: SessionId, now: Timestamp);
+
+    /// Finishes queued writes, flushes and stops taking writes.
+    fn close(&self) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,293 @@
+//! How sessions and events are laid out on disk: protobuf records (prost), independent of the
+//! wire API so that either can change without the other. Numbers for enums are fixed here.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use prost::Message;
+
+use crate::{
+    clock::Timestamp,
+    error::Error,
+    events::{Event, EventKind},
+    sessions::model::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
+    token::{SessionId, TokenHash},
+};
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SessionRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub token_hash: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub tenant_id: String,
+    #[prost(string, tag = "3")]
+    pub user_id: String,
+    #[prost(uint64, tag = "4")]
+    pub created_at: u64,
+    #[prost(uint64, tag = "5")]
+    pub last_seen_at: u64,
+    #[prost(uint64, tag = "6")]
+    pub idle_timeout_ms: u64,
+    #[prost(uint64, tag = "7")]
+    pub absolute_expires_at: u64,
+    #[prost(bool, tag = "8")]
+    pub remember_me: bool,
+    #[prost(message, optional, tag = "9")]
+    pub device: Option<DeviceRecord>,
+    #[prost(btree_map = "string, string", tag = "10")]
+    pub attributes: BTreeMap<String, String>,
+    /// 0 active, 1 revoked, 2 expired.
+    #[prost(uint32, tag = "11")]
+    pub state: u32,
+    #[prost(uint64, tag = "12")]
+    pub ended_at: u64,
+    /// The revoke reason or expiry kind code, by `state`.
+    #[prost(uint32, tag = "13")]
+    pub end_detail: u32,
+    #[prost(uint32, tag = "14")]
+    pub rotation_count: u32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct DeviceRecord {
+    #[prost(string, tag = "1")]
+    pub ip: String,
+    #[prost(string, tag = "2")]
+    pub user_agent: String,
+    #[prost(string, tag = "3")]
+    pub label: String,
+    #[prost(message, optional, tag = "4")]
+    pub location: Option<LocationRecord>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct LocationRecord {
+    #[prost(string, tag = "1")]
+    pub country: String,
+    #[prost(string, tag = "2")]
+    pub city: String,
+    #[prost(bool, tag = "3")]
+    pub has_coordinates: bool,
+    #[prost(double, tag = "4")]
+    pub latitude: f64,
+    #[prost(double, tag = "5")]
+    pub longitude: f64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct EventRecord {
+    #[prost(uint64, tag = "1")]
+    pub occurred_at: u64,
+    #[prost(string, tag = "2")]
+    pub tenant_id: String,
+    #[prost(string, tag = "3")]
+    pub user_id: String,
+    #[prost(bytes = "vec", tag = "4")]
+    pub session_id: Vec<u8>,
+    /// 1 created, 2 revoked, 3 expired, 4 rotated.
+    #[prost(uint32, tag = "5")]
+    pub kind: u32,
+    /// Revoke reason or expiry kind code, by `kind`.
+    #[prost(uint32, tag = "6")]
+    pub detail: u32,
+    #[prost(message, optional, tag = "7")]
+    pub device: Option<DeviceRecord>,
+    #[prost(bool, tag = "8")]
+    pub remember_me: bool,
+    #[prost(bytes = "vec", repeated, tag = "9")]
+    pub evicted: Vec<Vec<u8>>,
+}
+
+fn corrupt(what: &str) -> Error {
+    Error::Storage(format!("corrupt {what} record"))
+}
+
+fn reason_code(r: RevokeReason) -> u32 {
+    match r {
+        RevokeReason::UserLogout => 1,
+        RevokeReason::UserLogoutOthers => 2,
+        RevokeReason::Admin => 3,
+        RevokeReason::LimitEviction => 4,
+        RevokeReason::SuspiciousActivity => 5,
+        RevokeReason::Policy => 6,
+    }
+}
+
+fn reason_from(code: u32) -> Option<RevokeReason> {
+    Some(match code {
+        1 => RevokeReason::UserLogout,
+        2 => RevokeReason::UserLogoutOthers,
+        3 => RevokeReason::Admin,
+        4 => RevokeReason::LimitEviction,
+        5 => RevokeReason::SuspiciousActivity,
+        6 => RevokeReason::Policy,
+        _ => return None,
+    })
+}
+
+fn expiry_code(k: ExpiryKind) -> u32 {
+    match k {
+        ExpiryKind::Idle => 1,
+        ExpiryKind::Absolute => 2,
+    }
+}
+
+fn expiry_from(code: u32) -> Option<ExpiryKind> {
+    match code {
+        1 => Some(ExpiryKind::Idle),
+        2 => Some(ExpiryKind::Absolute),
+        _ => None,
+    }
+}
+
+impl From<&Device> for DeviceRecord {
+    fn from(d: &Device) -> Self {
+        Self {
+            ip: d.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            user_agent: d.user_agent.clone(),
+            label: d.label.clone(),
+            location: d.location.as_ref().map(|l| LocationRecord {
+                country: l.country.clone(),
+                city: l.city.clone(),
+                has_coordinates: l.coordinates.is_some(),
+                latitude: l.coordinates.map_or(0.0, |c| c.0),
+                longitude: l.coordinates.map_or(0.0, |c| c.1),
+            }),
+        }
+    }
+}
+
+impl From<DeviceRecord> for Device {
+    fn from(r: DeviceRecord) -> Self {
+        Self {
+            // Written from a parsed address, so this only fails on a foreign record; drop it then.
+            ip: r.ip.parse().ok(),
+            user_agent: r.user_agent,
+            label: r.label,
+            location: r.location.map(|l| Location {
+                country: l.country,
+                city: l.city,
+                coordinates: l.has_coordinates.then_some((l.latitude, l.longitude)),
+            }),
+        }
+    }
+}
+
+pub fn encode_session(s: &Session) -> Vec<u8> {
+    let (state, ended_at, end_detail) = match s.state {
+        SessionState::Active => (0, 0, 0),
+        SessionState::Revoked { at, reason } => (1, at.as_millis(), reason_code(reason)),
+        SessionState::Expired { at, kind } => (2, at.as_millis(), expiry_code(kind)),
+    };
+    SessionRecord {
+        token_hash: s.token_hash.as_bytes().to_vec(),
+        tenant_id: s.tenant_id.clone(),
+        user_id: s.user_id.clone(),
+        created_at: s.created_at.as_millis(),
+        last_seen_at: s.last_seen_at.as_millis(),
+        idle_timeout_ms: u64::try_from(s.idle_timeout.as_millis()).unwrap_or(u64::MAX),
+        absolute_expires_at: s.absolute_expires_at.as_millis(),
+        remember_me: s.remember_me,
+        device: Some(DeviceRecord::from(&s.device)),
+        attributes: s.attributes.clone(),
+        state,
+        ended_at,
+        end_detail,
+        rotation_count: s.rotation_count,
+    }
+    .encode_to_vec()
+}
+
+pub fn decode_session(id: SessionId, bytes: &[u8]) -> Result<Session, Error> {
+    let r = SessionRecord::decode(bytes).map_err(|_| corrupt("session"))?;
+    let at = Timestamp::from_millis(r.ended_at);
+    let state = match r.state {
+        0 => SessionState::Active,
+        1 => SessionState::Revoked {
+            at,
+            reason: reason_from(r.end_detail).ok_or_else(|| corrupt("session"))?,
+        },
+        2 => SessionState::Expired {
+            at,
+            kind: expiry_from(r.end_detail).ok_or_else(|| corrupt("session"))?,
+        },
+        _ => return Err(corrupt("session")),
+    };
+    Ok(Session {
+        id,
+        tenant_id: r.tenant_id,
+        user_id: r.user_id,
+        token_hash: TokenHash::from_slice(&r.token_hash).ok_or_else(|| corrupt("session"))?,
+        created_at: Timestamp::from_millis(r.created_at),
+        last_seen_at: Timestamp::from_millis(r.last_seen_at),
+        idle_timeout: Duration::from_millis(r.idle_timeout_ms),
+        absolute_expires_at: Timestamp::from_millis(r.absolute_expires_at),
+        remember_me: r.remember_me,
+        device: r.device.map(Device::from).unwrap_or_default(),
+        attributes: r.attributes,
+        state,
+        rotation_count: r.rotation_count,
+    })
+}
+
+pub fn encode_event(e: &Event) -> Vec<u8> {
+    let mut r = EventRecord {
+        occurred_at: e.occurred_at.as_millis(),
+        tenant_id: e.tenant_id.clone(),
+        user_id: e.user_id.clone(),
+        session_id: e.session_id.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    match &e.kind {
+        EventKind::Created {
+            device,
+            remember_me,
+            evicted,
+        } => {
+            r.kind = 1;
+            r.device = Some(DeviceRecord::from(device));
+            r.remember_me = *remember_me;
+            r.evicted = evicted.iter().map(|id| id.as_bytes().to_vec()).collect();
+        }
+        EventKind::Revoked { reason } => {
+            r.kind = 2;
+            r.detail = reason_code(*reason);
+        }
+        EventKind::Expired { kind } => {
+            r.kind = 3;
+            r.detail = expiry_code(*kind);
+        }
+        EventKind::Rotated => r.kind = 4,
+    }
+    r.encode_to_vec()
+}
+
+pub fn decode_event(sequence: u64, bytes: &[u8]) -> Result<Event, Error> {
+    let r = EventRecord::decode(bytes).map_err(|_| corrupt("event"))?;
+    let kind = match r.kind {
+        1 => EventKind::Created {
+            device: r.device.map(Device::from).unwrap_or_default(),
+            remember_me: r.remember_me,
+            evicted: r
+                .evicted
+                .iter()
+                .map(|b| SessionId::from_slice(b).ok_or_else(|| corrupt("event")))
+                .collect::<Result<_, _>>()?,
+        },
+        2 => EventKind::Revoked {
+            reason: reason_from(r.detail).ok_or_else(|| corrupt("event"))?,
+        },
+        3 => EventKind::Expired {
+            kind: expiry_from(r.detail).ok_or_else(|| corrupt("event"))?,
+        },
+        4 => EventKind::Rotated,
+        _ => return Err(corrupt("event")),
+    };
+    Ok(Event {
+        sequence,
+        occurred_at: Timestamp::from_millis(r.occurred_at),
+        tenant_id: r.tenant_id,
+        user_id: r.user_id,
+        session_id: SessionId::from_slice(&r.session_id).ok_or_else(|| corrupt("event"))?,
+        kind,
+    })
+}
