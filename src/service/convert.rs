@@ -61,9 +61,8 @@ pub fn session_id_field(field: &'static str, value: &str) -> Result<SessionId> {
 
 fn location(l: pb::Location) -> Result<Location> {
     let country = l.country;
-    if !country.is_empty()
-        && !(country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase()))
-    {
+    let well_formed = country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase());
+    if !country.is_empty() && !well_formed {
         return Err(Error::invalid(
             "device.location.country",
             "must be an ISO 3166-1 alpha-2 code in upper case, e.g. \"GB\"",

@@ -226,9 +226,19 @@ impl<S: SessionStore> Sessions<S> {
         })
     }
 
-    /// A session by id, live or ended.
+    /// A session by id, live or ended. A session past a deadline is shown as expired at once,
+    /// even before the sweeper records it, so every read agrees with what a validate answers.
     pub fn get(&self, id: &SessionId) -> Result<Session> {
-        self.store.get(id)?.ok_or(Error::SessionNotFound(*id))
+        let mut session = self.store.get(id)?.ok_or(Error::SessionNotFound(*id))?;
+        if session.is_active() {
+            if let Some(kind) = session.expiry_at(self.clock.now()) {
+                session.state = SessionState::Expired {
+                    at: session.deadline_of(kind),
+                    kind,
+                };
+            }
+        }
+        Ok(session)
     }
 
     /// A page of live sessions.

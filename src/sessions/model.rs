@@ -105,6 +105,14 @@ impl Session {
         }
     }
 
+    /// The instant a deadline of this kind falls.
+    pub fn deadline_of(&self, kind: ExpiryKind) -> Timestamp {
+        match kind {
+            ExpiryKind::Absolute => self.absolute_expires_at,
+            ExpiryKind::Idle => self.idle_expires_at(),
+        }
+    }
+
     pub fn is_active(&self) -> bool {
         self.state == SessionState::Active
     }

@@ -23,7 +23,7 @@
 //! and only a restart (which recovers a consistent prefix) can.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     ops::Bound,
     path::Path,
     sync::{
@@ -65,6 +65,30 @@ struct Shared {
     tree: sled::Tree,
     bus: Arc<EventBus>,
     healthy: AtomicBool,
+    /// Touches queued for the writer but not applied yet. Reads apply them on top of the tree, so
+    /// a validate right after a touch sees the deadline the touch's reply promised. Bounded by the
+    /// command queue, since an entry exists only while its command is queued.
+    queued_touches: Mutex<HashMap<SessionId, Timestamp>>,
+}
+
+impl Shared {
+    fn touches(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Timestamp>> {
+        // The map holds plain values; a panic elsewhere cannot leave it half-updated.
+        self.queued_touches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A session as stored, with any queued touch applied.
+    fn read_session(&self, id: &SessionId) -> Result<Option<Session>> {
+        let mut session = read_session(&self.tree, id)?;
+        if let Some(s) = session.as_mut().filter(|s| s.is_active()) {
+            if let Some(at) = self.touches().get(id) {
+                s.last_seen_at = s.last_seen_at.max(*at);
+            }
+        }
+        Ok(session)
+    }
 }
 
 enum Op {
@@ -101,7 +125,7 @@ enum Op {
 
 enum Outcome {
     Created(CreateOutcome),
-    Rotated(RotateOutcome),
+    Rotated(Box<RotateOutcome>),
     Revoked(RevokeOutcome),
     Count(usize),
     Nothing,
@@ -141,6 +165,7 @@ impl SledStore {
             tree,
             bus,
             healthy: AtomicBool::new(true),
+            queued_touches: Mutex::new(HashMap::new()),
         });
 
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -191,7 +216,7 @@ impl SledStore {
     }
 
     fn read_session(&self, id: &SessionId) -> Result<Option<Session>> {
-        read_session(&self.shared.tree, id)
+        self.shared.read_session(id)
     }
 }
 
@@ -321,7 +346,7 @@ impl SessionStore for SledStore {
             replacement,
             now,
         };
-        expect_outcome!(self.submit(op).await, Rotated)
+        expect_outcome!(self.submit(op).await, Rotated).map(|b| *b)
     }
 
     async fn revoke(
@@ -347,7 +372,21 @@ impl SessionStore for SledStore {
     }
 
     fn touch(&self, id: SessionId, now: Timestamp) {
-        self.submit_lazily(Op::Touch { id, now });
+        let previous = self.shared.touches().insert(id, now);
+        let command = Command {
+            op: Op::Touch { id, now },
+            reply: None,
+        };
+        if self.commands.try_send(command).is_err() {
+            // Not queued: forget it, unless a newer touch took its place meanwhile.
+            let mut touches = self.shared.touches();
+            if touches.get(&id) == Some(&now) {
+                match previous {
+                    Some(p) => touches.insert(id, p),
+                    None => touches.remove(&id),
+                };
+            }
+        }
     }
 
     fn expire_soon(&self, id: SessionId, now: Timestamp) {
@@ -464,6 +503,10 @@ fn writer_loop(
             }
             continue;
         }
+        let touched = match &op {
+            Op::Touch { id, now } => Some((*id, *now)),
+            _ => None,
+        };
         let mut tx = Tx::new(&shared.tree, head);
         let result = tx.run(op);
         let (outcome, events) = match tx.commit() {
@@ -473,6 +516,13 @@ fn writer_loop(
             }
             Err(e) => (Err(e), Vec::new()),
         };
+        if let Some((id, at)) = touched {
+            // Applied (or moot): the tree now answers for it. Keep a newer queued touch.
+            let mut touches = shared.touches();
+            if touches.get(&id).is_some_and(|queued| *queued <= at) {
+                touches.remove(&id);
+            }
+        }
         if pending
             .send(Pending {
                 reply,
@@ -563,7 +613,7 @@ impl<'a> Tx<'a> {
                 now,
             } => self
                 .rotate(id, current, replacement, now)
-                .map(Outcome::Rotated),
+                .map(|r| Outcome::Rotated(Box::new(r))),
             Op::Revoke {
                 target,
                 reason,
@@ -633,12 +683,11 @@ impl<'a> Tx<'a> {
     /// Ends an active session that passed a deadline. Drops it entirely if even its absolute
     /// deadline has passed (no tombstone is needed any more).
     fn expire(&mut self, s: &Session, kind: ExpiryKind, now: Timestamp) {
-        let at = match kind {
-            ExpiryKind::Absolute => s.absolute_expires_at,
-            ExpiryKind::Idle => s.idle_expires_at(),
-        };
         let mut ended = s.clone();
-        ended.state = SessionState::Expired { at, kind };
+        ended.state = SessionState::Expired {
+            at: s.deadline_of(kind),
+            kind,
+        };
         if now >= s.absolute_expires_at {
             self.put(Some(s), None);
         } else {

@@ -1,0 +1,221 @@
+//! A real server on 127.0.0.1:0 with a temporary data directory and a manual clock, started by
+//! the same `run` that `main` uses.
+
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use session_authority::{
+    clock::{ManualClock, Timestamp},
+    config::Config,
+    proto::v1::{self as pb, session_service_client::SessionServiceClient},
+};
+use tempfile::TempDir;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{transport::Channel, Code, Status};
+
+/// 2026-01-01T00:00:00Z: tests start the clock here so timestamps are readable.
+pub const START: Timestamp = Timestamp::from_millis(1_767_225_600_000);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub clock: Arc<ManualClock>,
+    pub dir: Arc<TempDir>,
+    pub config: Config,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<session_authority::error::Result<()>>>,
+}
+
+/// Settings for tests: short, round numbers so clock arithmetic is easy to read.
+pub fn test_config() -> Config {
+    Config {
+        idle_timeout: Duration::from_secs(600),
+        absolute_timeout: Duration::from_secs(3600),
+        remember_me_idle_timeout: Duration::from_secs(86_400),
+        remember_me_absolute_timeout: Duration::from_secs(30 * 86_400),
+        max_sessions_per_user: 5,
+        touch_interval: Duration::from_secs(10),
+        // The sweeper runs on real time; it reads the manual clock.
+        sweep_interval: Duration::from_millis(20),
+        cache_mib: 16,
+        ..Config::default()
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(test_config()).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let clock = Arc::new(ManualClock::new(START));
+        Self::start_in(dir, clock, config).await
+    }
+
+    /// Starts on an existing directory and clock, e.g. to test a restart.
+    pub async fn start_in(dir: Arc<TempDir>, clock: Arc<ManualClock>, mut config: Config) -> Self {
+        config.data_dir = dir.path().join("data");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(session_authority::run(
+            listener,
+            config.clone(),
+            clock.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            addr,
+            clock,
+            dir,
+            config,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn client(&self) -> SessionServiceClient<Channel> {
+        SessionServiceClient::new(self.channel().await)
+    }
+
+    /// Stops gracefully and waits until the data directory is closed.
+    pub async fn stop(mut self) -> (Arc<TempDir>, Arc<ManualClock>) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server stopped cleanly");
+        }
+        (self.dir.clone(), self.clock.clone())
+    }
+
+    /// Stops and starts again on the same directory and clock.
+    pub async fn restart(self) -> Self {
+        let config = self.config.clone();
+        let (dir, clock) = self.stop().await;
+        Self::start_in(dir, clock, config).await
+    }
+
+    pub fn advance(&self, d: Duration) {
+        self.clock.advance(d);
+    }
+}
+
+pub fn create_request(tenant: &str, user: &str) -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        tenant_id: tenant.into(),
+        user_id: user.into(),
+        ..Default::default()
+    }
+}
+
+pub async fn create(
+    client: &mut SessionServiceClient<Channel>,
+    tenant: &str,
+    user: &str,
+) -> pb::CreateSessionResponse {
+    client
+        .create_session(create_request(tenant, user))
+        .await
+        .expect("create")
+        .into_inner()
+}
+
+pub async fn validate(
+    client: &mut SessionServiceClient<Channel>,
+    token: &str,
+) -> Result<pb::Session, Status> {
+    validate_with(client, token, None).await
+}
+
+pub async fn validate_with(
+    client: &mut SessionServiceClient<Channel>,
+    token: &str,
+    touch: Option<bool>,
+) -> Result<pb::Session, Status> {
+    client
+        .validate_session(pb::ValidateSessionRequest {
+            token: token.into(),
+            touch,
+        })
+        .await
+        .map(|r| r.into_inner().session.expect("session in reply"))
+}
+
+/// Asserts the one answer every bad token gets.
+pub fn assert_not_valid(result: Result<pb::Session, Status>) {
+    let status = result.expect_err("token must not validate");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(status.message(), "session not valid");
+}
+
+pub async fn get(
+    client: &mut SessionServiceClient<Channel>,
+    id: &str,
+) -> Result<pb::Session, Status> {
+    client
+        .get_session(pb::GetSessionRequest {
+            session_id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner().session.expect("session in reply"))
+}
+
+/// Every live session of a tenant (or user), following pages of `page_size`.
+pub async fn list_all(
+    client: &mut SessionServiceClient<Channel>,
+    tenant: &str,
+    user: &str,
+    page_size: u32,
+) -> Vec<pb::Session> {
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_sessions(pb::ListSessionsRequest {
+                tenant_id: tenant.into(),
+                user_id: user.into(),
+                page_size,
+                page_token,
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.sessions.len() <= page_size as usize);
+        out.extend(page.sessions);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Polls `check` until it is true, for at most 5 s of real time (for background work such as the
+/// sweeper, which runs on its own schedule).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
