@@ -5,7 +5,10 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["proto/session_authority/v1/sessions.proto"];
+const PROTOS: &[&str] = &[
+    "proto/session_authority/v1/sessions.proto",
+    "proto/session_authority/v1/events.proto",
+];
 
 /// Messages that carry a session token: their `Debug` is written by hand (in `src/proto.rs`) so
 /// that a token can never reach a log through `{:?}`.

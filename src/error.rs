@@ -40,8 +40,15 @@ pub enum Error {
     Server(String),
 
     /// An event cursor is older than the oldest kept event, or beyond the newest one.
+    #[error(
+        "after_sequence {after} is outside the event log (oldest kept {oldest}, head {head}): \
+         drop every cached session and watch again from the head"
+    )]
+    CursorOutOfRange { after: u64, oldest: u64, head: u64 },
+
+    /// An event stream ended early (shutdown); the message says where to resume.
     #[error("{0}")]
-    CursorOutOfRange(String),
+    StreamEnded(String),
 }
 
 impl Error {
@@ -65,15 +72,24 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::SessionNotValid => Code::Unauthenticated,
             Error::SessionNotFound(_) => Code::NotFound,
-            Error::Storage(_) | Error::ShuttingDown | Error::DataDir(_) | Error::Server(_) => {
-                Code::Unavailable
-            }
-            Error::CursorOutOfRange(_) => Code::OutOfRange,
+            Error::Storage(_)
+            | Error::ShuttingDown
+            | Error::DataDir(_)
+            | Error::Server(_)
+            | Error::StreamEnded(_) => Code::Unavailable,
+            Error::CursorOutOfRange { .. } => Code::OutOfRange,
         };
-        if code == Code::Unavailable {
+        if matches!(e, Error::Storage(_) | Error::DataDir(_) | Error::Server(_)) {
             tracing::warn!(error = %e, "request failed: service unavailable");
         }
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if let Error::CursorOutOfRange { oldest, head, .. } = e {
+            // Also as metadata, so a client need not parse the message.
+            let metadata = status.metadata_mut();
+            metadata.insert("oldest-sequence", oldest.into());
+            metadata.insert("head-sequence", head.into());
+        }
+        status
     }
 }
 

@@ -210,8 +210,10 @@ async fn absolute_deadline_ends_even_an_active_session() {
     assert_not_valid(validate(&mut client, &s.token).await);
     let session = get(&mut client, &s.session.expect("s").session_id)
         .await
-        .expect("tombstone or gone");
-    assert_ne!(session.state(), pb::SessionState::Active);
+        .expect("tombstone kept for a day past the absolute deadline");
+    assert_eq!(session.state(), pb::SessionState::Expired);
+    assert_eq!(session.expiry_kind(), pb::ExpiryKind::Absolute);
+    assert_eq!(session.ended_at, Some(timestamp_after(3600)));
 }
 
 #[tokio::test]
@@ -302,6 +304,33 @@ async fn sweeper_ends_sessions_nobody_validates() {
     validate(&mut client, &keep.token)
         .await
         .expect("keeper still alive");
+}
+
+#[tokio::test]
+async fn tombstones_are_purged_a_day_after_the_absolute_deadline() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let s = create(&mut client, "t", "u").await;
+    let id = s.session.expect("s").session_id;
+    client
+        .revoke_session(pb::RevokeSessionRequest {
+            session_id: id.clone(),
+            reason: 0,
+        })
+        .await
+        .expect("revoke");
+    server.advance(Duration::from_secs(3600 + 86_399));
+    assert_eq!(
+        get(&mut client, &id).await.expect("kept").state(),
+        pb::SessionState::Revoked
+    );
+    server.advance(Duration::from_secs(1));
+    eventually("tombstone purged", || {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move { get(&mut client, &id).await.map_err(|e| e.code()) == Err(Code::NotFound) }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! event that a crash could take back, and the live stream and the durable log agree on order.
 
 pub mod model;
+pub mod subscription;
 
 use std::sync::Arc;
 
@@ -51,10 +52,5 @@ impl EventBus {
     /// Live events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.live.subscribe()
-    }
-
-    /// Notified whenever the durable head moves.
-    pub fn watch_head(&self) -> watch::Receiver<u64> {
-        self.durable_head.subscribe()
     }
 }

@@ -8,6 +8,7 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use crate::{
     clock::Timestamp,
     error::{Error, Result},
+    events::{subscription::Filter, Event, EventKind, EventType},
     proto::v1 as pb,
     sessions::{
         limits,
@@ -256,6 +257,44 @@ pub fn revoke_ids(ids: Vec<String>) -> Result<RevokeTarget> {
         .map(RevokeTarget::Sessions)
 }
 
+/// Decodes an event filter; `user_id` needs `tenant_id`, since user ids are per tenant.
+pub fn watch_filter(f: pb::EventFilter) -> Result<Filter> {
+    let tenant_id = if f.tenant_id.is_empty() {
+        None
+    } else {
+        Some(id_field("filter.tenant_id", f.tenant_id)?)
+    };
+    let user_id = if f.user_id.is_empty() {
+        None
+    } else if tenant_id.is_none() {
+        return Err(Error::invalid(
+            "filter.user_id",
+            "requires filter.tenant_id",
+        ));
+    } else {
+        Some(id_field("filter.user_id", f.user_id)?)
+    };
+    let types = f
+        .event_types
+        .into_iter()
+        .map(|t| match pb::EventType::try_from(t) {
+            Ok(pb::EventType::Created) => Ok(EventType::Created),
+            Ok(pb::EventType::Revoked) => Ok(EventType::Revoked),
+            Ok(pb::EventType::Expired) => Ok(EventType::Expired),
+            Ok(pb::EventType::Rotated) => Ok(EventType::Rotated),
+            Ok(pb::EventType::Unspecified) | Err(_) => Err(Error::invalid(
+                "filter.event_types",
+                format!("{t} is not an event type"),
+            )),
+        })
+        .collect::<Result<_>>()?;
+    Ok(Filter {
+        tenant_id,
+        user_id,
+        types,
+    })
+}
+
 // === encoding ===
 
 pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
@@ -342,4 +381,34 @@ pub fn page_token(cursor: Option<Vec<u8>>) -> String {
     cursor
         .map(|c| URL_SAFE_NO_PAD.encode(c))
         .unwrap_or_default()
+}
+
+pub fn event_to_proto(e: &Event) -> pb::SessionEvent {
+    use pb::session_event::Body;
+    let body = match &e.kind {
+        EventKind::Created {
+            device,
+            remember_me,
+            evicted,
+        } => Body::Created(pb::SessionCreated {
+            device: Some(pb::Device::from(device)),
+            remember_me: *remember_me,
+            evicted_session_ids: evicted.iter().map(ToString::to_string).collect(),
+        }),
+        EventKind::Revoked { reason } => Body::Revoked(pb::SessionRevoked {
+            reason: revoke_reason_to_proto(*reason).into(),
+        }),
+        EventKind::Expired { kind } => Body::Expired(pb::SessionExpired {
+            deadline: expiry_kind_to_proto(*kind).into(),
+        }),
+        EventKind::Rotated => Body::Rotated(pb::SessionRotated {}),
+    };
+    pb::SessionEvent {
+        sequence: e.sequence,
+        occurred_at: Some(timestamp(e.occurred_at)),
+        tenant_id: e.tenant_id.clone(),
+        user_id: e.user_id.clone(),
+        session_id: e.session_id.to_string(),
+        body: Some(body),
+    }
 }

@@ -4,6 +4,7 @@
 //! through the single mapping in `crate::error`.
 
 pub mod convert;
+mod events;
 mod sessions;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -12,12 +13,18 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-pub use self::sessions::SessionApi;
+pub use self::{events::EventApi, sessions::SessionApi};
 use crate::{
     clock::Clock,
     config::Config,
     error::{Error, Result},
-    proto::{self, v1::session_service_server::SessionServiceServer},
+    events::subscription::WatchSettings,
+    proto::{
+        self,
+        v1::{
+            event_service_server::EventServiceServer, session_service_server::SessionServiceServer,
+        },
+    },
     sessions::{run_sweeper, Retention, Sessions, Settings},
     store::{SessionStore, SledStore},
     token::TokenGenerator,
@@ -43,7 +50,7 @@ pub async fn run(
     let tokens = TokenGenerator::from_os().map_err(|e| Error::Server(e.to_string()))?;
     let sessions = Arc::new(Sessions::new(
         store.clone(),
-        clock,
+        clock.clone(),
         tokens,
         Settings::from(&config),
     ));
@@ -62,6 +69,9 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<SessionServiceServer<SessionApi<SledStore>>>()
+        .await;
+    health
+        .set_serving::<EventServiceServer<EventApi<SledStore>>>()
         .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -85,6 +95,9 @@ pub async fn run(
                 .set_not_serving::<SessionServiceServer<SessionApi<SledStore>>>()
                 .await;
             health
+                .set_not_serving::<EventServiceServer<EventApi<SledStore>>>()
+                .await;
+            health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             let _ = stop.send(true);
@@ -99,6 +112,15 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(SessionServiceServer::new(SessionApi::new(sessions.clone())))
+        .add_service(EventServiceServer::new(EventApi::new(
+            store.clone(),
+            WatchSettings {
+                heartbeat: config.heartbeat_interval,
+                clock,
+                // Streams end on shutdown, or graceful shutdown would wait for them forever.
+                shutdown: stopped,
+            },
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
         .await
         .map_err(|e| Error::Server(e.to_string()));

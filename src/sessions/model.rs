@@ -46,9 +46,12 @@ pub enum ExpiryKind {
     Absolute,
 }
 
+/// How long an ended session is kept past its absolute deadline, so that admins can see how it
+/// ended and repeated revokes are answered consistently, before it is purged.
+pub const TOMBSTONE_GRACE: Duration = Duration::from_secs(24 * 3600);
+
 /// Whether a session is live, and if not how it ended. Ended sessions are kept as tombstones until
-/// their absolute deadline, so that repeated revokes are answered consistently and admins can see
-/// how a session ended.
+/// [`TOMBSTONE_GRACE`] after their absolute deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {
     Active,
@@ -84,13 +87,18 @@ impl Session {
             .min(self.absolute_expires_at)
     }
 
-    /// The earlier of the two deadlines: when the sweeper should look at this session again.
+    /// When the sweeper should look at this session again: its idle deadline (the earlier one)
+    /// while active, its purge time once ended.
     pub fn next_deadline(&self) -> Timestamp {
         match self.state {
             SessionState::Active => self.idle_expires_at(),
-            // Tombstones are purged when the session could not have lived any longer anyway.
-            _ => self.absolute_expires_at,
+            _ => self.purge_at(),
         }
+    }
+
+    /// When an ended session's tombstone is deleted.
+    pub fn purge_at(&self) -> Timestamp {
+        self.absolute_expires_at.saturating_add(TOMBSTONE_GRACE)
     }
 
     /// Which deadline an active session has passed at `now`, if any. The absolute deadline wins

@@ -10,14 +10,14 @@ mod keys;
 mod records;
 mod sled_store;
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 pub use sled_store::SledStore;
 
 use crate::{
     clock::Timestamp,
     error::Result,
-    events::Event,
+    events::{Event, EventBus},
     sessions::model::{RevokeReason, Session},
     token::{SessionId, TokenHash},
 };
@@ -103,6 +103,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// What the event log holds now (durable part only).
     fn log_bounds(&self) -> Result<LogBounds>;
+
+    /// The fan-out this store publishes its durable events to.
+    fn events(&self) -> Arc<EventBus>;
 
     /// Whether the store can take writes. False after an I/O failure, until a restart.
     fn is_healthy(&self) -> bool;

@@ -191,11 +191,6 @@ impl SledStore {
         })
     }
 
-    /// The fan-out of this store's durable events.
-    pub fn bus(&self) -> Arc<EventBus> {
-        self.shared.bus.clone()
-    }
-
     /// Sends a command and waits until it is durable.
     async fn submit(&self, op: Op) -> Result<Outcome> {
         let (tx, rx) = oneshot::channel();
@@ -319,6 +314,10 @@ impl SessionStore for SledStore {
             None => head + 1,
         };
         Ok(LogBounds { first, head })
+    }
+
+    fn events(&self) -> Arc<EventBus> {
+        self.shared.bus.clone()
     }
 
     fn is_healthy(&self) -> bool {
@@ -680,15 +679,15 @@ impl<'a> Tx<'a> {
         self.head
     }
 
-    /// Ends an active session that passed a deadline. Drops it entirely if even its absolute
-    /// deadline has passed (no tombstone is needed any more).
+    /// Ends an active session that passed a deadline. Drops it entirely if even its tombstone
+    /// would already be due for purging.
     fn expire(&mut self, s: &Session, kind: ExpiryKind, now: Timestamp) {
         let mut ended = s.clone();
         ended.state = SessionState::Expired {
             at: s.deadline_of(kind),
             kind,
         };
-        if now >= s.absolute_expires_at {
+        if now >= s.purge_at() {
             self.put(Some(s), None);
         } else {
             self.put(Some(s), Some(&ended));
@@ -844,7 +843,7 @@ impl<'a> Tx<'a> {
                         self.put(Some(&s), Some(&s));
                     }
                 }
-                (false, _) if now >= s.absolute_expires_at => self.put(Some(&s), None),
+                (false, _) if now >= s.purge_at() => self.put(Some(&s), None),
                 (false, _) => {}
             }
         }
