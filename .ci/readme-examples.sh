@@ -54,6 +54,20 @@ CHECKS
   cat "$work/examples.out"; echo "--- server log"; cat "$work/server.log"; exit 1; }
 tail -n 1 "$work/examples.out"
 
+# The watch example streams forever: run it for 3 s and check it replayed the revocations above.
+awk '/<!-- watch-example:start -->/{on=1; next} /<!-- watch-example:end -->/{on=0} on && /^```sh$/{code=1; next} code && /^```$/{code=0; next} code' \
+  README.md >"$work/watch.sh"
+test -s "$work/watch.sh"
+status=0
+(cd "$work" && timeout 3 bash "$work/watch.sh") >"$work/watch.out" 2>&1 || status=$?
+[ "$status" = 124 ] || { echo "FAIL: watch example ended early ($status)"; cat "$work/watch.out"; exit 1; }
+revokes=$(grep -c '"revoked"' "$work/watch.out" || true)
+# The examples above revoke two sessions and rotate one token.
+[ "$revokes" = 2 ] || { echo "FAIL: watch example showed $revokes revocations"; cat "$work/watch.out"; exit 1; }
+grep -q '"rotated"' "$work/watch.out" || { echo "FAIL: watch example missed the rotation"; exit 1; }
+grep -q '"created"' "$work/watch.out" && { echo "FAIL: the type filter let a created event through"; exit 1; }
+echo "README watch example: streamed $revokes revocations and the rotation"
+
 kill -TERM "$server_pid"
 if ! wait "$server_pid"; then
   echo "FAIL: server did not exit cleanly on SIGTERM"; cat "$work/server.log"; exit 1

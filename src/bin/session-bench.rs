@@ -1,0 +1,442 @@
+//! `session-bench`: a closed-loop load generator for session-authority.
+//!
+//! It drives a running server (`--addr`), or starts the release server binary itself on a
+//! temporary data directory, and prints one line per scenario: calls per second, latency
+//! percentiles, errors, and the ratio to `health` from the same run (absolute figures drift on a
+//! shared machine; ratios travel better).
+//!
+//! ```text
+//! cargo build --release
+//! target/release/session-bench health validate create --callers 64 --connections 4 --seconds 10
+//! target/release/session-bench fanout --subscribers 1,100,1000 --revokes 200
+//! ```
+//!
+//! Loopback only: it refuses any address that is not on this machine.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, ValueEnum};
+use session_authority::proto::v1::{
+    self as pb, event_service_client::EventServiceClient, session_event::Body,
+    session_service_client::SessionServiceClient, watch_events_response::Message,
+};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "session-bench",
+    about = "Load generator for session-authority (loopback only)"
+)]
+struct Args {
+    /// Scenarios to run, in order.
+    #[arg(value_enum, required = true)]
+    scenarios: Vec<Scenario>,
+    /// A running server; without it the bench starts its own on a temporary directory.
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+    /// Concurrent callers in the closed loop.
+    #[arg(long, default_value_t = 64)]
+    callers: usize,
+    /// HTTP/2 connections the callers share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Seconds each closed-loop scenario runs.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Live sessions validated by the `validate` scenario.
+    #[arg(long, default_value_t = 10_000)]
+    pool: usize,
+    /// Subscriber counts for `fanout`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    subscribers: Vec<usize>,
+    /// Revokes measured per subscriber count in `fanout`.
+    #[arg(long, default_value_t = 200)]
+    revokes: usize,
+    /// The server binary to start when no --addr is given.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// grpc.health.v1.Health/Check: the transport's ceiling.
+    Health,
+    /// ValidateSession (touch on) over a pool of live sessions.
+    Validate,
+    /// Durable CreateSession.
+    Create,
+    /// Revoke latency to N event subscribers.
+    Fanout,
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args = Args::parse();
+    let (addr, _server) = match args.addr {
+        Some(addr) if !addr.ip().is_loopback() => {
+            return Err(
+                format!("{addr} is not a loopback address; load stays on this machine").into(),
+            )
+        }
+        Some(addr) => (addr, None),
+        None => {
+            let server = OwnServer::start(args.server_bin.clone()).await?;
+            (server.addr, Some(server))
+        }
+    };
+    let channels = connect(addr, args.connections.max(1)).await?;
+    let mut health_rate = None;
+    for scenario in &args.scenarios {
+        match scenario {
+            Scenario::Health => {
+                let r = closed_loop(&args, &channels, |ch, _| async move {
+                    HealthClient::new(ch)
+                        .check(HealthCheckRequest::default())
+                        .await
+                        .map(drop)
+                })
+                .await;
+                health_rate = Some(r.rate);
+                r.print("health", health_rate);
+            }
+            Scenario::Validate => {
+                let tokens = Arc::new(make_pool(&channels, args.pool).await?);
+                let r = closed_loop(&args, &channels, move |ch, i| {
+                    let token = tokens[i % tokens.len()].clone();
+                    async move {
+                        SessionServiceClient::new(ch)
+                            .validate_session(pb::ValidateSessionRequest { token, touch: None })
+                            .await
+                            .map(drop)
+                    }
+                })
+                .await;
+                r.print("validate", health_rate);
+            }
+            Scenario::Create => {
+                let r = closed_loop(&args, &channels, |ch, i| async move {
+                    SessionServiceClient::new(ch)
+                        .create_session(pb::CreateSessionRequest {
+                            tenant_id: "bench".into(),
+                            user_id: format!("create-{i}"),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(drop)
+                })
+                .await;
+                r.print("create", health_rate);
+            }
+            Scenario::Fanout => {
+                for &n in &args.subscribers {
+                    fanout(addr, &channels[0], n, args.revokes).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// === closed loop ===
+
+struct Report {
+    rate: f64,
+    latencies: Vec<Duration>,
+    errors: u64,
+    elapsed: Duration,
+    callers: usize,
+    connections: usize,
+}
+
+impl Report {
+    fn print(&self, name: &str, health_rate: Option<f64>) {
+        let ratio = match health_rate {
+            Some(h) if h > 0.0 => format!("{:.2}", self.rate / h),
+            _ => "n/a".into(),
+        };
+        println!(
+            "scenario={name} callers={} connections={} seconds={:.1} calls_per_sec={:.0} p50={} p99={} p999={} errors={} ratio_to_health={ratio}",
+            self.callers,
+            self.connections,
+            self.elapsed.as_secs_f64(),
+            self.rate,
+            fmt_ms(percentile(&self.latencies, 0.50)),
+            fmt_ms(percentile(&self.latencies, 0.99)),
+            fmt_ms(percentile(&self.latencies, 0.999)),
+            self.errors,
+        );
+    }
+}
+
+fn fmt_ms(d: Duration) -> String {
+    format!("{:.2}ms", d.as_secs_f64() * 1000.0)
+}
+
+/// `sorted` must be sorted.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Runs `call` from `args.callers` tasks for `args.seconds`; each task waits for its reply before
+/// the next call. The second argument is a per-call counter (distinct per task).
+async fn closed_loop<F, Fut>(args: &Args, channels: &[Channel], call: F) -> Report
+where
+    F: Fn(Channel, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let duration = Duration::from_secs_f64(args.seconds);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for caller in 0..args.callers {
+        let channel = channels[caller % channels.len()].clone();
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let mut i = caller;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match call(channel.clone(), i).await {
+                    Ok(()) => latencies.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+                i += 1_000_000;
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            latencies.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    Report {
+        rate: latencies.len() as f64 / elapsed.as_secs_f64(),
+        latencies,
+        errors,
+        elapsed,
+        callers: args.callers,
+        connections: channels.len(),
+    }
+}
+
+async fn make_pool(channels: &[Channel], n: usize) -> Result<Vec<String>, Error> {
+    let mut tasks = Vec::new();
+    let per_task = n.div_ceil(64);
+    for t in 0..64 {
+        let mut client = SessionServiceClient::new(channels[t % channels.len()].clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tokens = Vec::new();
+            for i in 0..per_task {
+                let r = client
+                    .create_session(pb::CreateSessionRequest {
+                        tenant_id: "bench".into(),
+                        user_id: format!("pool-{t}-{i}"),
+                        ..Default::default()
+                    })
+                    .await?;
+                tokens.push(r.into_inner().token);
+            }
+            Ok::<_, tonic::Status>(tokens)
+        }));
+    }
+    let mut tokens = Vec::new();
+    for t in tasks {
+        tokens.extend(t.await??);
+    }
+    tokens.truncate(n);
+    Ok(tokens)
+}
+
+// === fan-out ===
+
+/// Opens `n` subscribers, then revokes sessions one at a time and measures, for each revoke, the
+/// time from its reply (and from its request) to its event's arrival at every subscriber.
+async fn fanout(
+    addr: SocketAddr,
+    channel: &Channel,
+    n: usize,
+    revokes: usize,
+) -> Result<(), Error> {
+    // 100 streams per connection, as a sidecar fleet would spread them.
+    let connections = connect(addr, n.div_ceil(100)).await?;
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
+    let mut readers = Vec::new();
+    for i in 0..n {
+        let mut client = EventServiceClient::new(connections[i % connections.len()].clone());
+        let mut stream = client
+            .watch_events(pb::WatchEventsRequest {
+                after_sequence: None,
+                filter: Some(pb::EventFilter {
+                    tenant_id: "fanout".into(),
+                    event_types: vec![pb::EventType::Revoked as i32],
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner();
+        let seen = seen_tx.clone();
+        readers.push(tokio::spawn(async move {
+            while let Ok(Some(item)) = stream.message().await {
+                if let Some(Message::Event(e)) = item.message {
+                    if matches!(e.body, Some(Body::Revoked(_))) {
+                        let _ = seen.send((e.sequence, Instant::now()));
+                    }
+                }
+            }
+        }));
+    }
+    let mut sessions = SessionServiceClient::new(channel.clone());
+    let mut from_reply = Vec::with_capacity(n * revokes);
+    let mut from_request = Vec::with_capacity(n * revokes);
+    let mut before_reply = 0usize;
+    for i in 0..revokes {
+        let created = sessions
+            .create_session(pb::CreateSessionRequest {
+                tenant_id: "fanout".into(),
+                user_id: format!("u{i}"),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let session_id = created.session.map(|s| s.session_id).unwrap_or_default();
+        let sent = Instant::now();
+        let reply = sessions
+            .revoke_session(pb::RevokeSessionRequest {
+                session_id,
+                reason: pb::RevokeReason::Admin as i32,
+            })
+            .await?
+            .into_inner();
+        let replied = Instant::now();
+        let mut delivered = 0;
+        while delivered < n {
+            let (seq, at) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
+                .await
+                .map_err(|_| "a subscriber did not receive a revoke within 30 s")?
+                .ok_or("subscribers ended")?;
+            if seq != reply.sequence {
+                continue;
+            }
+            delivered += 1;
+            from_request.push(at.saturating_duration_since(sent));
+            if at < replied {
+                before_reply += 1;
+            }
+            from_reply.push(at.saturating_duration_since(replied));
+        }
+    }
+    for r in readers {
+        r.abort();
+    }
+    from_reply.sort_unstable();
+    from_request.sort_unstable();
+    println!(
+        "scenario=fanout subscribers={n} revokes={revokes} deliveries={} reply_to_delivery_p50={} p99={} max={} request_to_delivery_p50={} p99={} max={} delivered_before_reply={:.1}%",
+        from_reply.len(),
+        fmt_ms(percentile(&from_reply, 0.50)),
+        fmt_ms(percentile(&from_reply, 0.99)),
+        fmt_ms(from_reply.last().copied().unwrap_or_default()),
+        fmt_ms(percentile(&from_request, 0.50)),
+        fmt_ms(percentile(&from_request, 0.99)),
+        fmt_ms(from_request.last().copied().unwrap_or_default()),
+        100.0 * before_reply as f64 / from_reply.len().max(1) as f64,
+    );
+    Ok(())
+}
+
+// === plumbing ===
+
+async fn connect(addr: SocketAddr, n: usize) -> Result<Vec<Channel>, Error> {
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n {
+        channels.push(
+            Channel::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    Ok(channels)
+}
+
+/// The server binary as a child process on a temporary data directory; killed on drop.
+struct OwnServer {
+    addr: SocketAddr,
+    _child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnServer {
+    async fn start(bin: Option<PathBuf>) -> Result<Self, Error> {
+        let bin = match bin {
+            Some(bin) => bin,
+            None => std::env::current_exe()?
+                .parent()
+                .ok_or("no parent directory")?
+                .join("session-authority"),
+        };
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = tokio::process::Command::new(&bin)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--max-sessions-per-user")
+            .arg("10000")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(ch) = Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await
+            {
+                if HealthClient::new(ch)
+                    .check(HealthCheckRequest::default())
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("server did not become healthy within 20 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            addr,
+            _child: child,
+            _dir: dir,
+        })
+    }
+}
