@@ -525,3 +525,44 @@ async fn a_thousand_subscribers_each_receive_every_event() {
         assert_eq!(r.await.expect("reader"), expected);
     }
 }
+
+#[tokio::test]
+async fn events_older_than_the_retention_age_are_pruned() {
+    let server = TestServer::start_with(Config {
+        event_retention_age: Duration::from_secs(3600),
+        ..test_config()
+    })
+    .await;
+    let mut sessions = server.client().await;
+    for i in 0..5 {
+        create(&mut sessions, "t", &format!("old{i}")).await;
+    }
+    server.advance(Duration::from_secs(2 * 3600));
+    let recent = create(&mut sessions, "t", "recent").await;
+    let mut client = events_client(&server).await;
+    eventually("old events pruned by age", || {
+        let mut client = client.clone();
+        async move {
+            client
+                .watch_events(pb::WatchEventsRequest {
+                    after_sequence: Some(0),
+                    filter: None,
+                })
+                .await
+                .is_err()
+        }
+    })
+    .await;
+    let err = client
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: Some(0),
+            filter: None,
+        })
+        .await
+        .expect_err("pruned");
+    assert_eq!(err.code(), Code::OutOfRange);
+    // Events younger than the retention age are all still there, in order. (The 5 old sessions
+    // also expired at the sweep, after `recent`.)
+    let mut stream = watch(&mut client, Some(recent.sequence - 1), Default::default()).await;
+    assert_eq!(next_event(&mut stream).await.sequence, recent.sequence);
+}

@@ -790,7 +790,11 @@ async fn sequences_increase_with_every_change() {
 async fn health_reports_serving() {
     let server = TestServer::start().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
-    for service in ["", "session_authority.v1.SessionService"] {
+    for service in [
+        "",
+        "session_authority.v1.SessionService",
+        "session_authority.v1.EventService",
+    ] {
         let r = health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: service.into(),

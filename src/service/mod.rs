@@ -12,6 +12,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic_health::{server::HealthReporter, ServingStatus};
 
 pub use self::{events::EventApi, sessions::SessionApi};
 use crate::{
@@ -22,7 +23,8 @@ use crate::{
     proto::{
         self,
         v1::{
-            event_service_server::EventServiceServer, session_service_server::SessionServiceServer,
+            event_service_server::{self, EventServiceServer},
+            session_service_server::{self, SessionServiceServer},
         },
     },
     sessions::{run_sweeper, Retention, Sessions, Settings},
@@ -67,12 +69,12 @@ pub async fn run(
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<SessionServiceServer<SessionApi<SledStore>>>()
-        .await;
-    health
-        .set_serving::<EventServiceServer<EventApi<SledStore>>>()
-        .await;
+    set_health(&health, ServingStatus::Serving).await;
+    let store_health = tokio::spawn(follow_store_health(
+        store.clone(),
+        health.clone(),
+        stopped.clone(),
+    ));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -91,15 +93,7 @@ pub async fn run(
         async move {
             shutdown.await;
             tracing::info!("shutting down: refusing new calls, finishing in-flight ones");
-            health
-                .set_not_serving::<SessionServiceServer<SessionApi<SledStore>>>()
-                .await;
-            health
-                .set_not_serving::<EventServiceServer<EventApi<SledStore>>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            set_health(&health, ServingStatus::NotServing).await;
             let _ = stop.send(true);
         }
     };
@@ -126,7 +120,42 @@ pub async fn run(
         .map_err(|e| Error::Server(e.to_string()));
 
     let _ = sweeper.await;
+    let _ = store_health.await;
     let closed = store.close().await;
     tracing::info!("stopped");
     served.and(closed)
+}
+
+/// Health is reported for the server as a whole ("") and for each service by name.
+const HEALTH_NAMES: [&str; 3] = [
+    "",
+    session_service_server::SERVICE_NAME,
+    event_service_server::SERVICE_NAME,
+];
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    for name in HEALTH_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Turns health NOT_SERVING once the store refuses writes (after an I/O failure), so that load
+/// balancers and orchestrators route around this instance until it is restarted.
+async fn follow_store_health<S: SessionStore>(
+    store: Arc<S>,
+    reporter: HealthReporter,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        if !store.is_healthy() {
+            tracing::error!("store failed: reporting NOT_SERVING until restarted");
+            set_health(&reporter, ServingStatus::NotServing).await;
+            return;
+        }
+    }
 }
