@@ -10,8 +10,7 @@ mod sessions;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{server::TcpIncoming, Server};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 pub use self::{events::EventApi, sessions::SessionApi};
@@ -98,6 +97,11 @@ pub async fn run(
         }
     };
 
+    // No Nagle: a revocation event or a small reply must leave at once, not wait up to 40 ms for
+    // a delayed ACK. TCP keepalive notices dead peers under long-lived event streams.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     let served = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -115,7 +119,7 @@ pub async fn run(
                 shutdown: stopped,
             },
         )))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+        .serve_with_incoming_shutdown(incoming, on_shutdown)
         .await
         .map_err(|e| Error::Server(e.to_string()));
 
