@@ -8,6 +8,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "proto/session_authority/v1/sessions.proto",
     "proto/session_authority/v1/events.proto",
+    "proto/session_authority/v1/policies.proto",
 ];
 
 /// Messages that carry a session token: their `Debug` is written by hand (in `src/proto.rs`) so

@@ -8,10 +8,12 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use figment::{
-    providers::{Format, Serialized, Toml},
+    providers::{Env, Format, Serialized, Toml},
     Figment,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::policy::{LimitAction, Policy, SameSite, TravelAction};
 
 /// The service's settings. Durations are written like `30m`, `12h`, `7d`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,8 +35,27 @@ pub struct Config {
     /// Absolute timeout of "remember me" sessions.
     #[serde(with = "humantime_serde")]
     pub remember_me_absolute_timeout: Duration,
-    /// Most live sessions one user may hold; at the limit the least recently used is evicted.
+    /// Most live sessions one user may hold (default policy).
     pub max_sessions_per_user: u32,
+    /// What happens at the limit (default policy).
+    pub limit_action: LimitAction,
+    /// Whether "remember me" is allowed (default policy).
+    pub remember_me_allowed: bool,
+    /// Most sessions a user may create per rolling 24 hours; 0 means no quota (default policy).
+    pub max_creations_per_day: u32,
+    /// Sessions older than this are revoked even if active; absent means no maximum.
+    #[serde(with = "humantime_serde", default)]
+    pub max_session_age: Option<Duration>,
+    /// What impossible travel triggers (default policy).
+    pub travel_action: TravelAction,
+    /// Speed above which travel is impossible, km/h (default policy).
+    pub travel_max_speed_kmh: f64,
+    /// Distance within which two places count as the same, km (default policy).
+    pub travel_tolerance_km: f64,
+    /// Whether the session cookie is Secure (default policy).
+    pub cookie_secure: bool,
+    /// The cookie's SameSite attribute (default policy).
+    pub cookie_same_site: SameSite,
     /// Resolution of `last_seen_at`: a validate writes the new last use only when the stored one
     /// is at least this old, so validation is not a disk write per call. Idle deadlines are
     /// therefore exact to within this interval.
@@ -77,6 +98,15 @@ impl Default for Config {
             remember_me_idle_timeout: Duration::from_secs(7 * 86400),
             remember_me_absolute_timeout: Duration::from_secs(30 * 86400),
             max_sessions_per_user: 10,
+            limit_action: LimitAction::EvictLeastRecentlyUsed,
+            remember_me_allowed: true,
+            max_creations_per_day: 0,
+            max_session_age: None,
+            travel_action: TravelAction::Flag,
+            travel_max_speed_kmh: 1000.0,
+            travel_tolerance_km: 100.0,
+            cookie_secure: true,
+            cookie_same_site: SameSite::Lax,
             touch_interval: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(10),
             event_retention_age: Duration::from_secs(7 * 86400),
@@ -160,6 +190,13 @@ impl Config {
             "must be 16-1048576",
         )?;
         check(self.cache_mib >= 8, "cache_mib", "must be at least 8")?;
+        // The default policy obeys the same bounds as a tenant's.
+        Policy::from(self).validate().map_err(|e| match e {
+            crate::error::Error::InvalidArgument { field, reason } => {
+                ConfigError::Invalid(field.trim_start_matches("policy."), reason)
+            }
+            other => ConfigError::Invalid("policy", other.to_string()),
+        })?;
         Ok(())
     }
 
@@ -175,6 +212,7 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         let config: Config = figment
+            .merge(Env::prefixed("SESSION_AUTHORITY_").filter(|key| key != "config"))
             .merge(Serialized::defaults(&cli.settings))
             .extract()
             .map_err(Box::new)?;
@@ -194,67 +232,104 @@ struct Cli {
     settings: CliSettings,
 }
 
-/// Flags that override the file. Absent flags leave the file's value (or the default) alone.
+/// Flags that override the environment and the file. Absent flags leave those (or the default)
+/// alone. Every setting can also be set as `SESSION_AUTHORITY_<SETTING>` in the environment.
 #[derive(Debug, clap::Args, Serialize)]
 struct CliSettings {
     /// Address to serve gRPC on [default: 127.0.0.1:50051]
-    #[arg(long, env = "SESSION_AUTHORITY_LISTEN")]
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<SocketAddr>,
     /// Directory of the embedded store [default: ./data]
-    #[arg(long, env = "SESSION_AUTHORITY_DATA_DIR")]
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     data_dir: Option<PathBuf>,
     /// Idle timeout, e.g. 30m [default: 30m]
-    #[arg(long, env = "SESSION_AUTHORITY_IDLE_TIMEOUT", value_parser = duration)]
+    #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     idle_timeout: Option<String>,
     /// Absolute timeout [default: 12h]
-    #[arg(long, env = "SESSION_AUTHORITY_ABSOLUTE_TIMEOUT", value_parser = duration)]
+    #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     absolute_timeout: Option<String>,
     /// Idle timeout of "remember me" sessions [default: 7d]
-    #[arg(long, env = "SESSION_AUTHORITY_REMEMBER_ME_IDLE_TIMEOUT", value_parser = duration)]
+    #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     remember_me_idle_timeout: Option<String>,
     /// Absolute timeout of "remember me" sessions [default: 30d]
-    #[arg(long, env = "SESSION_AUTHORITY_REMEMBER_ME_ABSOLUTE_TIMEOUT", value_parser = duration)]
+    #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     remember_me_absolute_timeout: Option<String>,
     /// Most live sessions per user [default: 10]
-    #[arg(long, env = "SESSION_AUTHORITY_MAX_SESSIONS_PER_USER")]
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_sessions_per_user: Option<u32>,
     /// Resolution of last-seen times [default: 60s]
-    #[arg(long, env = "SESSION_AUTHORITY_TOUCH_INTERVAL", value_parser = duration)]
+    #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     touch_interval: Option<String>,
     /// How often expired sessions are swept [default: 10s]
-    #[arg(long, env = "SESSION_AUTHORITY_SWEEP_INTERVAL", value_parser = duration)]
+    #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     sweep_interval: Option<String>,
     /// Oldest event kept in the log [default: 7d]
-    #[arg(long, env = "SESSION_AUTHORITY_EVENT_RETENTION_AGE", value_parser = duration)]
+    #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     event_retention_age: Option<String>,
     /// Most events kept in the log [default: 10000000]
-    #[arg(long, env = "SESSION_AUTHORITY_EVENT_RETENTION_COUNT")]
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     event_retention_count: Option<u64>,
     /// Heartbeat period of idle event streams [default: 15s]
-    #[arg(long, env = "SESSION_AUTHORITY_HEARTBEAT_INTERVAL", value_parser = duration)]
+    #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     heartbeat_interval: Option<String>,
     /// Live event fan-out capacity [default: 4096]
-    #[arg(long, env = "SESSION_AUTHORITY_EVENT_BUFFER")]
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     event_buffer: Option<usize>,
     /// Store page cache in MiB [default: 512]
-    #[arg(long, env = "SESSION_AUTHORITY_CACHE_MIB")]
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     cache_mib: Option<u64>,
+    /// What happens at the session limit [default: evict-least-recently-used]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit_action: Option<LimitAction>,
+    /// Whether "remember me" is allowed [default: true]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remember_me_allowed: Option<bool>,
+    /// Sessions a user may create per rolling 24 h, 0 for no quota [default: 0]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_creations_per_day: Option<u32>,
+    /// Maximum session age, revoked even if active [default: none]
+    #[arg(long, value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_session_age: Option<String>,
+    /// What impossible travel triggers [default: flag]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    travel_action: Option<TravelAction>,
+    /// Impossible-travel speed, km/h [default: 1000]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    travel_max_speed_kmh: Option<f64>,
+    /// Same-place tolerance, km [default: 100]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    travel_tolerance_km: Option<f64>,
+    /// Secure attribute of the session cookie [default: true]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cookie_secure: Option<bool>,
+    /// SameSite attribute of the session cookie [default: lax]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cookie_same_site: Option<SameSite>,
     /// Log format [default: text]
-    #[arg(long, env = "SESSION_AUTHORITY_LOG_FORMAT", value_enum)]
+    #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_format: Option<LogFormat>,
 }

@@ -22,6 +22,18 @@ pub enum Error {
     #[error("session {0} not found")]
     SessionNotFound(SessionId),
 
+    /// A limit of the tenant's policy refuses the request (session limit, login quota).
+    #[error("{0}")]
+    ResourceExhausted(String),
+
+    /// The tenant's policy does not allow what was asked (e.g. "remember me").
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    /// A security rule refuses the request (e.g. impossible travel).
+    #[error("{0}")]
+    PermissionDenied(String),
+
     /// The store could not read or write. The request may or may not have taken effect only if it
     /// was a write that was applied but not flushed; callers should retry idempotently.
     #[error("storage unavailable: {0}")]
@@ -72,6 +84,9 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::SessionNotValid => Code::Unauthenticated,
             Error::SessionNotFound(_) => Code::NotFound,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Storage(_)
             | Error::ShuttingDown
             | Error::DataDir(_)

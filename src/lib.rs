@@ -11,11 +11,14 @@
 //! - [`config`]: every setting, its default and its meaning; flags, environment and TOML file.
 //! - [`service`]: the tonic layer (decode and validate requests, call the domain, encode replies)
 //!   and [`run`], the one function that starts the server, for `main` and tests alike.
-//! - [`sessions`]: the domain: create, validate, rotate, list, revoke; timeouts and the per-user
-//!   limit; the background sweeper. No tonic, no sled.
+//! - [`sessions`]: the domain: create, validate, rotate, list, revoke under each tenant's policy;
+//!   the background sweeper. No tonic, no sled.
 //! - [`store`]: the only code that touches sled: key encoding, records, the single-writer
 //!   group-commit write path. Behind the [`store::SessionStore`] trait.
-//! - [`events`]: the event model and the live fan-out of durable events.
+//! - [`events`]: the event model, the live fan-out of durable events, and subscriptions
+//!   (replay from the log, then live).
+//! - [`policy`]: per-tenant policies (timeouts, limits, login quota, maximum age, impossible
+//!   travel, cookie advice), cached over the store.
 //! - [`token`]: session ids and secrets: generation (ChaCha20 seeded from the OS), the token's
 //!   wire form, hashing. Nothing else touches a secret.
 //! - [`clock`]: injected time, so expiry is tested without sleeping.
@@ -28,6 +31,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod policy;
 pub mod proto;
 pub mod service;
 pub mod sessions;

@@ -25,6 +25,7 @@ impl fmt::Debug for v1::CreateSessionResponse {
             .field("token", &REDACTED)
             .field("evicted_session_ids", &self.evicted_session_ids)
             .field("sequence", &self.sequence)
+            .field("cookie", &self.cookie)
             .finish()
     }
 }
@@ -34,6 +35,7 @@ impl fmt::Debug for v1::ValidateSessionRequest {
         f.debug_struct("ValidateSessionRequest")
             .field("token", &REDACTED)
             .field("touch", &self.touch)
+            .field("device", &self.device)
             .finish()
     }
 }
@@ -52,6 +54,7 @@ impl fmt::Debug for v1::RotateSessionResponse {
             .field("session", &self.session)
             .field("token", &REDACTED)
             .field("sequence", &self.sequence)
+            .field("cookie", &self.cookie)
             .finish()
     }
 }

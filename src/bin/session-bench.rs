@@ -115,7 +115,11 @@ async fn main() -> Result<(), Error> {
                     let token = tokens[i % tokens.len()].clone();
                     async move {
                         SessionServiceClient::new(ch)
-                            .validate_session(pb::ValidateSessionRequest { token, touch: None })
+                            .validate_session(pb::ValidateSessionRequest {
+                                token,
+                                touch: None,
+                                device: None,
+                            })
                             .await
                             .map(drop)
                     }

@@ -2,6 +2,7 @@
 
 use crate::{
     clock::Timestamp,
+    policy::TravelFlag,
     sessions::model::{Device, ExpiryKind, RevokeReason},
     token::SessionId,
 };
@@ -33,6 +34,10 @@ pub enum EventKind {
     },
     /// The session's token changed; the old token is dead.
     Rotated,
+    /// Impossible travel was seen on the session.
+    Flagged {
+        flag: TravelFlag,
+    },
 }
 
 /// The kinds, for filters.
@@ -42,6 +47,7 @@ pub enum EventType {
     Revoked,
     Expired,
     Rotated,
+    Flagged,
 }
 
 impl EventKind {
@@ -51,6 +57,7 @@ impl EventKind {
             EventKind::Revoked { .. } => EventType::Revoked,
             EventKind::Expired { .. } => EventType::Expired,
             EventKind::Rotated => EventType::Rotated,
+            EventKind::Flagged { .. } => EventType::Flagged,
         }
     }
 }

@@ -9,6 +9,7 @@ use crate::{
     clock::Timestamp,
     error::{Error, Result},
     events::{subscription::Filter, Event, EventKind, EventType},
+    policy::{CookieAdvice, LimitAction, Policy, SameSite, TravelAction, TravelFlag},
     proto::v1 as pb,
     sessions::{
         limits,
@@ -282,6 +283,7 @@ pub fn watch_filter(f: pb::EventFilter) -> Result<Filter> {
             Ok(pb::EventType::Revoked) => Ok(EventType::Revoked),
             Ok(pb::EventType::Expired) => Ok(EventType::Expired),
             Ok(pb::EventType::Rotated) => Ok(EventType::Rotated),
+            Ok(pb::EventType::Flagged) => Ok(EventType::Flagged),
             Ok(pb::EventType::Unspecified) | Err(_) => Err(Error::invalid(
                 "filter.event_types",
                 format!("{t} is not an event type"),
@@ -293,6 +295,90 @@ pub fn watch_filter(f: pb::EventFilter) -> Result<Filter> {
         user_id,
         types,
     })
+}
+
+fn duration_field(
+    field: &'static str,
+    d: Option<prost_types::Duration>,
+) -> Result<std::time::Duration> {
+    let d = d.ok_or_else(|| Error::invalid(field, "is required"))?;
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(Error::invalid(field, "must not be negative"));
+    }
+    let seconds = u64::try_from(d.seconds).map_err(|_| Error::invalid(field, "out of range"))?;
+    let nanos = u32::try_from(d.nanos).map_err(|_| Error::invalid(field, "out of range"))?;
+    if nanos >= 1_000_000_000 {
+        return Err(Error::invalid(field, "nanos must be below 1e9"));
+    }
+    Ok(std::time::Duration::new(seconds, nanos))
+}
+
+fn required_enum<T>(field: &'static str, value: i32) -> Result<T>
+where
+    T: TryFrom<i32> + PartialEq + Default,
+{
+    match T::try_from(value) {
+        Ok(v) if v != T::default() => Ok(v),
+        _ => Err(Error::invalid(
+            field,
+            format!("{value} is not a valid choice"),
+        )),
+    }
+}
+
+/// Decodes and validates a policy: every field is required (start from GetPolicy).
+pub fn policy_from_proto(p: pb::Policy) -> Result<(String, Policy)> {
+    let tenant_id = id_field("policy.tenant_id", p.tenant_id)?;
+    let max_session_age = match p.max_session_age {
+        None => None,
+        Some(d) if d.seconds == 0 && d.nanos == 0 => None,
+        some => Some(duration_field("policy.max_session_age", some)?),
+    };
+    let policy = Policy {
+        idle_timeout: duration_field("policy.idle_timeout", p.idle_timeout)?,
+        absolute_timeout: duration_field("policy.absolute_timeout", p.absolute_timeout)?,
+        remember_me_allowed: p.remember_me_allowed,
+        remember_me_idle_timeout: duration_field(
+            "policy.remember_me_idle_timeout",
+            p.remember_me_idle_timeout,
+        )?,
+        remember_me_absolute_timeout: duration_field(
+            "policy.remember_me_absolute_timeout",
+            p.remember_me_absolute_timeout,
+        )?,
+        max_sessions_per_user: p.max_sessions_per_user,
+        limit_action: match required_enum("policy.limit_action", p.limit_action)? {
+            pb::LimitAction::Reject => LimitAction::Reject,
+            _ => LimitAction::EvictLeastRecentlyUsed,
+        },
+        max_creations_per_day: p.max_creations_per_day,
+        max_session_age,
+        travel_action: match required_enum("policy.travel_action", p.travel_action)? {
+            pb::TravelAction::Flag => TravelAction::Flag,
+            pb::TravelAction::Revoke => TravelAction::Revoke,
+            pb::TravelAction::Reject => TravelAction::Reject,
+            _ => TravelAction::Ignore,
+        },
+        travel_max_speed_kmh: p.travel_max_speed_kmh,
+        travel_tolerance_km: p.travel_tolerance_km,
+        cookie_name: (!p.cookie_name.is_empty()).then_some(p.cookie_name),
+        cookie_secure: p.cookie_secure,
+        cookie_same_site: match required_enum("policy.cookie_same_site", p.cookie_same_site)? {
+            pb::SameSite::Strict => SameSite::Strict,
+            pb::SameSite::None => SameSite::None,
+            _ => SameSite::Lax,
+        },
+    };
+    policy.validate()?;
+    Ok((tenant_id, policy))
+}
+
+/// The caller's view of the client's place in a ValidateSession request, if any.
+pub fn validate_location(device: Option<pb::Device>) -> Result<Option<Location>> {
+    Ok(device
+        .map(Device::try_from)
+        .transpose()?
+        .and_then(|d| d.location))
 }
 
 // === encoding ===
@@ -324,19 +410,98 @@ pub fn expiry_kind_to_proto(k: ExpiryKind) -> pb::ExpiryKind {
     }
 }
 
+impl From<&Location> for pb::Location {
+    fn from(l: &Location) -> Self {
+        pb::Location {
+            country: l.country.clone(),
+            city: l.city.clone(),
+            latitude: l.coordinates.map(|c| c.0),
+            longitude: l.coordinates.map(|c| c.1),
+        }
+    }
+}
+
 impl From<&Device> for pb::Device {
     fn from(d: &Device) -> Self {
         pb::Device {
             ip: d.ip.map(|ip| ip.to_string()).unwrap_or_default(),
             user_agent: d.user_agent.clone(),
             device_label: d.label.clone(),
-            location: d.location.as_ref().map(|l| pb::Location {
-                country: l.country.clone(),
-                city: l.city.clone(),
-                latitude: l.coordinates.map(|c| c.0),
-                longitude: l.coordinates.map(|c| c.1),
-            }),
+            location: d.location.as_ref().map(pb::Location::from),
         }
+    }
+}
+
+pub fn flag_to_proto(f: &TravelFlag) -> pb::TravelFlag {
+    pb::TravelFlag {
+        flagged_at: Some(timestamp(f.flagged_at)),
+        from: Some(pb::Location::from(&f.from)),
+        from_seen_at: Some(timestamp(f.from_seen_at)),
+        to: Some(pb::Location::from(&f.to)),
+        distance_km: f.distance_km,
+        speed_kmh: f.speed_kmh,
+        from_session_id: f
+            .from_session_id
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
+    }
+}
+
+fn duration_to_proto(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        // Below 1e9, so it fits.
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn same_site_to_proto(s: SameSite) -> pb::SameSite {
+    match s {
+        SameSite::Strict => pb::SameSite::Strict,
+        SameSite::Lax => pb::SameSite::Lax,
+        SameSite::None => pb::SameSite::None,
+    }
+}
+
+pub fn cookie_to_proto(c: &CookieAdvice) -> pb::CookieAdvice {
+    pb::CookieAdvice {
+        name: c.name.clone(),
+        max_age: c.max_age.map(duration_to_proto),
+        secure: c.secure,
+        http_only: c.http_only,
+        same_site: same_site_to_proto(c.same_site).into(),
+    }
+}
+
+/// Encodes a policy; `cookie_name` is the effective name (the generated one if not set).
+pub fn policy_to_proto(tenant_id: &str, p: &Policy, cookie_name: String) -> pb::Policy {
+    pb::Policy {
+        tenant_id: tenant_id.to_string(),
+        idle_timeout: Some(duration_to_proto(p.idle_timeout)),
+        absolute_timeout: Some(duration_to_proto(p.absolute_timeout)),
+        remember_me_allowed: p.remember_me_allowed,
+        remember_me_idle_timeout: Some(duration_to_proto(p.remember_me_idle_timeout)),
+        remember_me_absolute_timeout: Some(duration_to_proto(p.remember_me_absolute_timeout)),
+        max_sessions_per_user: p.max_sessions_per_user,
+        limit_action: match p.limit_action {
+            LimitAction::EvictLeastRecentlyUsed => pb::LimitAction::EvictLeastRecentlyUsed,
+            LimitAction::Reject => pb::LimitAction::Reject,
+        }
+        .into(),
+        max_creations_per_day: p.max_creations_per_day,
+        max_session_age: p.max_session_age.map(duration_to_proto),
+        travel_action: match p.travel_action {
+            TravelAction::Ignore => pb::TravelAction::Ignore,
+            TravelAction::Flag => pb::TravelAction::Flag,
+            TravelAction::Revoke => pb::TravelAction::Revoke,
+            TravelAction::Reject => pb::TravelAction::Reject,
+        }
+        .into(),
+        travel_max_speed_kmh: p.travel_max_speed_kmh,
+        travel_tolerance_km: p.travel_tolerance_km,
+        cookie_name,
+        cookie_secure: p.cookie_secure,
+        cookie_same_site: same_site_to_proto(p.cookie_same_site).into(),
     }
 }
 
@@ -402,6 +567,9 @@ pub fn event_to_proto(e: &Event) -> pb::SessionEvent {
             deadline: expiry_kind_to_proto(*kind).into(),
         }),
         EventKind::Rotated => Body::Rotated(pb::SessionRotated {}),
+        EventKind::Flagged { flag } => Body::Flagged(pb::SessionFlagged {
+            flag: Some(flag_to_proto(flag)),
+        }),
     };
     pb::SessionEvent {
         sequence: e.sequence,

@@ -5,6 +5,7 @@
 
 pub mod convert;
 mod events;
+mod policies;
 mod sessions;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -13,20 +14,22 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{server::TcpIncoming, Server};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
-pub use self::{events::EventApi, sessions::SessionApi};
+pub use self::{events::EventApi, policies::PolicyApi, sessions::SessionApi};
 use crate::{
     clock::Clock,
     config::Config,
     error::{Error, Result},
     events::subscription::WatchSettings,
+    policy::{Policies, Policy},
     proto::{
         self,
         v1::{
             event_service_server::{self, EventServiceServer},
+            policy_service_server::{self, PolicyServiceServer},
             session_service_server::{self, SessionServiceServer},
         },
     },
-    sessions::{run_sweeper, Retention, Sessions, Settings},
+    sessions::{run_sweeper, Retention, Sessions},
     store::{SessionStore, SledStore},
     token::TokenGenerator,
 };
@@ -49,11 +52,13 @@ pub async fn run(
         config.event_buffer,
     )?);
     let tokens = TokenGenerator::from_os().map_err(|e| Error::Server(e.to_string()))?;
+    let policies = Arc::new(Policies::load(store.clone(), Policy::from(&config))?);
     let sessions = Arc::new(Sessions::new(
         store.clone(),
         clock.clone(),
         tokens,
-        Settings::from(&config),
+        policies,
+        config.touch_interval,
     ));
 
     let (stop, stopped) = watch::channel(false);
@@ -110,6 +115,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(SessionServiceServer::new(SessionApi::new(sessions.clone())))
+        .add_service(PolicyServiceServer::new(PolicyApi::new(sessions.clone())))
         .add_service(EventServiceServer::new(EventApi::new(
             store.clone(),
             WatchSettings {
@@ -131,10 +137,11 @@ pub async fn run(
 }
 
 /// Health is reported for the server as a whole ("") and for each service by name.
-const HEALTH_NAMES: [&str; 3] = [
+const HEALTH_NAMES: [&str; 4] = [
     "",
     session_service_server::SERVICE_NAME,
     event_service_server::SERVICE_NAME,
+    policy_service_server::SERVICE_NAME,
 ];
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {

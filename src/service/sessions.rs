@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, id_field, revoke_ids, revoke_reason, session_id_field};
+use super::convert::{
+    self, cookie_to_proto, id_field, revoke_ids, revoke_reason, session_id_field, validate_location,
+};
 use crate::{
     proto::v1::{self as pb, session_service_server::SessionService},
     sessions::{model::RevokeReason, ListQuery, NewSession, Sessions},
@@ -39,6 +41,7 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
             token: created.token.expose().to_string(),
             evicted_session_ids: ids(created.evicted),
             sequence: created.sequence,
+            cookie: Some(cookie_to_proto(&created.cookie)),
         }))
     }
 
@@ -47,7 +50,11 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         request: Request<pb::ValidateSessionRequest>,
     ) -> Result<Response<pb::ValidateSessionResponse>, Status> {
         let r = request.into_inner();
-        let session = self.sessions.validate(&r.token, r.touch.unwrap_or(true))?;
+        let location = validate_location(r.device)?;
+        let session = self
+            .sessions
+            .validate(&r.token, r.touch.unwrap_or(true), location)
+            .await?;
         Ok(Response::new(pb::ValidateSessionResponse {
             session: Some((&session).into()),
         }))
@@ -62,6 +69,7 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
             session: Some((&rotated.session).into()),
             token: rotated.token.expose().to_string(),
             sequence: rotated.sequence,
+            cookie: Some(cookie_to_proto(&rotated.cookie)),
         }))
     }
 

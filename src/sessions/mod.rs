@@ -1,6 +1,6 @@
-//! The domain: creating, validating, rotating, listing and revoking sessions, with their timeouts
-//! and per-user limit. Knows nothing of gRPC or sled: it talks to a [`SessionStore`] and reads
-//! time from a [`Clock`].
+//! The domain: creating, validating, rotating, listing and revoking sessions under each tenant's
+//! [`Policy`] (timeouts, limits, quota, impossible travel, cookie advice). Knows nothing of gRPC or
+//! sled: it talks to a [`SessionStore`] and reads time from a [`Clock`].
 
 pub mod model;
 pub mod sweeper;
@@ -9,12 +9,12 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 pub use sweeper::{run_sweeper, Retention};
 
-use self::model::{Device, RevokeReason, Session, SessionState};
+use self::model::{Device, Location, RevokeReason, Session, SessionState};
 use crate::{
-    clock::Clock,
-    config::Config,
+    clock::{Clock, Timestamp},
     error::{Error, Result},
-    store::{ListScope, RevokeTarget, SessionStore},
+    policy::{distance_km, CookieAdvice, Policies, Policy, TravelAction},
+    store::{CreateRules, ListScope, RevokeTarget, SessionStore},
     token::{self, SessionId, SessionToken, TokenGenerator},
 };
 
@@ -34,30 +34,6 @@ pub mod limits {
     pub const MAX_REVOKE_IDS: usize = 1000;
 }
 
-/// The settings the domain needs, taken from [`Config`].
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub idle_timeout: Duration,
-    pub absolute_timeout: Duration,
-    pub remember_me_idle_timeout: Duration,
-    pub remember_me_absolute_timeout: Duration,
-    pub max_sessions_per_user: usize,
-    pub touch_interval: Duration,
-}
-
-impl From<&Config> for Settings {
-    fn from(c: &Config) -> Self {
-        Self {
-            idle_timeout: c.idle_timeout,
-            absolute_timeout: c.absolute_timeout,
-            remember_me_idle_timeout: c.remember_me_idle_timeout,
-            remember_me_absolute_timeout: c.remember_me_absolute_timeout,
-            max_sessions_per_user: usize::try_from(c.max_sessions_per_user).unwrap_or(usize::MAX),
-            touch_interval: c.touch_interval,
-        }
-    }
-}
-
 /// A validated request to start a session.
 #[derive(Debug, Clone)]
 pub struct NewSession {
@@ -75,6 +51,7 @@ pub struct Created {
     pub token: SessionToken,
     pub evicted: Vec<SessionId>,
     pub sequence: u64,
+    pub cookie: CookieAdvice,
 }
 
 /// A rotated session and its new token.
@@ -83,6 +60,7 @@ pub struct Rotated {
     pub session: Session,
     pub token: SessionToken,
     pub sequence: u64,
+    pub cookie: CookieAdvice,
 }
 
 /// A validated listing request.
@@ -113,7 +91,9 @@ pub struct Sessions<S> {
     store: Arc<S>,
     clock: Arc<dyn Clock>,
     tokens: TokenGenerator,
-    settings: Settings,
+    policies: Arc<Policies<S>>,
+    /// Resolution of `last_seen_at` (see `Config::touch_interval`).
+    touch_interval: Duration,
 }
 
 impl<S: SessionStore> Sessions<S> {
@@ -121,13 +101,60 @@ impl<S: SessionStore> Sessions<S> {
         store: Arc<S>,
         clock: Arc<dyn Clock>,
         tokens: TokenGenerator,
-        settings: Settings,
+        policies: Arc<Policies<S>>,
+        touch_interval: Duration,
     ) -> Self {
         Self {
             store,
             clock,
             tokens,
-            settings,
+            policies,
+            touch_interval,
+        }
+    }
+
+    pub fn policies(&self) -> &Arc<Policies<S>> {
+        &self.policies
+    }
+
+    /// A stored session as its tenant's current policy sees it (a tightened policy applies to
+    /// open sessions at once), with a session past a deadline shown as ended.
+    fn current(&self, stored: Session, now: Timestamp) -> (Session, Arc<Policy>) {
+        let policy = self.policies.for_tenant(&stored.tenant_id);
+        if !stored.is_active() {
+            return (stored, policy);
+        }
+        let mut session = stored.tightened(&policy);
+        match session.ending_at(now) {
+            Some(model::Ending::Expired(kind)) => {
+                session.state = SessionState::Expired {
+                    at: session.deadline_of(kind),
+                    kind,
+                };
+            }
+            Some(model::Ending::TooOld) => {
+                session.state = SessionState::Revoked {
+                    at: session.max_age_at.unwrap_or(now),
+                    reason: RevokeReason::Policy,
+                };
+            }
+            None => {}
+        }
+        (session, policy)
+    }
+
+    fn cookie_advice(&self, s: &Session, policy: &Policy, now: Timestamp) -> CookieAdvice {
+        let ends = s
+            .max_age_at
+            .map_or(s.absolute_expires_at, |t| t.min(s.absolute_expires_at));
+        CookieAdvice {
+            name: self.policies.cookie_name(&s.tenant_id, policy),
+            // Remember me: a persistent cookie that lasts as long as the session can. Otherwise
+            // a browser-session cookie, gone when the browser closes.
+            max_age: s.remember_me.then(|| ends.since(now)),
+            secure: policy.cookie_secure,
+            http_only: true,
+            same_site: policy.cookie_same_site,
         }
     }
 
@@ -139,20 +166,19 @@ impl<S: SessionStore> Sessions<S> {
         &self.clock
     }
 
-    /// Starts a session, evicting the user's least recently used ones beyond the limit.
+    /// Starts a session under the tenant's policy.
     pub async fn create(&self, new: NewSession) -> Result<Created> {
         let now = self.clock.now();
-        let (idle, absolute) = if new.remember_me {
-            (
-                self.settings.remember_me_idle_timeout,
-                self.settings.remember_me_absolute_timeout,
-            )
-        } else {
-            (self.settings.idle_timeout, self.settings.absolute_timeout)
-        };
+        let policy = self.policies.for_tenant(&new.tenant_id);
+        if new.remember_me && !policy.remember_me_allowed {
+            return Err(Error::FailedPrecondition(
+                "remember_me: this tenant's policy does not allow \"remember me\"".into(),
+            ));
+        }
+        let (idle, absolute) = policy.timeouts(new.remember_me);
         let id = self.tokens.session_id();
         let issued = self.tokens.issue(&id);
-        let session = Session {
+        let mut session = Session {
             id,
             tenant_id: new.tenant_id,
             user_id: new.user_id,
@@ -166,43 +192,93 @@ impl<S: SessionStore> Sessions<S> {
             attributes: new.attributes,
             state: SessionState::Active,
             rotation_count: 0,
+            max_age_at: policy.max_session_age.map(|age| now.saturating_add(age)),
+            flags: Vec::new(),
         };
-        let outcome = self
-            .store
-            .create(session.clone(), self.settings.max_sessions_per_user)
-            .await?;
+        let rules = CreateRules {
+            max_sessions_per_user: usize::try_from(policy.max_sessions_per_user)
+                .unwrap_or(usize::MAX),
+            limit_action: policy.limit_action,
+            max_creations_per_day: policy.max_creations_per_day,
+            travel: policy.travel_rules(),
+        };
+        let outcome = self.store.create(session.clone(), rules).await?;
+        session.flags.extend(outcome.flag);
         tracing::info!(
             session_id = %session.id,
             tenant_id = %session.tenant_id,
             evicted = outcome.evicted.len(),
+            flagged = !session.flags.is_empty(),
             "session created"
         );
+        let cookie = self.cookie_advice(&session, &policy, now);
         Ok(Created {
             session,
             token: issued.token,
             evicted: outcome.evicted,
             sequence: outcome.sequence,
+            cookie,
         })
     }
 
     /// The live session a token belongs to. Every failure is the same `SessionNotValid`.
-    pub fn validate(&self, token: &str, touch: bool) -> Result<Session> {
+    /// `location`, the caller's view of where the client is now, is checked for impossible
+    /// travel.
+    pub async fn validate(
+        &self,
+        token: &str,
+        touch: bool,
+        location: Option<Location>,
+    ) -> Result<Session> {
         let parsed = token::parse(token).ok_or(Error::SessionNotValid)?;
-        let mut session = match self.store.get(&parsed.session_id)? {
+        let stored = match self.store.get(&parsed.session_id)? {
             Some(s) if s.is_active() && s.token_hash.matches(&parsed.hash) => s,
             _ => return Err(Error::SessionNotValid),
         };
         let now = self.clock.now();
-        if session.expiry_at(now).is_some() {
-            // The sweeper would find it too; this records the expiry (and its event) sooner.
-            self.store.expire_soon(session.id, now);
+        let (mut session, policy) = self.current(stored, now);
+        if !session.is_active() {
+            // Record the ending (and its event) now rather than at the next sweep.
+            self.store.end_soon(session.id, policy, now);
             return Err(Error::SessionNotValid);
         }
-        if touch && now.since(session.last_seen_at) >= self.settings.touch_interval {
+        if let Some(here) = location.filter(|l| l.coordinates.is_some()) {
+            if policy.travel_action != TravelAction::Ignore
+                && self.worth_observing(&session, &here, now, &policy)?
+            {
+                let observed = self
+                    .store
+                    .observe(session.id, here, now, policy.travel_rules())
+                    .await?;
+                session = observed.tightened(&policy);
+            }
+        }
+        if touch && now.since(session.last_seen_at) >= self.touch_interval {
             self.store.touch(session.id, now);
             session.last_seen_at = now;
         }
         Ok(session)
+    }
+
+    /// Whether a validate's location must be recorded: it is new, far from the last one, or the
+    /// last one is old. Repeated validates from one place cost no write.
+    fn worth_observing(
+        &self,
+        session: &Session,
+        here: &Location,
+        now: Timestamp,
+        policy: &Policy,
+    ) -> Result<bool> {
+        let Some(last) = self.store.last_seen(&session.tenant_id, &session.user_id)? else {
+            return Ok(true);
+        };
+        let same_place = match (last.location.coordinates, here.coordinates) {
+            (Some(a), Some(b)) => distance_km(a, b) <= policy.travel_tolerance_km,
+            _ => false,
+        };
+        Ok(!(same_place
+            && last.session_id == session.id
+            && now.since(last.at) < self.touch_interval))
     }
 
     /// Issues a new token for the session of `token`; the old token stops working.
@@ -219,26 +295,22 @@ impl<S: SessionStore> Sessions<S> {
             )
             .await?;
         tracing::info!(session_id = %parsed.session_id, "session token rotated");
+        let now = self.clock.now();
+        let (session, policy) = self.current(outcome.session, now);
+        let cookie = self.cookie_advice(&session, &policy, now);
         Ok(Rotated {
-            session: outcome.session,
+            session,
             token: issued.token,
             sequence: outcome.sequence,
+            cookie,
         })
     }
 
-    /// A session by id, live or ended. A session past a deadline is shown as expired at once,
+    /// A session by id, live or ended. A session past a deadline is shown as ended at once,
     /// even before the sweeper records it, so every read agrees with what a validate answers.
     pub fn get(&self, id: &SessionId) -> Result<Session> {
-        let mut session = self.store.get(id)?.ok_or(Error::SessionNotFound(*id))?;
-        if session.is_active() {
-            if let Some(kind) = session.expiry_at(self.clock.now()) {
-                session.state = SessionState::Expired {
-                    at: session.deadline_of(kind),
-                    kind,
-                };
-            }
-        }
-        Ok(session)
+        let stored = self.store.get(id)?.ok_or(Error::SessionNotFound(*id))?;
+        Ok(self.current(stored, self.clock.now()).0)
     }
 
     /// A page of live sessions.
@@ -252,7 +324,8 @@ impl<S: SessionStore> Sessions<S> {
             sessions: page
                 .sessions
                 .into_iter()
-                .filter(|s| s.is_live_at(now))
+                .map(|s| self.current(s, now).0)
+                .filter(Session::is_active)
                 .collect(),
             next: page.next,
         })
@@ -268,5 +341,30 @@ impl<S: SessionStore> Sessions<S> {
             revoked: outcome.revoked,
             sequence: outcome.sequence,
         })
+    }
+}
+
+impl<S: SessionStore> Sessions<S> {
+    /// Applies a tenant's current policy to all its open sessions, in batches: tightened
+    /// timeouts are stored and sessions already past them end now, with their events (so caches
+    /// hear of it). Returns how many sessions changed.
+    pub async fn enforce_policy(&self, tenant_id: &str) -> Result<usize> {
+        const BATCH: usize = 256;
+        let scope = ListScope {
+            tenant_id: tenant_id.to_string(),
+            user_id: None,
+        };
+        let mut cursor = None;
+        let mut changed = 0;
+        loop {
+            let page = self.store.list(&scope, cursor.as_deref(), BATCH)?;
+            let ids = page.sessions.iter().map(|s| s.id).collect();
+            let policy = self.policies.for_tenant(tenant_id);
+            changed += self.store.enforce(ids, policy, self.clock.now()).await?;
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(changed),
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use crate::{
     clock::Timestamp,
+    policy::{Policy, TravelFlag},
     token::{SessionId, TokenHash},
 };
 
@@ -77,6 +78,22 @@ pub struct Session {
     pub attributes: BTreeMap<String, String>,
     pub state: SessionState,
     pub rotation_count: u32,
+    /// When the tenant's maximum session age ends it (revoked, reason `Policy`), if it has one.
+    pub max_age_at: Option<Timestamp>,
+    /// Impossible travel seen on this session, oldest first (the newest [`MAX_FLAGS`] kept).
+    pub flags: Vec<TravelFlag>,
+}
+
+/// Most travel flags kept per session.
+pub const MAX_FLAGS: usize = 8;
+
+/// How an active session ends when a deadline passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Idle or absolute timeout: the session expires.
+    Expired(ExpiryKind),
+    /// Older than the tenant's maximum age: the session is revoked for policy.
+    TooOld,
 }
 
 impl Session {
@@ -87,30 +104,58 @@ impl Session {
             .min(self.absolute_expires_at)
     }
 
-    /// When the sweeper should look at this session again: its idle deadline (the earlier one)
-    /// while active, its purge time once ended.
+    /// When the sweeper should look at this session again: its earliest deadline while active,
+    /// its purge time once ended.
     pub fn next_deadline(&self) -> Timestamp {
         match self.state {
-            SessionState::Active => self.idle_expires_at(),
+            SessionState::Active => self
+                .max_age_at
+                .map_or(self.idle_expires_at(), |t| t.min(self.idle_expires_at())),
             _ => self.purge_at(),
         }
+    }
+
+    /// How an active session ends at `now`, if a deadline has passed: by whichever came first.
+    /// On a tie the absolute deadline wins (no activity could have moved it), then the maximum
+    /// age.
+    pub fn ending_at(&self, now: Timestamp) -> Option<Ending> {
+        let candidates = [
+            (
+                self.absolute_expires_at,
+                Ending::Expired(ExpiryKind::Absolute),
+            ),
+            (
+                self.max_age_at.unwrap_or(Timestamp::from_millis(u64::MAX)),
+                Ending::TooOld,
+            ),
+            (self.idle_expires_at(), Ending::Expired(ExpiryKind::Idle)),
+        ];
+        candidates
+            .into_iter()
+            .filter(|(at, _)| now >= *at)
+            .min_by_key(|(at, _)| *at)
+            .map(|(_, ending)| ending)
+    }
+
+    /// This session under `policy` if that is stricter: shorter timeouts and a maximum age apply
+    /// to sessions already open; a looser policy never lengthens one.
+    pub fn tightened(&self, policy: &Policy) -> Session {
+        let (idle, absolute) = policy.timeouts(self.remember_me);
+        let mut s = self.clone();
+        s.idle_timeout = s.idle_timeout.min(idle);
+        s.absolute_expires_at = s
+            .absolute_expires_at
+            .min(s.created_at.saturating_add(absolute));
+        if let Some(age) = policy.max_session_age {
+            let at = s.created_at.saturating_add(age);
+            s.max_age_at = Some(s.max_age_at.map_or(at, |t| t.min(at)));
+        }
+        s
     }
 
     /// When an ended session's tombstone is deleted.
     pub fn purge_at(&self) -> Timestamp {
         self.absolute_expires_at.saturating_add(TOMBSTONE_GRACE)
-    }
-
-    /// Which deadline an active session has passed at `now`, if any. The absolute deadline wins
-    /// a tie, because it is the one that no activity could have moved.
-    pub fn expiry_at(&self, now: Timestamp) -> Option<ExpiryKind> {
-        if now >= self.absolute_expires_at {
-            Some(ExpiryKind::Absolute)
-        } else if now >= self.idle_expires_at() {
-            Some(ExpiryKind::Idle)
-        } else {
-            None
-        }
     }
 
     /// The instant a deadline of this kind falls.
@@ -125,9 +170,9 @@ impl Session {
         self.state == SessionState::Active
     }
 
-    /// Live at `now`: active and before both deadlines.
+    /// Live at `now`: active and before every deadline.
     pub fn is_live_at(&self, now: Timestamp) -> bool {
-        self.is_active() && self.expiry_at(now).is_none()
+        self.is_active() && self.ending_at(now).is_none()
     }
 }
 
@@ -161,6 +206,8 @@ mod tests {
             attributes: BTreeMap::new(),
             state: SessionState::Active,
             rotation_count: 0,
+            max_age_at: None,
+            flags: Vec::new(),
         }
     }
 
@@ -169,16 +216,23 @@ mod tests {
         let g = TokenGenerator::from_seed([0; 32]);
         let s = session(&g, 0, 950);
         assert_eq!(s.idle_expires_at(), Timestamp::from_millis(1000));
-        assert_eq!(s.expiry_at(Timestamp::from_millis(999)), None);
+        assert_eq!(s.ending_at(Timestamp::from_millis(999)), None);
         assert_eq!(
-            s.expiry_at(Timestamp::from_millis(1000)),
-            Some(ExpiryKind::Absolute)
+            s.ending_at(Timestamp::from_millis(1000)),
+            Some(Ending::Expired(ExpiryKind::Absolute))
         );
         let s = session(&g, 0, 10);
         assert_eq!(
-            s.expiry_at(Timestamp::from_millis(110)),
-            Some(ExpiryKind::Idle)
+            s.ending_at(Timestamp::from_millis(110)),
+            Some(Ending::Expired(ExpiryKind::Idle))
         );
+        let mut s = session(&g, 0, 10);
+        s.max_age_at = Some(Timestamp::from_millis(50));
+        assert_eq!(
+            s.ending_at(Timestamp::from_millis(60)),
+            Some(Ending::TooOld)
+        );
+        assert_eq!(s.next_deadline(), Timestamp::from_millis(50));
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! | `d`    | deadline_sessionid      | next deadline (8), id (16)                        | empty          |
 //! | `e`    | sequence_event          | sequence (8)                                      | EventRecord    |
 //! | `m`    | meta                    | name                                              | varies         |
+//! | `p`    | tenant_policy           | tenant                                            | policy (JSON)  |
+//! | `l`    | user_lastseen           | len, tenant, len, user                            | LastSeenRecord |
+//! | `q`    | user_creations          | len, tenant, len, user                            | timestamps     |
 //!
 //! `user_sessionid` holds active sessions only, so counting a user's sessions for the limit is a
 //! short prefix scan. `deadline_sessionid` holds every session under the instant the sweeper must
@@ -21,12 +24,31 @@ pub const SESSION: u8 = b's';
 pub const USER: u8 = b'u';
 pub const DEADLINE: u8 = b'd';
 pub const EVENT: u8 = b'e';
+pub const POLICY: u8 = b'p';
+pub const LAST_SEEN: u8 = b'l';
+pub const CREATIONS: u8 = b'q';
 
 /// Marks a directory as ours, with the layout version. Checked at open.
 pub const META_FORMAT: &[u8] = b"mformat";
 pub const FORMAT_VALUE: &[u8] = b"session-authority/1";
 /// The newest event sequence ever assigned; survives pruning of the whole log.
 pub const META_HEAD: &[u8] = b"mhead";
+/// 32 random bytes made when the store is created: keys the tenants' generated cookie names.
+pub const META_SECRET: &[u8] = b"msecret";
+
+pub fn policy(tenant: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + tenant.len());
+    k.push(POLICY);
+    k.extend_from_slice(tenant.as_bytes());
+    k
+}
+
+/// A per-user key in the map named by `prefix` (`LAST_SEEN`, `CREATIONS`).
+pub fn per_user(prefix: u8, tenant: &str, user: &str) -> Vec<u8> {
+    let mut k = user_prefix(tenant, Some(user));
+    k[0] = prefix;
+    k
+}
 
 pub fn session(id: &SessionId) -> [u8; 17] {
     let mut k = [0u8; 17];

@@ -18,9 +18,20 @@ use crate::{
     clock::Timestamp,
     error::Result,
     events::{Event, EventBus},
-    sessions::model::{RevokeReason, Session},
+    policy::{LastSeen, LimitAction, Policy, TravelFlag, TravelRules},
+    sessions::model::{Location, RevokeReason, Session},
     token::{SessionId, TokenHash},
 };
+
+/// The tenant policy's rules a create must follow, atomically with the create.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateRules {
+    pub max_sessions_per_user: usize,
+    pub limit_action: LimitAction,
+    /// 0: no quota.
+    pub max_creations_per_day: u32,
+    pub travel: TravelRules,
+}
 
 /// Which sessions a revoke ends.
 #[derive(Debug, Clone)]
@@ -42,6 +53,8 @@ pub struct CreateOutcome {
     pub evicted: Vec<SessionId>,
     /// Sequence of the `Created` event.
     pub sequence: u64,
+    /// Impossible travel seen at this login (policy action FLAG).
+    pub flag: Option<TravelFlag>,
 }
 
 /// What a revoke did.
@@ -110,13 +123,52 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Whether the store can take writes. False after an I/O failure, until a restart.
     fn is_healthy(&self) -> bool;
 
-    /// Stores a new session, first expiring the user's sessions past a deadline and evicting the
-    /// least recently used live ones so that at most `limit` are live afterwards.
+    /// Stores a new session under `rules`: the login quota (`ResourceExhausted`), impossible
+    /// travel (`PermissionDenied` for REJECT and REVOKE, a flag for FLAG), and the per-user limit
+    /// (expiring the user's sessions past a deadline, then evicting the least recently used or
+    /// refusing with `ResourceExhausted`).
     fn create(
         &self,
         session: Session,
-        limit: usize,
+        rules: CreateRules,
     ) -> impl Future<Output = Result<CreateOutcome>> + Send;
+
+    /// Applies a (tightened) policy to these sessions: shorter timeouts and the maximum age are
+    /// stored, and sessions already past a deadline under it are ended, with their events.
+    /// Returns how many changed.
+    fn enforce(
+        &self,
+        ids: Vec<SessionId>,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Records that live session `id` was seen at `location` and checks it for impossible travel
+    /// against the user's last known place. Returns the session as it is now (with a new flag
+    /// for FLAG and REJECT), or `SessionNotValid` if it is not live or REVOKE ended it.
+    fn observe(
+        &self,
+        id: SessionId,
+        location: Location,
+        now: Timestamp,
+        rules: TravelRules,
+    ) -> impl Future<Output = Result<Session>> + Send;
+
+    /// A user's last known place.
+    fn last_seen(&self, tenant_id: &str, user_id: &str) -> Result<Option<LastSeen>>;
+
+    /// Every stored tenant policy.
+    fn policies(&self) -> Result<Vec<(String, Policy)>>;
+
+    /// Stores (`Some`) or deletes (`None`) a tenant's policy, durably. True if one existed.
+    fn put_policy(
+        &self,
+        tenant_id: String,
+        policy: Option<Policy>,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// 32 random bytes made with the store: keys values that must be stable and unguessable.
+    fn installation_secret(&self) -> [u8; 32];
 
     /// Replaces the token hash of session `id` if its current hash is `current` and it is live.
     /// `SessionNotValid` otherwise.
@@ -156,9 +208,9 @@ pub trait SessionStore: Send + Sync + 'static {
     /// the next flush. Dropped if the store is busy, which only makes `last_seen_at` coarser.
     fn touch(&self, id: SessionId, now: Timestamp);
 
-    /// Asks for a session found past a deadline to be expired, without waiting (a validate must
-    /// answer at once). Exactly one `Expired` event results, however often this is called.
-    fn expire_soon(&self, id: SessionId, now: Timestamp);
+    /// Asks for a session found past a deadline (under `policy`) to be ended, without waiting (a
+    /// validate must answer at once). Exactly one event results, however often this is called.
+    fn end_soon(&self, id: SessionId, policy: Arc<Policy>, now: Timestamp);
 
     /// Finishes queued writes, flushes and stops taking writes.
     fn close(&self) -> impl Future<Output = Result<()>> + Send;

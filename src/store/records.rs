@@ -9,6 +9,7 @@ use crate::{
     clock::Timestamp,
     error::Error,
     events::{Event, EventKind},
+    policy::{LastSeen, Policy, TravelFlag},
     sessions::model::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
     token::{SessionId, TokenHash},
 };
@@ -45,6 +46,40 @@ pub struct SessionRecord {
     pub end_detail: u32,
     #[prost(uint32, tag = "14")]
     pub rotation_count: u32,
+    /// 0: no maximum age.
+    #[prost(uint64, tag = "15")]
+    pub max_age_at: u64,
+    #[prost(message, repeated, tag = "16")]
+    pub flags: Vec<FlagRecord>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct FlagRecord {
+    #[prost(uint64, tag = "1")]
+    pub flagged_at: u64,
+    #[prost(message, optional, tag = "2")]
+    pub from: Option<LocationRecord>,
+    #[prost(uint64, tag = "3")]
+    pub from_seen_at: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    pub from_session_id: Vec<u8>,
+    #[prost(message, optional, tag = "5")]
+    pub to: Option<LocationRecord>,
+    #[prost(double, tag = "6")]
+    pub distance_km: f64,
+    #[prost(double, tag = "7")]
+    pub speed_kmh: f64,
+}
+
+/// A user's last known place (`lastseen` map).
+#[derive(Clone, PartialEq, Message)]
+pub struct LastSeenRecord {
+    #[prost(message, optional, tag = "1")]
+    pub location: Option<LocationRecord>,
+    #[prost(uint64, tag = "2")]
+    pub at: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub session_id: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -95,6 +130,8 @@ pub struct EventRecord {
     pub remember_me: bool,
     #[prost(bytes = "vec", repeated, tag = "9")]
     pub evicted: Vec<Vec<u8>>,
+    #[prost(message, optional, tag = "10")]
+    pub flag: Option<FlagRecord>,
 }
 
 fn corrupt(what: &str) -> Error {
@@ -139,19 +176,66 @@ fn expiry_from(code: u32) -> Option<ExpiryKind> {
     }
 }
 
+impl From<&Location> for LocationRecord {
+    fn from(l: &Location) -> Self {
+        Self {
+            country: l.country.clone(),
+            city: l.city.clone(),
+            has_coordinates: l.coordinates.is_some(),
+            latitude: l.coordinates.map_or(0.0, |c| c.0),
+            longitude: l.coordinates.map_or(0.0, |c| c.1),
+        }
+    }
+}
+
+impl From<LocationRecord> for Location {
+    fn from(l: LocationRecord) -> Self {
+        Self {
+            country: l.country,
+            city: l.city,
+            coordinates: l.has_coordinates.then_some((l.latitude, l.longitude)),
+        }
+    }
+}
+
 impl From<&Device> for DeviceRecord {
     fn from(d: &Device) -> Self {
         Self {
             ip: d.ip.map(|ip| ip.to_string()).unwrap_or_default(),
             user_agent: d.user_agent.clone(),
             label: d.label.clone(),
-            location: d.location.as_ref().map(|l| LocationRecord {
-                country: l.country.clone(),
-                city: l.city.clone(),
-                has_coordinates: l.coordinates.is_some(),
-                latitude: l.coordinates.map_or(0.0, |c| c.0),
-                longitude: l.coordinates.map_or(0.0, |c| c.1),
-            }),
+            location: d.location.as_ref().map(LocationRecord::from),
+        }
+    }
+}
+
+impl From<&TravelFlag> for FlagRecord {
+    fn from(f: &TravelFlag) -> Self {
+        Self {
+            flagged_at: f.flagged_at.as_millis(),
+            from: Some(LocationRecord::from(&f.from)),
+            from_seen_at: f.from_seen_at.as_millis(),
+            from_session_id: f
+                .from_session_id
+                .map(|id| id.as_bytes().to_vec())
+                .unwrap_or_default(),
+            to: Some(LocationRecord::from(&f.to)),
+            distance_km: f.distance_km,
+            speed_kmh: f.speed_kmh,
+        }
+    }
+}
+
+impl From<FlagRecord> for TravelFlag {
+    fn from(r: FlagRecord) -> Self {
+        Self {
+            flagged_at: Timestamp::from_millis(r.flagged_at),
+            from: r.from.map(Location::from).unwrap_or_default(),
+            from_seen_at: Timestamp::from_millis(r.from_seen_at),
+            from_session_id: SessionId::from_slice(&r.from_session_id),
+            to: r.to.map(Location::from).unwrap_or_default(),
+            distance_km: r.distance_km,
+            speed_kmh: r.speed_kmh,
         }
     }
 }
@@ -163,11 +247,7 @@ impl From<DeviceRecord> for Device {
             ip: r.ip.parse().ok(),
             user_agent: r.user_agent,
             label: r.label,
-            location: r.location.map(|l| Location {
-                country: l.country,
-                city: l.city,
-                coordinates: l.has_coordinates.then_some((l.latitude, l.longitude)),
-            }),
+            location: r.location.map(Location::from),
         }
     }
 }
@@ -193,6 +273,8 @@ pub fn encode_session(s: &Session) -> Vec<u8> {
         ended_at,
         end_detail,
         rotation_count: s.rotation_count,
+        max_age_at: s.max_age_at.map_or(0, Timestamp::as_millis),
+        flags: s.flags.iter().map(FlagRecord::from).collect(),
     }
     .encode_to_vec()
 }
@@ -226,6 +308,8 @@ pub fn decode_session(id: SessionId, bytes: &[u8]) -> Result<Session, Error> {
         attributes: r.attributes,
         state,
         rotation_count: r.rotation_count,
+        max_age_at: (r.max_age_at != 0).then(|| Timestamp::from_millis(r.max_age_at)),
+        flags: r.flags.into_iter().map(TravelFlag::from).collect(),
     })
 }
 
@@ -257,6 +341,10 @@ pub fn encode_event(e: &Event) -> Vec<u8> {
             r.detail = expiry_code(*kind);
         }
         EventKind::Rotated => r.kind = 4,
+        EventKind::Flagged { flag } => {
+            r.kind = 5;
+            r.flag = Some(FlagRecord::from(flag));
+        }
     }
     r.encode_to_vec()
 }
@@ -280,6 +368,12 @@ pub fn decode_event(sequence: u64, bytes: &[u8]) -> Result<Event, Error> {
             kind: expiry_from(r.detail).ok_or_else(|| corrupt("event"))?,
         },
         4 => EventKind::Rotated,
+        5 => EventKind::Flagged {
+            flag: r
+                .flag
+                .map(TravelFlag::from)
+                .ok_or_else(|| corrupt("event"))?,
+        },
         _ => return Err(corrupt("event")),
     };
     Ok(Event {
@@ -290,4 +384,47 @@ pub fn decode_event(sequence: u64, bytes: &[u8]) -> Result<Event, Error> {
         session_id: SessionId::from_slice(&r.session_id).ok_or_else(|| corrupt("event"))?,
         kind,
     })
+}
+
+pub fn encode_last_seen(l: &LastSeen) -> Vec<u8> {
+    LastSeenRecord {
+        location: Some(LocationRecord::from(&l.location)),
+        at: l.at.as_millis(),
+        session_id: l.session_id.as_bytes().to_vec(),
+    }
+    .encode_to_vec()
+}
+
+pub fn decode_last_seen(bytes: &[u8]) -> Result<LastSeen, Error> {
+    let r = LastSeenRecord::decode(bytes).map_err(|_| corrupt("last seen"))?;
+    Ok(LastSeen {
+        location: r.location.map(Location::from).unwrap_or_default(),
+        at: Timestamp::from_millis(r.at),
+        session_id: SessionId::from_slice(&r.session_id).ok_or_else(|| corrupt("last seen"))?,
+    })
+}
+
+/// Policies are rare writes read once at start: JSON, so new fields can get serde defaults.
+pub fn encode_policy(p: &Policy) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(p).map_err(|e| Error::Storage(format!("encoding a policy: {e}")))
+}
+
+pub fn decode_policy(bytes: &[u8]) -> Result<Policy, Error> {
+    serde_json::from_slice(bytes).map_err(|_| corrupt("policy"))
+}
+
+/// A user's recent session creations (login quota): big-endian millisecond timestamps.
+pub fn encode_creations(times: &[Timestamp]) -> Vec<u8> {
+    times
+        .iter()
+        .flat_map(|t| t.as_millis().to_be_bytes())
+        .collect()
+}
+
+pub fn decode_creations(bytes: &[u8]) -> Vec<Timestamp> {
+    bytes
+        .chunks_exact(8)
+        .filter_map(|c| c.try_into().ok().map(u64::from_be_bytes))
+        .map(Timestamp::from_millis)
+        .collect()
 }

@@ -41,14 +41,20 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    keys, records, CreateOutcome, ListPage, ListScope, LogBounds, RevokeOutcome, RevokeTarget,
-    RotateOutcome, SessionStore,
+    keys, records, CreateOutcome, CreateRules, ListPage, ListScope, LogBounds, RevokeOutcome,
+    RevokeTarget, RotateOutcome, SessionStore,
 };
 use crate::{
     clock::Timestamp,
     error::{Error, Result},
     events::{Event, EventBus, EventKind},
-    sessions::model::{sessions_to_evict, ExpiryKind, RevokeReason, Session, SessionState},
+    policy::{
+        impossible_travel, LastSeen, LimitAction, Policy, TravelAction, TravelFlag, TravelRules,
+    },
+    sessions::model::{
+        sessions_to_evict, Ending, ExpiryKind, Location, RevokeReason, Session, SessionState,
+        MAX_FLAGS,
+    },
     token::{SessionId, TokenHash},
 };
 
@@ -72,6 +78,8 @@ struct Shared {
     tree: sled::Tree,
     bus: Arc<EventBus>,
     healthy: AtomicBool,
+    /// See [`SessionStore::installation_secret`].
+    secret: [u8; 32],
     /// Touches queued for the writer but not applied yet. Reads apply them on top of the tree, so
     /// a validate right after a touch sees the deadline the touch's reply promised. Bounded by the
     /// command queue, since an entry exists only while its command is queued.
@@ -101,7 +109,22 @@ impl Shared {
 enum Op {
     Create {
         session: Box<Session>,
-        limit: usize,
+        rules: CreateRules,
+    },
+    Enforce {
+        ids: Vec<SessionId>,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    },
+    Observe {
+        id: SessionId,
+        location: Location,
+        now: Timestamp,
+        rules: TravelRules,
+    },
+    PutPolicy {
+        tenant_id: String,
+        policy: Option<Policy>,
     },
     Rotate {
         id: SessionId,
@@ -132,6 +155,8 @@ enum Op {
 
 enum Outcome {
     Created(CreateOutcome),
+    Observed(Box<Session>),
+    Existed(bool),
     Rotated(Box<RotateOutcome>),
     Revoked(RevokeOutcome),
     Count(usize),
@@ -165,6 +190,7 @@ impl SledStore {
             .map_err(|e| Error::DataDir(format!("{}: {e}", dir.display())))?;
         let tree = db.open_tree("authority")?;
         check_format(&db, &tree, dir)?;
+        let secret = read_or_make_secret(&db, &tree)?;
         let head = read_u64(&tree, keys::META_HEAD)?;
         let data_file = std::fs::File::open(dir.join("db")).map_err(|e| {
             Error::DataDir(format!("{}: cannot open the data file: {e}", dir.display()))
@@ -176,6 +202,7 @@ impl SledStore {
             tree,
             bus,
             healthy: AtomicBool::new(true),
+            secret,
             queued_touches: Mutex::new(HashMap::new()),
         });
 
@@ -335,12 +362,63 @@ impl SessionStore for SledStore {
         self.shared.healthy.load(Ordering::Acquire)
     }
 
-    async fn create(&self, session: Session, limit: usize) -> Result<CreateOutcome> {
+    async fn create(&self, session: Session, rules: CreateRules) -> Result<CreateOutcome> {
         let op = Op::Create {
             session: Box::new(session),
-            limit,
+            rules,
         };
         expect_outcome!(self.submit(op).await, Created)
+    }
+
+    async fn enforce(
+        &self,
+        ids: Vec<SessionId>,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    ) -> Result<usize> {
+        expect_outcome!(self.submit(Op::Enforce { ids, policy, now }).await, Count)
+    }
+
+    async fn observe(
+        &self,
+        id: SessionId,
+        location: Location,
+        now: Timestamp,
+        rules: TravelRules,
+    ) -> Result<Session> {
+        let op = Op::Observe {
+            id,
+            location,
+            now,
+            rules,
+        };
+        expect_outcome!(self.submit(op).await, Observed).map(|b| *b)
+    }
+
+    fn last_seen(&self, tenant_id: &str, user_id: &str) -> Result<Option<LastSeen>> {
+        read_last_seen(&self.shared.tree, tenant_id, user_id)
+    }
+
+    fn policies(&self) -> Result<Vec<(String, Policy)>> {
+        let mut out = Vec::new();
+        for entry in self.shared.tree.scan_prefix([keys::POLICY]) {
+            let (key, value) = entry?;
+            let tenant = String::from_utf8(key[1..].to_vec())
+                .map_err(|_| Error::Storage("corrupt policy key".into()))?;
+            out.push((tenant, records::decode_policy(&value)?));
+        }
+        Ok(out)
+    }
+
+    async fn put_policy(&self, tenant_id: String, policy: Option<Policy>) -> Result<bool> {
+        expect_outcome!(
+            self.submit(Op::PutPolicy { tenant_id, policy }).await,
+            Existed
+        )
+    }
+
+    fn installation_secret(&self) -> [u8; 32] {
+        self.shared.secret
     }
 
     async fn rotate(
@@ -399,8 +477,12 @@ impl SessionStore for SledStore {
         }
     }
 
-    fn expire_soon(&self, id: SessionId, now: Timestamp) {
-        self.submit_lazily(Op::Sweep { ids: vec![id], now });
+    fn end_soon(&self, id: SessionId, policy: Arc<Policy>, now: Timestamp) {
+        self.submit_lazily(Op::Enforce {
+            ids: vec![id],
+            policy,
+            now,
+        });
     }
 
     async fn close(&self) -> Result<()> {
@@ -469,6 +551,22 @@ fn check_format(db: &sled::Db, tree: &sled::Tree, dir: &Path) -> Result<()> {
     }
 }
 
+/// The installation secret: made from the OS's randomness when the store is new.
+fn read_or_make_secret(db: &sled::Db, tree: &sled::Tree) -> Result<[u8; 32]> {
+    if let Some(v) = tree.get(keys::META_SECRET)? {
+        return v
+            .as_ref()
+            .try_into()
+            .map_err(|_| Error::Storage("corrupt installation secret".into()));
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret)
+        .map_err(|e| Error::Storage(format!("no randomness from the OS: {e}")))?;
+    tree.insert(keys::META_SECRET, &secret[..])?;
+    db.flush()?;
+    Ok(secret)
+}
+
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64> {
     match tree.get(key)? {
         None => Ok(0),
@@ -479,6 +577,13 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64> {
                 .map_err(|_| Error::Storage("corrupt meta record".into()))?;
             Ok(u64::from_be_bytes(bytes))
         }
+    }
+}
+
+fn read_last_seen(tree: &sled::Tree, tenant: &str, user: &str) -> Result<Option<LastSeen>> {
+    match tree.get(keys::per_user(keys::LAST_SEEN, tenant, user))? {
+        None => Ok(None),
+        Some(bytes) => records::decode_last_seen(&bytes).map(Some),
     }
 }
 
@@ -598,6 +703,9 @@ struct Tx<'a> {
     events: Vec<Event>,
     head: u64,
     dirty: bool,
+    /// Sessions this command ended. Reads see the tree as before the command, so this keeps a
+    /// session from being ended twice (and getting two events) in one command.
+    ended: HashSet<SessionId>,
 }
 
 impl<'a> Tx<'a> {
@@ -608,6 +716,7 @@ impl<'a> Tx<'a> {
             events: Vec::new(),
             head,
             dirty: false,
+            ended: HashSet::new(),
         }
     }
 
@@ -623,7 +732,19 @@ impl<'a> Tx<'a> {
 
     fn run(&mut self, op: Op) -> Result<Outcome> {
         match op {
-            Op::Create { session, limit } => self.create(*session, limit).map(Outcome::Created),
+            Op::Create { session, rules } => self.create(*session, rules).map(Outcome::Created),
+            Op::Enforce { ids, policy, now } => self.enforce(ids, &policy, now).map(Outcome::Count),
+            Op::Observe {
+                id,
+                location,
+                now,
+                rules,
+            } => self
+                .observe(id, location, now, rules)
+                .map(|s| Outcome::Observed(Box::new(s))),
+            Op::PutPolicy { tenant_id, policy } => {
+                self.put_policy(&tenant_id, policy).map(Outcome::Existed)
+            }
             Op::Rotate {
                 id,
                 current,
@@ -701,6 +822,7 @@ impl<'a> Tx<'a> {
     /// Ends an active session that passed a deadline. Drops it entirely if even its tombstone
     /// would already be due for purging.
     fn expire(&mut self, s: &Session, kind: ExpiryKind, now: Timestamp) {
+        self.ended.insert(s.id);
         let mut ended = s.clone();
         ended.state = SessionState::Expired {
             at: s.deadline_of(kind),
@@ -714,21 +836,31 @@ impl<'a> Tx<'a> {
         self.emit(s, now, EventKind::Expired { kind });
     }
 
+    /// Ends an active session that passed a deadline, the way that deadline ends it.
+    fn end(&mut self, s: &Session, ending: Ending, now: Timestamp) {
+        match ending {
+            Ending::Expired(kind) => self.expire(s, kind, now),
+            Ending::TooOld => self.end_by_revoke(s, RevokeReason::Policy, now),
+        }
+    }
+
     fn end_by_revoke(&mut self, s: &Session, reason: RevokeReason, now: Timestamp) {
+        self.ended.insert(s.id);
         let mut ended = s.clone();
         ended.state = SessionState::Revoked { at: now, reason };
         self.put(Some(s), Some(&ended));
         self.emit(s, now, EventKind::Revoked { reason });
     }
 
-    /// Revokes `s` if it is live, expires it if it is past a deadline; true if it was revoked.
+    /// Revokes `s` if it is live, ends it the deadline's way if it is past one; true if it was
+    /// revoked by this call.
     fn revoke_one(&mut self, s: &Session, reason: RevokeReason, now: Timestamp) -> bool {
-        if !s.is_active() {
+        if !s.is_active() || self.ended.contains(&s.id) {
             return false;
         }
-        match s.expiry_at(now) {
-            Some(kind) => {
-                self.expire(s, kind, now);
+        match s.ending_at(now) {
+            Some(ending) => {
+                self.end(s, ending, now);
                 false
             }
             None => {
@@ -752,22 +884,86 @@ impl<'a> Tx<'a> {
         Ok(out)
     }
 
-    fn create(&mut self, session: Session, limit: usize) -> Result<CreateOutcome> {
+    fn create(&mut self, mut session: Session, rules: CreateRules) -> Result<CreateOutcome> {
         let now = session.created_at;
         if self.get(&session.id)?.is_some() {
             // 128 random bits: this means a broken generator, never a real collision.
             return Err(Error::Storage("session id collision".into()));
         }
+        let (tenant, user) = (session.tenant_id.clone(), session.user_id.clone());
+
+        // The login quota: creations in the last 24 hours.
+        let quota_key = keys::per_user(keys::CREATIONS, &tenant, &user);
+        let mut creations = Vec::new();
+        if rules.max_creations_per_day > 0 {
+            let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
+            creations = match self.tree.get(&quota_key)? {
+                Some(v) => records::decode_creations(&v),
+                None => Vec::new(),
+            };
+            creations.retain(|t| *t > day_ago);
+            if creations.len() >= rules.max_creations_per_day as usize {
+                return Err(Error::ResourceExhausted(format!(
+                    "max_creations_per_day: this user created {} sessions in the last 24 hours",
+                    creations.len()
+                )));
+            }
+        }
+
+        // The per-user limit. Sessions past a deadline end here, whatever happens next.
         let mut live = Vec::new();
-        for s in self.user_sessions(&session.tenant_id, &session.user_id)? {
-            match s.expiry_at(now) {
-                Some(kind) => self.expire(&s, kind, now),
+        for s in self.user_sessions(&tenant, &user)? {
+            match s.ending_at(now) {
+                Some(ending) => self.end(&s, ending, now),
                 None => live.push(s),
             }
         }
-        let evicted = sessions_to_evict(&live, limit);
+        if live.len() >= rules.max_sessions_per_user && rules.limit_action == LimitAction::Reject {
+            return Err(Error::ResourceExhausted(format!(
+                "max_sessions_per_user: this user already has {} live sessions",
+                live.len()
+            )));
+        }
+
+        // Impossible travel.
+        let here = session
+            .device
+            .location
+            .clone()
+            .filter(|l| l.coordinates.is_some());
+        let mut flag = None;
+        if let (Some(here), true) = (&here, rules.travel.action != TravelAction::Ignore) {
+            let previous = read_last_seen(self.tree, &tenant, &user)?;
+            if let Some(f) = previous
+                .as_ref()
+                .and_then(|p| impossible_travel(p, here, now, &rules.travel))
+            {
+                match rules.travel.action {
+                    TravelAction::Reject => return Err(travel_refusal(&f)),
+                    TravelAction::Revoke => {
+                        self.revoke_travel_origin(&f, None, now)?;
+                        return Err(travel_refusal(&f));
+                    }
+                    TravelAction::Flag | TravelAction::Ignore => flag = Some(f),
+                }
+            }
+        }
+
+        // Accepted: record it all.
+        if rules.max_creations_per_day > 0 {
+            creations.push(now);
+            self.batch
+                .insert(quota_key, records::encode_creations(&creations));
+        }
+        if let Some(here) = here {
+            self.set_last_seen(&tenant, &user, here, now, session.id);
+        }
+        let evicted = sessions_to_evict(&live, rules.max_sessions_per_user);
         for s in live.iter().filter(|s| evicted.contains(&s.id)) {
             self.end_by_revoke(s, RevokeReason::LimitEviction, now);
+        }
+        if let Some(f) = &flag {
+            session.flags.push(f.clone());
         }
         self.put(None, Some(&session));
         let sequence = self.emit(
@@ -779,7 +975,114 @@ impl<'a> Tx<'a> {
                 evicted: evicted.clone(),
             },
         );
-        Ok(CreateOutcome { evicted, sequence })
+        if let Some(f) = &flag {
+            self.emit(&session, now, EventKind::Flagged { flag: f.clone() });
+        }
+        Ok(CreateOutcome {
+            evicted,
+            sequence,
+            flag,
+        })
+    }
+
+    fn set_last_seen(
+        &mut self,
+        tenant: &str,
+        user: &str,
+        location: Location,
+        at: Timestamp,
+        session_id: SessionId,
+    ) {
+        let record = records::encode_last_seen(&LastSeen {
+            location,
+            at,
+            session_id,
+        });
+        self.batch
+            .insert(keys::per_user(keys::LAST_SEEN, tenant, user), record);
+        self.dirty = true;
+    }
+
+    /// REVOKE: ends the session seen at the previous place (unless it is `except`).
+    fn revoke_travel_origin(
+        &mut self,
+        flag: &TravelFlag,
+        except: Option<SessionId>,
+        now: Timestamp,
+    ) -> Result<()> {
+        if let Some(origin) = flag.from_session_id.filter(|id| Some(*id) != except) {
+            if let Some(s) = self.get(&origin)? {
+                self.revoke_one(&s, RevokeReason::SuspiciousActivity, now);
+            }
+        }
+        Ok(())
+    }
+
+    fn observe(
+        &mut self,
+        id: SessionId,
+        location: Location,
+        now: Timestamp,
+        rules: TravelRules,
+    ) -> Result<Session> {
+        let s = match self.get(&id)? {
+            Some(s) if s.is_live_at(now) => s,
+            _ => return Err(Error::SessionNotValid),
+        };
+        let previous = read_last_seen(self.tree, &s.tenant_id, &s.user_id)?;
+        let flag = previous
+            .as_ref()
+            .and_then(|p| impossible_travel(p, &location, now, &rules));
+        let Some(flag) = flag else {
+            self.set_last_seen(&s.tenant_id, &s.user_id, location, now, id);
+            return Ok(s);
+        };
+        if rules.action == TravelAction::Revoke {
+            self.revoke_travel_origin(&flag, Some(id), now)?;
+            self.end_by_revoke(&s, RevokeReason::SuspiciousActivity, now);
+            return Err(Error::SessionNotValid);
+        }
+        // FLAG, and REJECT (an open session cannot be refused, only flagged).
+        let mut flagged = s.clone();
+        flagged.flags.push(flag.clone());
+        let excess = flagged.flags.len().saturating_sub(MAX_FLAGS);
+        flagged.flags.drain(..excess);
+        self.put(Some(&s), Some(&flagged));
+        self.emit(&s, now, EventKind::Flagged { flag });
+        self.set_last_seen(&s.tenant_id, &s.user_id, location, now, id);
+        Ok(flagged)
+    }
+
+    fn enforce(&mut self, ids: Vec<SessionId>, policy: &Policy, now: Timestamp) -> Result<usize> {
+        let mut changed = 0;
+        let mut seen = HashSet::new();
+        for id in ids.into_iter().filter(|id| seen.insert(*id)) {
+            let Some(s) = self.get(&id)? else { continue };
+            if !s.is_active() {
+                continue;
+            }
+            let tightened = s.tightened(policy);
+            if tightened == s && tightened.ending_at(now).is_none() {
+                continue;
+            }
+            self.put(Some(&s), Some(&tightened));
+            if let Some(ending) = tightened.ending_at(now) {
+                self.end(&tightened, ending, now);
+            }
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    fn put_policy(&mut self, tenant_id: &str, policy: Option<Policy>) -> Result<bool> {
+        let key = keys::policy(tenant_id);
+        let existed = self.tree.get(&key)?.is_some();
+        match policy {
+            Some(p) => self.batch.insert(key, records::encode_policy(&p)?),
+            None => self.batch.remove(key),
+        }
+        self.dirty = true;
+        Ok(existed)
     }
 
     fn rotate(
@@ -793,8 +1096,8 @@ impl<'a> Tx<'a> {
             Some(s) if s.is_active() && s.token_hash.matches(&current) => s,
             _ => return Err(Error::SessionNotValid),
         };
-        if let Some(kind) = s.expiry_at(now) {
-            self.expire(&s, kind, now);
+        if let Some(ending) = s.ending_at(now) {
+            self.end(&s, ending, now);
             return Err(Error::SessionNotValid);
         }
         let mut rotated = s.clone();
@@ -851,9 +1154,9 @@ impl<'a> Tx<'a> {
         let mut seen = HashSet::new();
         for id in ids.into_iter().filter(|id| seen.insert(*id)) {
             let Some(s) = self.get(&id)? else { continue };
-            match (s.is_active(), s.expiry_at(now)) {
-                (true, Some(kind)) => {
-                    self.expire(&s, kind, now);
+            match (s.is_active(), s.ending_at(now)) {
+                (true, Some(ending)) => {
+                    self.end(&s, ending, now);
                     expired += 1;
                 }
                 // Active and live: it was used since it was filed; the put re-files it.
@@ -899,4 +1202,15 @@ impl<'a> Tx<'a> {
         }
         Ok(())
     }
+}
+
+fn travel_refusal(flag: &TravelFlag) -> Error {
+    Error::PermissionDenied(format!(
+        "impossible travel: {:.0} km from the user's last place in {}, {:.0} km/h",
+        flag.distance_km,
+        humantime::format_duration(std::time::Duration::from_secs(
+            flag.flagged_at.since(flag.from_seen_at).as_secs()
+        )),
+        flag.speed_kmh.min(1e9),
+    ))
 }

@@ -150,6 +150,7 @@ pub async fn validate_with(
         .validate_session(pb::ValidateSessionRequest {
             token: token.into(),
             touch,
+            device: None,
         })
         .await
         .map(|r| r.into_inner().session.expect("session in reply"))

@@ -1,0 +1,129 @@
+//! `PolicyService`: decode and validate, call the policy registry, encode.
+
+use std::sync::Arc;
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use tonic::{Request, Response, Status};
+
+use super::convert::{id_field, policy_from_proto, policy_to_proto};
+use crate::{
+    error::Error,
+    proto::v1::{self as pb, policy_service_server::PolicyService},
+    sessions::{limits, Sessions},
+    store::SessionStore,
+};
+
+/// The gRPC face of tenant policies.
+pub struct PolicyApi<S> {
+    sessions: Arc<Sessions<S>>,
+}
+
+impl<S> PolicyApi<S> {
+    pub fn new(sessions: Arc<Sessions<S>>) -> Self {
+        Self { sessions }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: SessionStore> PolicyService for PolicyApi<S> {
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        let tenant_id = id_field("tenant_id", request.into_inner().tenant_id)?;
+        let policies = self.sessions.policies();
+        let (policy, is_default) = policies.get(&tenant_id);
+        let cookie_name = policies.cookie_name(&tenant_id, &policy);
+        Ok(Response::new(pb::GetPolicyResponse {
+            policy: Some(policy_to_proto(&tenant_id, &policy, cookie_name)),
+            is_default,
+        }))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SetPolicyResponse>, Status> {
+        let policy = request
+            .into_inner()
+            .policy
+            .ok_or_else(|| Error::invalid("policy", "is required"))?;
+        let (tenant_id, policy) = policy_from_proto(policy)?;
+        let policies = self.sessions.policies();
+        let stored = policies.set(tenant_id.clone(), policy).await?;
+        tracing::info!(tenant_id = %tenant_id, "policy set");
+        // Open sessions follow a tightened policy at once on every read; storing it on them (and
+        // ending those already past it, with their events) runs in the background.
+        let sessions = self.sessions.clone();
+        let tenant = tenant_id.clone();
+        tokio::spawn(async move {
+            match sessions.enforce_policy(&tenant).await {
+                Ok(changed) => {
+                    tracing::info!(tenant_id = %tenant, changed, "policy applied to open sessions")
+                }
+                Err(e) => {
+                    tracing::warn!(tenant_id = %tenant, error = %e, "applying a policy to open sessions failed; reads still apply it")
+                }
+            }
+        });
+        let cookie_name = policies.cookie_name(&tenant_id, &stored);
+        Ok(Response::new(pb::SetPolicyResponse {
+            policy: Some(policy_to_proto(&tenant_id, &stored, cookie_name)),
+        }))
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        let r = request.into_inner();
+        let page_size = match r.page_size as usize {
+            0 => limits::DEFAULT_PAGE_SIZE,
+            n if n > limits::MAX_PAGE_SIZE => {
+                return Err(Error::invalid("page_size", "must be at most 1000").into())
+            }
+            n => n,
+        };
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            let bytes = URL_SAFE_NO_PAD
+                .decode(r.page_token.as_bytes())
+                .map_err(|_| Error::invalid("page_token", "is not a token from this service"))?;
+            Some(
+                String::from_utf8(bytes).map_err(|_| {
+                    Error::invalid("page_token", "is not a token from this service")
+                })?,
+            )
+        };
+        let policies = self.sessions.policies();
+        let mut page = policies.list(after.as_deref(), page_size + 1);
+        let next_page_token = if page.len() > page_size {
+            page.truncate(page_size);
+            page.last()
+                .map(|(t, _)| URL_SAFE_NO_PAD.encode(t))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListPoliciesResponse {
+            policies: page
+                .iter()
+                .map(|(t, p)| policy_to_proto(t, p, policies.cookie_name(t, p)))
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<pb::DeletePolicyRequest>,
+    ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let tenant_id = id_field("tenant_id", request.into_inner().tenant_id)?;
+        let deleted = self.sessions.policies().delete(&tenant_id).await?;
+        if deleted {
+            tracing::info!(tenant_id = %tenant_id, "policy deleted");
+        }
+        Ok(Response::new(pb::DeletePolicyResponse { deleted }))
+    }
+}
