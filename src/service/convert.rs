@@ -523,6 +523,7 @@ impl From<&Session> for pb::Session {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             rotation_count: s.rotation_count,
+            flags: s.flags.iter().map(flag_to_proto).collect(),
             ..Default::default()
         };
         match s.state {

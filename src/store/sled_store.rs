@@ -941,7 +941,7 @@ impl<'a> Tx<'a> {
                 match rules.travel.action {
                     TravelAction::Reject => return Err(travel_refusal(&f)),
                     TravelAction::Revoke => {
-                        self.revoke_travel_origin(&f, None, now)?;
+                        self.revoke_user_for_travel(&tenant, &user, now)?;
                         return Err(travel_refusal(&f));
                     }
                     TravelAction::Flag | TravelAction::Ignore => flag = Some(f),
@@ -1003,17 +1003,11 @@ impl<'a> Tx<'a> {
         self.dirty = true;
     }
 
-    /// REVOKE: ends the session seen at the previous place (unless it is `except`).
-    fn revoke_travel_origin(
-        &mut self,
-        flag: &TravelFlag,
-        except: Option<SessionId>,
-        now: Timestamp,
-    ) -> Result<()> {
-        if let Some(origin) = flag.from_session_id.filter(|id| Some(*id) != except) {
-            if let Some(s) = self.get(&origin)? {
-                self.revoke_one(&s, RevokeReason::SuspiciousActivity, now);
-            }
+    /// REVOKE: one of the two places is not the user, and nobody can tell which, so every live
+    /// session of the user ends (reason suspicious activity).
+    fn revoke_user_for_travel(&mut self, tenant: &str, user: &str, now: Timestamp) -> Result<()> {
+        for s in self.user_sessions(tenant, user)? {
+            self.revoke_one(&s, RevokeReason::SuspiciousActivity, now);
         }
         Ok(())
     }
@@ -1038,8 +1032,7 @@ impl<'a> Tx<'a> {
             return Ok(s);
         };
         if rules.action == TravelAction::Revoke {
-            self.revoke_travel_origin(&flag, Some(id), now)?;
-            self.end_by_revoke(&s, RevokeReason::SuspiciousActivity, now);
+            self.revoke_user_for_travel(&s.tenant_id, &s.user_id, now)?;
             return Err(Error::SessionNotValid);
         }
         // FLAG, and REJECT (an open session cannot be refused, only flagged).
