@@ -404,6 +404,7 @@ async fn listing_rejects_foreign_page_tokens_and_bad_sizes() {
             user_id: String::new(),
             page_size: 1,
             page_token: String::new(),
+            filter: None,
         })
         .await
         .expect("list")
@@ -422,6 +423,7 @@ async fn listing_rejects_foreign_page_tokens_and_bad_sizes() {
                 user_id: String::new(),
                 page_size: size,
                 page_token: token,
+                filter: None,
             })
             .await
             .expect_err("rejected");

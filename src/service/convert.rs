@@ -14,7 +14,7 @@ use crate::{
     sessions::{
         limits,
         model::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
-        ListQuery, NewSession,
+        ListQuery, MatchQuery, NewSession, SessionFilter,
     },
     store::{ListScope, RevokeTarget},
     token::SessionId,
@@ -217,6 +217,7 @@ impl TryFrom<pb::ListSessionsRequest> for ListQuery {
             scope: ListScope { tenant_id, user_id },
             page_size,
             cursor,
+            filter: session_filter(r.filter.unwrap_or_default())?,
         })
     }
 }
@@ -371,6 +372,87 @@ pub fn policy_from_proto(p: pb::Policy) -> Result<(String, Policy)> {
     };
     policy.validate()?;
     Ok((tenant_id, policy))
+}
+
+fn timestamp_field(
+    field: &'static str,
+    t: Option<prost_types::Timestamp>,
+) -> Result<Option<Timestamp>> {
+    let Some(t) = t else { return Ok(None) };
+    let seconds =
+        u64::try_from(t.seconds).map_err(|_| Error::invalid(field, "must not be before 1970"))?;
+    let nanos = u64::try_from(t.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .ok_or_else(|| Error::invalid(field, "nanos must be 0..1e9"))?;
+    let ms = seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(nanos / 1_000_000))
+        .ok_or_else(|| Error::invalid(field, "out of range"))?;
+    Ok(Some(Timestamp::from_millis(ms)))
+}
+
+/// Decodes a session filter; every criterion is optional.
+pub fn session_filter(f: pb::SessionFilter) -> Result<SessionFilter> {
+    let country = if f.country.is_empty() {
+        None
+    } else if f.country.len() == 2 && f.country.bytes().all(|b| b.is_ascii_uppercase()) {
+        Some(f.country)
+    } else {
+        return Err(Error::invalid(
+            "filter.country",
+            "must be an ISO 3166-1 alpha-2 code in upper case",
+        ));
+    };
+    let ip = if f.ip.is_empty() {
+        None
+    } else {
+        Some(
+            f.ip.parse()
+                .map_err(|_| Error::invalid("filter.ip", "must be an IPv4 or IPv6 address"))?,
+        )
+    };
+    Ok(SessionFilter {
+        older_than: f
+            .older_than
+            .map(|d| duration_field("filter.older_than", Some(d)))
+            .transpose()?,
+        idle_longer_than: f
+            .idle_longer_than
+            .map(|d| duration_field("filter.idle_longer_than", Some(d)))
+            .transpose()?,
+        flagged_only: f.flagged_only,
+        ip,
+        country,
+        created_after: timestamp_field("filter.created_after", f.created_after)?,
+        created_before: timestamp_field("filter.created_before", f.created_before)?,
+    })
+}
+
+impl TryFrom<pb::RevokeSessionsMatchingRequest> for MatchQuery {
+    type Error = Error;
+
+    fn try_from(r: pb::RevokeSessionsMatchingRequest) -> Result<Self> {
+        let tenant_id = id_field("tenant_id", r.tenant_id)?;
+        let user_id = if r.user_id.is_empty() {
+            None
+        } else {
+            Some(id_field("user_id", r.user_id)?)
+        };
+        let filter = session_filter(r.filter.unwrap_or_default())?;
+        if filter.is_empty() && user_id.is_none() {
+            return Err(Error::invalid(
+                "filter",
+                "set at least one criterion or user_id (older_than \"0s\" matches every session)",
+            ));
+        }
+        Ok(MatchQuery {
+            scope: ListScope { tenant_id, user_id },
+            filter,
+            reason: revoke_reason(r.reason, RevokeReason::Admin)?,
+            dry_run: r.dry_run,
+        })
+    }
 }
 
 /// The caller's view of the client's place in a ValidateSession request, if any.

@@ -9,7 +9,7 @@ use super::convert::{
 };
 use crate::{
     proto::v1::{self as pb, session_service_server::SessionService},
-    sessions::{model::RevokeReason, ListQuery, NewSession, Sessions},
+    sessions::{model::RevokeReason, ListQuery, MatchQuery, NewSession, Sessions},
     store::{RevokeTarget, SessionStore},
 };
 
@@ -156,6 +156,46 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         Ok(Response::new(pb::RevokeUserSessionsResponse {
             revoked_session_ids: ids(outcome.revoked),
             sequence: outcome.sequence,
+        }))
+    }
+
+    async fn revoke_sessions_matching(
+        &self,
+        request: Request<pb::RevokeSessionsMatchingRequest>,
+    ) -> Result<Response<pb::RevokeSessionsMatchingResponse>, Status> {
+        let query = MatchQuery::try_from(request.into_inner())?;
+        let matched = self.sessions.revoke_matching(query).await?;
+        Ok(Response::new(pb::RevokeSessionsMatchingResponse {
+            matched: matched.matched,
+            sample: matched.sample.iter().map(Into::into).collect(),
+            sequence: matched.sequence,
+        }))
+    }
+
+    async fn get_session_stats(
+        &self,
+        request: Request<pb::GetSessionStatsRequest>,
+    ) -> Result<Response<pb::GetSessionStatsResponse>, Status> {
+        let tenant_id = id_field("tenant_id", request.into_inner().tenant_id)?;
+        let stats = self.sessions.stats(&tenant_id)?;
+        Ok(Response::new(pb::GetSessionStatsResponse {
+            live_sessions: stats.live_sessions,
+            distinct_users: stats.distinct_users,
+            flagged_sessions: stats.flagged_sessions,
+            created_last_24h: stats.created_last_24h,
+            revoked_last_24h: stats
+                .revoked_last_24h
+                .iter()
+                .map(|(reason, n)| {
+                    (
+                        convert::revoke_reason_to_proto(*reason)
+                            .as_str_name()
+                            .to_string(),
+                        *n,
+                    )
+                })
+                .collect(),
+            expired_last_24h: stats.expired_last_24h,
         }))
     }
 }

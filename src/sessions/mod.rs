@@ -70,6 +70,69 @@ pub struct ListQuery {
     pub page_size: usize,
     /// Opaque cursor from the previous page.
     pub cursor: Option<Vec<u8>>,
+    pub filter: SessionFilter,
+}
+
+/// Narrows a listing or a bulk revocation; every set criterion must match.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionFilter {
+    pub older_than: Option<Duration>,
+    pub idle_longer_than: Option<Duration>,
+    pub flagged_only: bool,
+    pub ip: Option<std::net::IpAddr>,
+    pub country: Option<String>,
+    pub created_after: Option<Timestamp>,
+    pub created_before: Option<Timestamp>,
+}
+
+impl SessionFilter {
+    /// True if no criterion is set (it would match everything).
+    pub fn is_empty(&self) -> bool {
+        *self == SessionFilter::default()
+    }
+
+    pub fn matches(&self, s: &Session, now: Timestamp) -> bool {
+        self.older_than.is_none_or(|d| now.since(s.created_at) > d)
+            && self
+                .idle_longer_than
+                .is_none_or(|d| now.since(s.last_seen_at) > d)
+            && (!self.flagged_only || !s.flags.is_empty())
+            && self.ip.is_none_or(|ip| s.device.ip == Some(ip))
+            && self
+                .country
+                .as_ref()
+                .is_none_or(|c| s.device.location.as_ref().is_some_and(|l| l.country == *c))
+            && self.created_after.is_none_or(|t| s.created_at >= t)
+            && self.created_before.is_none_or(|t| s.created_at < t)
+    }
+}
+
+/// A validated bulk revocation.
+#[derive(Debug, Clone)]
+pub struct MatchQuery {
+    pub scope: ListScope,
+    pub filter: SessionFilter,
+    pub reason: RevokeReason,
+    pub dry_run: bool,
+}
+
+/// What a bulk revocation matched (and revoked, unless a dry run).
+#[derive(Debug)]
+pub struct Matched {
+    pub matched: u64,
+    pub sample: Vec<Session>,
+    pub sequence: u64,
+}
+
+/// A tenant's counts.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub live_sessions: u64,
+    pub distinct_users: u64,
+    pub flagged_sessions: u64,
+    pub created_last_24h: u64,
+    pub revoked_last_24h: Vec<(RevokeReason, u64)>,
+    pub expired_last_24h: u64,
 }
 
 /// A page of live sessions.
@@ -325,7 +388,7 @@ impl<S: SessionStore> Sessions<S> {
                 .sessions
                 .into_iter()
                 .map(|s| self.current(s, now).0)
-                .filter(Session::is_active)
+                .filter(|s| s.is_active() && query.filter.matches(s, now))
                 .collect(),
             next: page.next,
         })
@@ -366,5 +429,107 @@ impl<S: SessionStore> Sessions<S> {
                 None => return Ok(changed),
             }
         }
+    }
+}
+
+/// Sessions revoked per store command in a bulk revocation: big enough to be efficient, small
+/// enough that other writes interleave.
+const BULK_BATCH: usize = 256;
+/// Sessions shown in a bulk revocation's sample.
+const SAMPLE: usize = 10;
+
+impl<S: SessionStore> Sessions<S> {
+    /// Revokes (or, in a dry run, counts) the live sessions in scope that match the filter, a
+    /// batch at a time.
+    pub async fn revoke_matching(&self, query: MatchQuery) -> Result<Matched> {
+        let mut cursor: Option<Vec<u8>> = None;
+        let mut matched = 0u64;
+        let mut sample = Vec::new();
+        let mut sequence = self.store.events().durable_head();
+        loop {
+            let page = self
+                .store
+                .list(&query.scope, cursor.as_deref(), BULK_BATCH)?;
+            let now = self.clock.now();
+            let hits: Vec<Session> = page
+                .sessions
+                .into_iter()
+                .map(|s| self.current(s, now).0)
+                .filter(|s| s.is_active() && query.filter.matches(s, now))
+                .collect();
+            let room = SAMPLE.saturating_sub(sample.len());
+            sample.extend(hits.iter().take(room).cloned());
+            if query.dry_run {
+                matched += hits.len() as u64;
+            } else if !hits.is_empty() {
+                let ids = hits.iter().map(|s| s.id).collect();
+                let outcome = self
+                    .store
+                    .revoke(RevokeTarget::AnyOf(ids), query.reason, now)
+                    .await?;
+                matched += outcome.revoked.len() as u64;
+                sequence = outcome.sequence;
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        if !query.dry_run && matched > 0 {
+            tracing::info!(tenant_id = %query.scope.tenant_id, matched, reason = ?query.reason, "bulk revocation");
+        }
+        Ok(Matched {
+            matched,
+            sample,
+            sequence,
+        })
+    }
+
+    /// Counts for a tenant: live ones from its sessions, the last day's from the event log.
+    pub fn stats(&self, tenant_id: &str) -> Result<Stats> {
+        let scope = ListScope {
+            tenant_id: tenant_id.to_string(),
+            user_id: None,
+        };
+        let now = self.clock.now();
+        let mut stats = Stats::default();
+        let mut last_user: Option<String> = None;
+        let mut cursor: Option<Vec<u8>> = None;
+        loop {
+            let page = self.store.list(&scope, cursor.as_deref(), BULK_BATCH)?;
+            // Ordered by user, so counting distinct users needs only the previous one.
+            for s in page.sessions.into_iter().map(|s| self.current(s, now).0) {
+                if !s.is_active() {
+                    continue;
+                }
+                stats.live_sessions += 1;
+                stats.flagged_sessions += u64::from(!s.flags.is_empty());
+                if last_user.as_deref() != Some(s.user_id.as_str()) {
+                    stats.distinct_users += 1;
+                    last_user = Some(s.user_id);
+                }
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        let mut revoked: std::collections::HashMap<RevokeReason, u64> = Default::default();
+        let since = now.saturating_sub(Duration::from_secs(86_400));
+        self.store.visit_events_since(since, &mut |e| {
+            if e.tenant_id != tenant_id {
+                return;
+            }
+            match &e.kind {
+                crate::events::EventKind::Created { .. } => stats.created_last_24h += 1,
+                crate::events::EventKind::Revoked { reason } => {
+                    *revoked.entry(*reason).or_default() += 1
+                }
+                crate::events::EventKind::Expired { .. } => stats.expired_last_24h += 1,
+                _ => {}
+            }
+        })?;
+        stats.revoked_last_24h = revoked.into_iter().collect();
+        Ok(stats)
     }
 }

@@ -30,7 +30,7 @@ pub struct Device {
 }
 
 /// Why a session was revoked. Mirrors the proto enum; `LimitEviction` is the service's own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RevokeReason {
     UserLogout,
     UserLogoutOthers,

@@ -38,6 +38,8 @@ pub struct CreateRules {
 pub enum RevokeTarget {
     /// These sessions; every id must exist or nothing is revoked.
     Sessions(Vec<SessionId>),
+    /// Those of these sessions that still exist (for bulk work racing with the sweeper).
+    AnyOf(Vec<SessionId>),
     /// Every active session of a user, except one if given.
     User {
         tenant_id: String,
@@ -113,6 +115,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Durable events with `sequence > after`, at most `limit`, in order.
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>>;
+
+    /// Calls `visit` for each durable event that occurred at or after `since`, newest first.
+    fn visit_events_since(&self, since: Timestamp, visit: &mut dyn FnMut(&Event)) -> Result<()>;
 
     /// What the event log holds now (durable part only).
     fn log_bounds(&self) -> Result<LogBounds>;

@@ -340,6 +340,22 @@ impl SessionStore for SledStore {
         Ok(events)
     }
 
+    fn visit_events_since(&self, since: Timestamp, visit: &mut dyn FnMut(&Event)) -> Result<()> {
+        let head = self.shared.bus.durable_head();
+        let range = keys::event(0)..=keys::event(head);
+        for entry in self.shared.tree.range(range).rev() {
+            let (key, value) = entry?;
+            let seq = keys::parse_event(&key)
+                .ok_or_else(|| Error::Storage("corrupt event key".into()))?;
+            let event = records::decode_event(seq, &value)?;
+            if event.occurred_at < since {
+                break;
+            }
+            visit(&event);
+        }
+        Ok(())
+    }
+
     fn log_bounds(&self) -> Result<LogBounds> {
         let head = self.shared.bus.durable_head();
         let first = match self.shared.tree.scan_prefix([keys::EVENT]).next() {
@@ -1117,6 +1133,14 @@ impl<'a> Tx<'a> {
                 let mut sessions = Vec::with_capacity(ids.len());
                 for id in ids.into_iter().filter(|id| seen.insert(*id)) {
                     sessions.push(self.get(&id)?.ok_or(Error::SessionNotFound(id))?);
+                }
+                sessions
+            }
+            RevokeTarget::AnyOf(ids) => {
+                let mut seen = HashSet::new();
+                let mut sessions = Vec::with_capacity(ids.len());
+                for id in ids.into_iter().filter(|id| seen.insert(*id)) {
+                    sessions.extend(self.get(&id)?);
                 }
                 sessions
             }

@@ -191,6 +191,7 @@ pub async fn list_all(
                 user_id: user.into(),
                 page_size,
                 page_token,
+                filter: None,
             })
             .await
             .expect("list")
