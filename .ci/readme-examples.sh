@@ -48,6 +48,10 @@ state=$(grpcurl -plaintext -d "{\"session_id\": \"$OTHER\"}" $SA session_authori
 live=$(grpcurl -plaintext -d '{"tenant_id": "acme"}' $SA session_authority.v1.SessionService/ListSessions | jq '.sessions | length')
 [ "$live" = "0" ] || { echo "FAIL: $live sessions still live"; exit 1; }
 grpcurl -plaintext $SA list | grep -q session_authority.v1.SessionService
+policy=$(grpcurl -plaintext -d '{"tenant_id": "bank"}' $SA session_authority.v1.PolicyService/GetPolicy | jq -r '.policy.limitAction')
+[ "$policy" = "LIMIT_ACTION_REJECT" ] || { echo "FAIL: bank policy not stored ($policy)"; exit 1; }
+banklive=$(grpcurl -plaintext -d '{"tenant_id": "bank"}' $SA session_authority.v1.SessionService/GetSessionStats | jq -r '.liveSessions // "0"')
+[ "$banklive" = "0" ] || { echo "FAIL: bulk revocation left $banklive bank sessions"; exit 1; }
 echo "README examples: all ran and checked"
 CHECKS
 (cd "$work" && bash -euo pipefail "$work/examples.sh") >"$work/examples.out" 2>&1 || {
