@@ -187,7 +187,8 @@ impl<S: SessionStore> Sessions<S> {
         if !stored.is_active() {
             return (stored, policy);
         }
-        let mut session = stored.tightened(&policy);
+        let mut session = stored;
+        session.tighten(&policy);
         match session.ending_at(now) {
             Some(model::Ending::Expired(kind)) => {
                 session.state = SessionState::Expired {
@@ -313,7 +314,8 @@ impl<S: SessionStore> Sessions<S> {
                     .store
                     .observe(session.id, here, now, policy.travel_rules())
                     .await?;
-                session = observed.tightened(&policy);
+                session = observed;
+                session.tighten(&policy);
             }
         }
         if touch && now.since(session.last_seen_at) >= self.touch_interval {

@@ -137,20 +137,19 @@ impl Session {
             .map(|(_, ending)| ending)
     }
 
-    /// This session under `policy` if that is stricter: shorter timeouts and a maximum age apply
-    /// to sessions already open; a looser policy never lengthens one.
-    pub fn tightened(&self, policy: &Policy) -> Session {
+    /// Applies `policy` to this session where it is stricter: shorter timeouts and a maximum age
+    /// apply to sessions already open; a looser policy never lengthens one. In place, because
+    /// every validate does it.
+    pub fn tighten(&mut self, policy: &Policy) {
         let (idle, absolute) = policy.timeouts(self.remember_me);
-        let mut s = self.clone();
-        s.idle_timeout = s.idle_timeout.min(idle);
-        s.absolute_expires_at = s
+        self.idle_timeout = self.idle_timeout.min(idle);
+        self.absolute_expires_at = self
             .absolute_expires_at
-            .min(s.created_at.saturating_add(absolute));
+            .min(self.created_at.saturating_add(absolute));
         if let Some(age) = policy.max_session_age {
-            let at = s.created_at.saturating_add(age);
-            s.max_age_at = Some(s.max_age_at.map_or(at, |t| t.min(at)));
+            let at = self.created_at.saturating_add(age);
+            self.max_age_at = Some(self.max_age_at.map_or(at, |t| t.min(at)));
         }
-        s
     }
 
     /// When an ended session's tombstone is deleted.

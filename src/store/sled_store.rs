@@ -33,7 +33,7 @@ use std::{
     path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc as std_mpsc, Arc, Mutex,
+        mpsc as std_mpsc, Arc, Mutex, RwLock,
     },
     thread::JoinHandle,
 };
@@ -83,14 +83,17 @@ struct Shared {
     /// Touches queued for the writer but not applied yet. Reads apply them on top of the tree, so
     /// a validate right after a touch sees the deadline the touch's reply promised. Bounded by the
     /// command queue, since an entry exists only while its command is queued.
-    queued_touches: Mutex<HashMap<SessionId, Timestamp>>,
+    /// A read-write lock: every validate reads it, while touches (at most one per session per
+    /// `touch_interval`) rarely write it.
+    queued_touches: RwLock<HashMap<SessionId, Timestamp>>,
 }
 
 impl Shared {
-    fn touches(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Timestamp>> {
-        // The map holds plain values; a panic elsewhere cannot leave it half-updated.
+    // The map holds plain values; a panic elsewhere cannot leave it half-updated, so a poisoned
+    // lock is still usable.
+    fn touches(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<SessionId, Timestamp>> {
         self.queued_touches
-            .lock()
+            .write()
             .unwrap_or_else(|p| p.into_inner())
     }
 
@@ -98,7 +101,11 @@ impl Shared {
     fn read_session(&self, id: &SessionId) -> Result<Option<Session>> {
         let mut session = read_session(&self.tree, id)?;
         if let Some(s) = session.as_mut().filter(|s| s.is_active()) {
-            if let Some(at) = self.touches().get(id) {
+            let touches = self
+                .queued_touches
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = touches.get(id) {
                 s.last_seen_at = s.last_seen_at.max(*at);
             }
         }
@@ -203,7 +210,7 @@ impl SledStore {
             bus,
             healthy: AtomicBool::new(true),
             secret,
-            queued_touches: Mutex::new(HashMap::new()),
+            queued_touches: RwLock::new(HashMap::new()),
         });
 
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -1070,7 +1077,8 @@ impl<'a> Tx<'a> {
             if !s.is_active() {
                 continue;
             }
-            let tightened = s.tightened(policy);
+            let mut tightened = s.clone();
+            tightened.tighten(policy);
             if tightened == s && tightened.ending_at(now).is_none() {
                 continue;
             }
