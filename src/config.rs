@@ -79,6 +79,75 @@ pub struct Config {
     pub cache_mib: u64,
     /// Log format: `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
+
+    // --- security ---
+    /// PEM certificate chain for TLS. With `tls_key`, the server speaks only TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: when set, every client must present a certificate signed by it (mTLS).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Allows plaintext, or no authentication, on a non-loopback address. Never the default.
+    pub insecure: bool,
+    /// API keys, by their SHA-256 (never the key itself).
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Roles of client certificates (mTLS), by subject common name or subject alternative name.
+    pub client_identities: Vec<ClientIdentityConfig>,
+    /// Whether server reflection is open to every caller (otherwise admins only).
+    pub reflection_open: bool,
+    /// Unary calls in flight at once; beyond it calls are refused at once with
+    /// RESOURCE_EXHAUSTED rather than queued.
+    pub max_in_flight: usize,
+    /// A call that has not answered by then fails with DEADLINE_EXCEEDED (streams: until the
+    /// stream starts).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Event streams one caller may hold open at once.
+    pub max_subscribers_per_caller: usize,
+    /// Failed validations allowed per client IP (as given in the request) per minute, after a
+    /// burst of as many; beyond it validations from that IP get RESOURCE_EXHAUSTED.
+    pub failed_validations_per_ip_per_minute: u32,
+    /// Failed validations allowed per caller per minute, after a burst of as many.
+    pub failed_validations_per_caller_per_minute: u32,
+}
+
+/// A caller's role: what it may call (see `security::methods`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, including policies, bulk revocation, stats, audit and reflection.
+    Admin,
+    /// The data plane of a backend: create, validate, rotate, read and revoke sessions, watch.
+    Service,
+    /// Watch events and validate only.
+    Subscriber,
+}
+
+/// An API key, configured by the hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Who this is, for logs and the audit trail.
+    pub name: String,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    pub role: Role,
+    /// If set, the caller can only see and touch this tenant's sessions and policy.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+/// A client certificate identity: matches a certificate whose subject CN equals `identity`
+/// (written `CN=name`) or one of whose subject alternative names (DNS, URI, email) equals it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIdentityConfig {
+    pub identity: String,
+    pub role: Role,
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -115,6 +184,19 @@ impl Default for Config {
             event_buffer: 4096,
             cache_mib: 512,
             log_format: LogFormat::Text,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            insecure: false,
+            api_keys: Vec::new(),
+            client_identities: Vec::new(),
+            reflection_open: false,
+            max_in_flight: 2048,
+            request_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 1024,
+            max_subscribers_per_caller: 2048,
+            failed_validations_per_ip_per_minute: 60,
+            failed_validations_per_caller_per_minute: 6000,
         }
     }
 }
@@ -190,6 +272,56 @@ impl Config {
             "must be 16-1048576",
         )?;
         check(self.cache_mib >= 8, "cache_mib", "must be at least 8")?;
+        check(
+            self.tls_cert.is_some() == self.tls_key.is_some(),
+            "tls_cert",
+            "tls_cert and tls_key go together",
+        )?;
+        check(
+            self.tls_client_ca.is_none() || self.tls_cert.is_some(),
+            "tls_client_ca",
+            "mutual TLS needs tls_cert and tls_key",
+        )?;
+        check(
+            self.client_identities.is_empty() || self.tls_client_ca.is_some(),
+            "client_identities",
+            "need tls_client_ca, or no client presents a certificate",
+        )?;
+        for key in &self.api_keys {
+            let ok = key.sha256.len() == 64 && key.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            check(
+                ok,
+                "api_keys",
+                "sha256 must be 64 hex characters (the key's SHA-256, never the key)",
+            )?;
+        }
+        check(
+            self.max_in_flight >= 1,
+            "max_in_flight",
+            "must be at least 1",
+        )?;
+        check(
+            self.request_timeout >= Duration::from_millis(100),
+            "request_timeout",
+            "must be at least 100ms",
+        )?;
+        check(
+            self.max_concurrent_streams >= 1,
+            "max_concurrent_streams",
+            "must be at least 1",
+        )?;
+        check(
+            self.max_subscribers_per_caller >= 1,
+            "max_subscribers_per_caller",
+            "must be at least 1",
+        )?;
+        check(
+            self.failed_validations_per_ip_per_minute >= 1
+                && self.failed_validations_per_caller_per_minute >= 1,
+            "failed_validations_per_ip_per_minute",
+            "failure budgets must be at least 1",
+        )?;
+        self.check_exposure(self.listen)?;
         // The default policy obeys the same bounds as a tenant's.
         Policy::from(self).validate().map_err(|e| match e {
             crate::error::Error::InvalidArgument { field, reason } => {
@@ -198,6 +330,31 @@ impl Config {
             other => ConfigError::Invalid("policy", other.to_string()),
         })?;
         Ok(())
+    }
+
+    /// Plaintext or anonymous access is only for this machine, unless explicitly `insecure`.
+    pub fn check_exposure(&self, addr: SocketAddr) -> Result<(), ConfigError> {
+        if addr.ip().is_loopback() || self.insecure {
+            return Ok(());
+        }
+        if self.tls_cert.is_none() {
+            return Err(ConfigError::Invalid(
+                "listen",
+                format!("{addr} is not loopback: it needs TLS (tls_cert, tls_key) or --insecure"),
+            ));
+        }
+        if !self.auth_enabled() {
+            return Err(ConfigError::Invalid(
+                "listen",
+                format!("{addr} is not loopback: callers must authenticate (api_keys or client_identities) or --insecure"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether callers must authenticate: as soon as any credential is configured.
+    pub fn auth_enabled(&self) -> bool {
+        !self.api_keys.is_empty() || !self.client_identities.is_empty()
     }
 
     /// Reads the configuration from defaults, the optional file, the environment and `args`.
@@ -328,6 +485,22 @@ struct CliSettings {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     cookie_same_site: Option<SameSite>,
+    /// PEM certificate chain; enables TLS with --tls-key
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle; requires client certificates signed by it (mTLS)
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow plaintext or unauthenticated access on a non-loopback address
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    insecure: Option<bool>,
     /// Log format [default: text]
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -19,6 +19,8 @@
 //!   (replay from the log, then live).
 //! - [`policy`]: per-tenant policies (timeouts, limits, login quota, maximum age, impossible
 //!   travel, cookie advice), cached over the store.
+//! - [`security`]: caller identity (API keys, client certificates), the per-method role table,
+//!   tenant binding, throttling of failed validations, load shedding, TLS.
 //! - [`token`]: session ids and secrets: generation (ChaCha20 seeded from the OS), the token's
 //!   wire form, hashing. Nothing else touches a secret.
 //! - [`clock`]: injected time, so expiry is tested without sleeping.
@@ -33,6 +35,7 @@ pub mod error;
 pub mod events;
 pub mod policy;
 pub mod proto;
+pub mod security;
 pub mod service;
 pub mod sessions;
 pub mod store;

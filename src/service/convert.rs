@@ -242,8 +242,8 @@ pub fn revoke_reason(value: i32, default: RevokeReason) -> Result<RevokeReason> 
     })
 }
 
-/// Decodes RevokeSessions' ids: 1-1000 valid ids.
-pub fn revoke_ids(ids: Vec<String>) -> Result<RevokeTarget> {
+/// Decodes RevokeSessions' ids: 1-1000 valid ids, limited to `tenant` if the caller is bound.
+pub fn revoke_ids(ids: Vec<String>, tenant: Option<String>) -> Result<RevokeTarget> {
     if ids.is_empty() {
         return Err(Error::invalid("session_ids", "at least one id is required"));
     }
@@ -256,7 +256,7 @@ pub fn revoke_ids(ids: Vec<String>) -> Result<RevokeTarget> {
     ids.iter()
         .map(|id| session_id_field("session_ids", id))
         .collect::<Result<Vec<_>>>()
-        .map(RevokeTarget::Sessions)
+        .map(|ids| RevokeTarget::Sessions { ids, tenant })
 }
 
 /// Decodes an event filter; `user_id` needs `tenant_id`, since user ids are per tenant.

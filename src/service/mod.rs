@@ -29,6 +29,7 @@ use crate::{
             session_service_server::{self, SessionServiceServer},
         },
     },
+    security::{self, layer::GuardLayer, throttle::FailureThrottle, Authenticator},
     sessions::{run_sweeper, Retention, Sessions},
     store::{SessionStore, SledStore},
     token::TokenGenerator,
@@ -90,7 +91,20 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
     let local = listener.local_addr().ok();
-    tracing::info!(addr = ?local, data_dir = %config.data_dir.display(), "serving");
+    // The address actually bound decides, not the configured one (tests bind port 0).
+    if let Some(addr) = local {
+        config
+            .check_exposure(addr)
+            .map_err(|e| Error::Server(e.to_string()))?;
+    }
+    let auth = Arc::new(Authenticator::from_config(&config));
+    if !auth.enabled() {
+        tracing::warn!("no API keys or client identities configured: every caller is an unauthenticated admin (loopback only, or --insecure)");
+    }
+    if config.tls_cert.is_none() {
+        tracing::info!("plaintext gRPC (no tls_cert configured)");
+    }
+    tracing::info!(addr = ?local, data_dir = %config.data_dir.display(), tls = config.tls_cert.is_some(), mtls = config.tls_client_ca.is_some(), "serving");
 
     let on_shutdown = {
         let health = health.clone();
@@ -107,16 +121,34 @@ pub async fn run(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
-    let served = Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = security::tls::server_tls(&config)? {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| Error::Server(format!("TLS configuration: {e}")))?;
+    }
+    let throttle = Arc::new(FailureThrottle::new(
+        config.failed_validations_per_ip_per_minute,
+        config.failed_validations_per_caller_per_minute,
+    ));
+    let served = server
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .timeout(config.request_timeout)
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .layer(GuardLayer::new(auth, config.max_in_flight))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(SessionServiceServer::new(SessionApi::new(sessions.clone())))
-        .add_service(PolicyServiceServer::new(PolicyApi::new(sessions.clone())))
-        .add_service(EventServiceServer::new(EventApi::new(
+        .add_service(limit(SessionServiceServer::new(SessionApi::new(
+            sessions.clone(),
+            throttle,
+        ))))
+        .add_service(limit(PolicyServiceServer::new(PolicyApi::new(
+            sessions.clone(),
+        ))))
+        .add_service(limit(EventServiceServer::new(EventApi::new(
             store.clone(),
             WatchSettings {
                 heartbeat: config.heartbeat_interval,
@@ -124,7 +156,8 @@ pub async fn run(
                 // Streams end on shutdown, or graceful shutdown would wait for them forever.
                 shutdown: stopped,
             },
-        )))
+            config.max_subscribers_per_caller,
+        ))))
         .serve_with_incoming_shutdown(incoming, on_shutdown)
         .await
         .map_err(|e| Error::Server(e.to_string()));
@@ -170,3 +203,40 @@ async fn follow_store_health<S: SessionStore>(
         }
     }
 }
+
+/// Requests here are tiny; a large one is a mistake or an attack. Replies can be larger (a page
+/// of 1000 sessions).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
+
+/// Applies the message size limits to a generated service.
+fn limit<T: Limited>(service: T) -> T {
+    service
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_REPLY_BYTES)
+}
+
+/// The generated servers' size setters, under one name so [`limit`] can apply them to each.
+trait Limited: Sized {
+    fn max_decoding_message_size(self, limit: usize) -> Self;
+    fn max_encoding_message_size(self, limit: usize) -> Self;
+}
+
+macro_rules! limited {
+    ($($server:ty),*) => {$(
+        impl<S: SessionStore> Limited for $server {
+            fn max_decoding_message_size(self, limit: usize) -> Self {
+                <$server>::max_decoding_message_size(self, limit)
+            }
+            fn max_encoding_message_size(self, limit: usize) -> Self {
+                <$server>::max_encoding_message_size(self, limit)
+            }
+        }
+    )*};
+}
+
+limited!(
+    SessionServiceServer<SessionApi<S>>,
+    PolicyServiceServer<PolicyApi<S>>,
+    EventServiceServer<EventApi<S>>
+);

@@ -5,10 +5,14 @@ use std::sync::Arc;
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use tonic::{Request, Response, Status};
 
-use super::convert::{id_field, policy_from_proto, policy_to_proto};
+use super::{
+    convert::{id_field, policy_from_proto, policy_to_proto},
+    sessions::check_tenant,
+};
 use crate::{
     error::Error,
     proto::v1::{self as pb, policy_service_server::PolicyService},
+    security::layer::caller,
     sessions::{limits, Sessions},
     store::SessionStore,
 };
@@ -30,7 +34,9 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        let caller = caller(&request)?;
         let tenant_id = id_field("tenant_id", request.into_inner().tenant_id)?;
+        check_tenant(&caller, &tenant_id)?;
         let policies = self.sessions.policies();
         let (policy, is_default) = policies.get(&tenant_id);
         let cookie_name = policies.cookie_name(&tenant_id, &policy);
@@ -44,11 +50,13 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         &self,
         request: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::SetPolicyResponse>, Status> {
+        let caller = caller(&request)?;
         let policy = request
             .into_inner()
             .policy
             .ok_or_else(|| Error::invalid("policy", "is required"))?;
         let (tenant_id, policy) = policy_from_proto(policy)?;
+        check_tenant(&caller, &tenant_id)?;
         let policies = self.sessions.policies();
         let stored = policies.set(tenant_id.clone(), policy).await?;
         tracing::info!(tenant_id = %tenant_id, "policy set");
@@ -76,6 +84,7 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         &self,
         request: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let page_size = match r.page_size as usize {
             0 => limits::DEFAULT_PAGE_SIZE,
@@ -97,7 +106,15 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
             )
         };
         let policies = self.sessions.policies();
-        let mut page = policies.list(after.as_deref(), page_size + 1);
+        let mut page = match &caller.tenant {
+            // A tenant-bound admin sees its own policy only.
+            Some(tenant) => policies
+                .list(None, usize::MAX)
+                .into_iter()
+                .filter(|(t, _)| t == tenant && after.as_deref().is_none_or(|a| t.as_str() > a))
+                .collect(),
+            None => policies.list(after.as_deref(), page_size + 1),
+        };
         let next_page_token = if page.len() > page_size {
             page.truncate(page_size);
             page.last()
@@ -119,7 +136,9 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         &self,
         request: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let caller = caller(&request)?;
         let tenant_id = id_field("tenant_id", request.into_inner().tenant_id)?;
+        check_tenant(&caller, &tenant_id)?;
         let deleted = self.sessions.policies().delete(&tenant_id).await?;
         if deleted {
             tracing::info!(tenant_id = %tenant_id, "policy deleted");

@@ -4,6 +4,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::{
+    error::Error,
+    security::{layer::caller, throttle::FailureThrottle, Caller},
+};
+
 use super::convert::{
     self, cookie_to_proto, id_field, revoke_ids, revoke_reason, session_id_field, validate_location,
 };
@@ -16,11 +21,38 @@ use crate::{
 /// The gRPC face of [`Sessions`].
 pub struct SessionApi<S> {
     sessions: Arc<Sessions<S>>,
+    throttle: Arc<FailureThrottle>,
 }
 
 impl<S> SessionApi<S> {
-    pub fn new(sessions: Arc<Sessions<S>>) -> Self {
-        Self { sessions }
+    pub fn new(sessions: Arc<Sessions<S>>, throttle: Arc<FailureThrottle>) -> Self {
+        Self { sessions, throttle }
+    }
+}
+
+/// PERMISSION_DENIED unless the caller may act on `tenant_id`.
+pub(super) fn check_tenant(caller: &Caller, tenant_id: &str) -> Result<(), Status> {
+    if caller.may_access(tenant_id) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "tenant_id: {caller} is bound to another tenant"
+        )))
+    }
+}
+
+impl<S: SessionStore> SessionApi<S> {
+    /// A session the caller may see; another tenant's is NOT_FOUND, as if it did not exist.
+    fn visible(
+        &self,
+        caller: &Caller,
+        id: &crate::token::SessionId,
+    ) -> Result<crate::sessions::model::Session, Status> {
+        let session = self.sessions.get(id)?;
+        if !caller.may_access(&session.tenant_id) {
+            return Err(Error::SessionNotFound(*id).into());
+        }
+        Ok(session)
     }
 }
 
@@ -34,7 +66,9 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let caller = caller(&request)?;
         let new = NewSession::try_from(request.into_inner())?;
+        check_tenant(&caller, &new.tenant_id)?;
         let created = self.sessions.create(new).await?;
         Ok(Response::new(pb::CreateSessionResponse {
             session: Some((&created.session).into()),
@@ -49,12 +83,34 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         &self,
         request: Request<pb::ValidateSessionRequest>,
     ) -> Result<Response<pb::ValidateSessionResponse>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
+        let client_ip = r
+            .device
+            .as_ref()
+            .and_then(|d| d.ip.parse::<std::net::IpAddr>().ok());
+        self.throttle.check(&caller.name, client_ip)?;
         let location = validate_location(r.device)?;
-        let session = self
+        let validated = self
             .sessions
             .validate(&r.token, r.touch.unwrap_or(true), location)
-            .await?;
+            .await
+            .and_then(|s| {
+                // Another tenant's session is as invalid as an unknown one.
+                if caller.may_access(&s.tenant_id) {
+                    Ok(s)
+                } else {
+                    Err(Error::SessionNotValid)
+                }
+            });
+        let session = match validated {
+            Err(Error::SessionNotValid) => {
+                self.throttle
+                    .record_failure(&caller.name, client_ip, &r.token);
+                return Err(Error::SessionNotValid.into());
+            }
+            other => other?,
+        };
         Ok(Response::new(pb::ValidateSessionResponse {
             session: Some((&session).into()),
         }))
@@ -64,7 +120,16 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         &self,
         request: Request<pb::RotateSessionRequest>,
     ) -> Result<Response<pb::RotateSessionResponse>, Status> {
-        let rotated = self.sessions.rotate(&request.into_inner().token).await?;
+        let caller = caller(&request)?;
+        self.throttle.check(&caller.name, None)?;
+        let token = request.into_inner().token;
+        let rotated = match self.sessions.rotate(&token, caller.tenant.as_deref()).await {
+            Err(Error::SessionNotValid) => {
+                self.throttle.record_failure(&caller.name, None, &token);
+                return Err(Error::SessionNotValid.into());
+            }
+            other => other?,
+        };
         Ok(Response::new(pb::RotateSessionResponse {
             session: Some((&rotated.session).into()),
             token: rotated.token.expose().to_string(),
@@ -77,8 +142,9 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         &self,
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let caller = caller(&request)?;
         let id = session_id_field("session_id", &request.into_inner().session_id)?;
-        let session = self.sessions.get(&id)?;
+        let session = self.visible(&caller, &id)?;
         Ok(Response::new(pb::GetSessionResponse {
             session: Some((&session).into()),
         }))
@@ -88,7 +154,9 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let caller = caller(&request)?;
         let query = ListQuery::try_from(request.into_inner())?;
+        check_tenant(&caller, &query.scope.tenant_id)?;
         let page = self.sessions.list(&query)?;
         Ok(Response::new(pb::ListSessionsResponse {
             sessions: page.sessions.iter().map(Into::into).collect(),
@@ -100,14 +168,16 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         &self,
         request: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let id = session_id_field("session_id", &r.session_id)?;
         let reason = revoke_reason(r.reason, RevokeReason::Admin)?;
-        let outcome = self
-            .sessions
-            .revoke(RevokeTarget::Sessions(vec![id]), reason)
-            .await?;
-        let session = self.sessions.get(&id)?;
+        let target = RevokeTarget::Sessions {
+            ids: vec![id],
+            tenant: caller.tenant.clone(),
+        };
+        let outcome = self.sessions.revoke(target, reason).await?;
+        let session = self.visible(&caller, &id)?;
         Ok(Response::new(pb::RevokeSessionResponse {
             revoked: !outcome.revoked.is_empty(),
             session: Some((&session).into()),
@@ -119,8 +189,9 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         &self,
         request: Request<pb::RevokeSessionsRequest>,
     ) -> Result<Response<pb::RevokeSessionsResponse>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
-        let target = revoke_ids(r.session_ids)?;
+        let target = revoke_ids(r.session_ids, caller.tenant.clone())?;
         let reason = revoke_reason(r.reason, RevokeReason::Admin)?;
         let outcome = self.sessions.revoke(target, reason).await?;
         Ok(Response::new(pb::RevokeSessionsResponse {
@@ -133,8 +204,10 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         &self,
         request: Request<pb::RevokeUserSessionsRequest>,
     ) -> Result<Response<pb::RevokeUserSessionsResponse>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
         let tenant_id = id_field("tenant_id", r.tenant_id)?;
+        check_tenant(&caller, &tenant_id)?;
         let user_id = id_field("user_id", r.user_id)?;
         let except = if r.except_session_id.is_empty() {
             None
@@ -163,7 +236,9 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         &self,
         request: Request<pb::RevokeSessionsMatchingRequest>,
     ) -> Result<Response<pb::RevokeSessionsMatchingResponse>, Status> {
+        let caller = caller(&request)?;
         let query = MatchQuery::try_from(request.into_inner())?;
+        check_tenant(&caller, &query.scope.tenant_id)?;
         let matched = self.sessions.revoke_matching(query).await?;
         Ok(Response::new(pb::RevokeSessionsMatchingResponse {
             matched: matched.matched,
@@ -176,7 +251,9 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         &self,
         request: Request<pb::GetSessionStatsRequest>,
     ) -> Result<Response<pb::GetSessionStatsResponse>, Status> {
+        let caller = caller(&request)?;
         let tenant_id = id_field("tenant_id", request.into_inner().tenant_id)?;
+        check_tenant(&caller, &tenant_id)?;
         let stats = self.sessions.stats(&tenant_id)?;
         Ok(Response::new(pb::GetSessionStatsResponse {
             live_sessions: stats.live_sessions,

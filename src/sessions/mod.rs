@@ -346,9 +346,16 @@ impl<S: SessionStore> Sessions<S> {
             && now.since(last.at) < self.touch_interval))
     }
 
-    /// Issues a new token for the session of `token`; the old token stops working.
-    pub async fn rotate(&self, token: &str) -> Result<Rotated> {
+    /// Issues a new token for the session of `token`; the old token stops working. A caller
+    /// bound to `tenant` cannot rotate another tenant's session.
+    pub async fn rotate(&self, token: &str, tenant: Option<&str>) -> Result<Rotated> {
         let parsed = token::parse(token).ok_or(Error::SessionNotValid)?;
+        if let Some(tenant) = tenant {
+            match self.store.get(&parsed.session_id)? {
+                Some(s) if s.tenant_id == tenant => {}
+                _ => return Err(Error::SessionNotValid),
+            }
+        }
         let issued = self.tokens.issue(&parsed.session_id);
         let outcome = self
             .store

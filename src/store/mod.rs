@@ -36,8 +36,11 @@ pub struct CreateRules {
 /// Which sessions a revoke ends.
 #[derive(Debug, Clone)]
 pub enum RevokeTarget {
-    /// These sessions; every id must exist or nothing is revoked.
-    Sessions(Vec<SessionId>),
+    /// These sessions; every id must exist (in `tenant`, if given) or nothing is revoked.
+    Sessions {
+        ids: Vec<SessionId>,
+        tenant: Option<String>,
+    },
     /// Those of these sessions that still exist (for bulk work racing with the sweeper).
     AnyOf(Vec<SessionId>),
     /// Every active session of a user, except one if given.

@@ -1136,11 +1136,16 @@ impl<'a> Tx<'a> {
         now: Timestamp,
     ) -> Result<RevokeOutcome> {
         let sessions = match target {
-            RevokeTarget::Sessions(ids) => {
+            RevokeTarget::Sessions { ids, tenant } => {
                 let mut seen = HashSet::new();
                 let mut sessions = Vec::with_capacity(ids.len());
                 for id in ids.into_iter().filter(|id| seen.insert(*id)) {
-                    sessions.push(self.get(&id)?.ok_or(Error::SessionNotFound(id))?);
+                    // Another tenant's session does not exist for a tenant-bound caller.
+                    let s = self
+                        .get(&id)?
+                        .filter(|s| tenant.as_ref().is_none_or(|t| *t == s.tenant_id))
+                        .ok_or(Error::SessionNotFound(id))?;
+                    sessions.push(s);
                 }
                 sessions
             }

@@ -1,0 +1,156 @@
+//! The one tower layer in front of every service: it authenticates the caller, checks the
+//! method table, puts the [`Caller`] in the request's extensions, and sheds load (refusing at once
+//! with RESOURCE_EXHAUSTED rather than queueing) when too many calls are in flight.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use tokio::sync::Semaphore;
+use tonic::{
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+    Status,
+};
+use tower::{Layer, Service};
+
+use super::{
+    certificate_identities,
+    methods::{access, Access},
+    AuthError, Authenticator, Caller, Role,
+};
+
+/// Builds [`Guard`]s around the server's services.
+#[derive(Clone)]
+pub struct GuardLayer {
+    auth: Arc<Authenticator>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl GuardLayer {
+    pub fn new(auth: Arc<Authenticator>, max_in_flight: usize) -> Self {
+        Self {
+            auth,
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+        }
+    }
+}
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Guard<S> {
+        Guard {
+            inner,
+            auth: self.auth.clone(),
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct Guard<S> {
+    inner: S,
+    auth: Arc<Authenticator>,
+    in_flight: Arc<Semaphore>,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// Decides whether `path` may be called with these credentials; the caller to record, if any.
+fn authorize<B>(
+    auth: &Authenticator,
+    path: &str,
+    req: &http::Request<B>,
+) -> Result<Option<Caller>, Status> {
+    let required = match access(path) {
+        Access::Open => return Ok(None),
+        Access::Reflection if auth.reflection_open() => return Ok(None),
+        Access::Reflection => &[Role::Admin][..],
+        Access::Roles(roles) => roles,
+    };
+    let authorization = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let identities: Vec<String> = req
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.peer_certs())
+        .and_then(|certs| certs.first().map(|c| certificate_identities(c.as_ref())))
+        .unwrap_or_default();
+    let caller = auth
+        .authenticate(authorization, &identities)
+        .map_err(|AuthError::Unauthenticated(why)| Status::unauthenticated(why))?;
+    if !required.contains(&caller.role) {
+        return Err(Status::permission_denied(format!(
+            "{caller} may not call {path}"
+        )));
+    }
+    Ok(Some(caller))
+}
+
+impl<S, B, R> Service<http::Request<B>> for Guard<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The usual tower dance: use the instance that was polled ready, leave a clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let path = req.uri().path().to_owned();
+        let caller = match authorize(&self.auth, &path, &req) {
+            Ok(caller) => caller,
+            Err(status) => {
+                if status.code() == tonic::Code::PermissionDenied {
+                    tracing::warn!(method = %path, reason = %status.message(), "call refused");
+                }
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+        };
+        // Health checks are never shed: an overloaded server is still alive.
+        let permit = match caller {
+            None => None,
+            Some(caller) => {
+                req.extensions_mut().insert(caller);
+                match self.in_flight.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        let status = Status::resource_exhausted(
+                            "server overloaded: too many calls in flight; retry with backoff",
+                        );
+                        return Box::pin(async move { Ok(status.into_http()) });
+                    }
+                }
+            }
+        };
+        Box::pin(async move {
+            let response = inner.call(req).await;
+            drop(permit);
+            response
+        })
+    }
+}
+
+/// The caller the layer recorded for this request. Fails closed if there is none.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+}
