@@ -154,7 +154,7 @@ impl Authenticator {
         }
         self.identities
             .iter()
-            .find(|c| identities.iter().any(|i| *i == c.identity))
+            .find(|c| identities.contains(&c.identity))
             .map(|c| c.caller.clone())
             .ok_or(AuthError::Unauthenticated(
                 "credentials required: an API key (authorization: Bearer ...) or a known client certificate",
