@@ -23,12 +23,14 @@
 //!   tenant binding, throttling of failed validations, load shedding, TLS.
 //! - [`token`]: session ids and secrets: generation (ChaCha20 seeded from the OS), the token's
 //!   wire form, hashing. Nothing else touches a secret.
+//! - [`audit`]: the trail of administrative actions.
 //! - [`clock`]: injected time, so expiry is tested without sleeping.
 //! - [`error`]: the error type and its one mapping to `tonic::Status`.
 //! - [`proto`]: generated code and the descriptor set for reflection.
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod error;

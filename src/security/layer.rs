@@ -141,9 +141,26 @@ where
         Box::pin(async move {
             let response = inner.call(req).await;
             drop(permit);
-            response
+            response.map(oversized_is_resource_exhausted)
         })
     }
+}
+
+/// tonic answers an over-limit request with OUT_OF_RANGE; gRPC's own implementations (and so
+/// clients' retry logic) use RESOURCE_EXHAUSTED. Such an answer is trailers-only, with the status
+/// in the headers; only tonic's own message is translated, never the service's OUT_OF_RANGE.
+fn oversized_is_resource_exhausted<R>(mut response: http::Response<R>) -> http::Response<R> {
+    let headers = response.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    let too_large = headers
+        .get("grpc-message")
+        .is_some_and(|v| v.as_bytes().starts_with(b"Error, decoded message length too large"));
+    if out_of_range && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 /// The caller the layer recorded for this request. Fails closed if there is none.

@@ -23,7 +23,6 @@ const READERS: &[Role] = &[Role::Admin, Role::Service, Role::Subscriber];
 pub const METHODS: &[(&str, Access)] = &[
     ("/grpc.health.v1.Health/Check", Access::Open),
     ("/grpc.health.v1.Health/Watch", Access::Open),
-    ("/grpc.health.v1.Health/List", Access::Open),
     (
         "/session_authority.v1.SessionService/CreateSession",
         Access::Roles(DATA_PLANE),
@@ -105,4 +104,56 @@ pub fn access(path: &str) -> Access {
         .iter()
         .find(|(p, _)| *p == path)
         .map_or(Access::Roles(ADMIN), |(_, a)| *a)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use prost::Message;
+
+    use super::*;
+
+    /// Every method of every service the server registers, from the compiled descriptor sets.
+    fn served_methods() -> BTreeSet<String> {
+        let sets = [
+            crate::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
+        let mut out = BTreeSet::new();
+        for bytes in sets {
+            let set = prost_types::FileDescriptorSet::decode(bytes).expect("descriptor set");
+            for file in set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        out.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_served_method_is_in_the_table_and_nothing_else_is() {
+        let served = served_methods();
+        let table: BTreeSet<String> = METHODS.iter().map(|(p, _)| p.to_string()).collect();
+        let unguarded: Vec<_> = served.difference(&table).collect();
+        assert!(unguarded.is_empty(), "methods missing from the access table: {unguarded:?}");
+        let stale: Vec<_> = table.difference(&served).collect();
+        assert!(stale.is_empty(), "table entries for methods nobody serves: {stale:?}");
+    }
+
+    #[test]
+    fn unknown_methods_are_for_admins_only() {
+        assert_eq!(access("/evil.Service/Backdoor"), Access::Roles(&[Role::Admin]));
+        assert_eq!(access("/grpc.health.v1.Health/Check"), Access::Open);
+    }
 }

@@ -45,6 +45,17 @@ impl Caller {
     }
 }
 
+impl Caller {
+    /// The role as the audit trail writes it.
+    pub fn role_name(&self) -> &'static str {
+        match self.role {
+            Role::Admin => "admin",
+            Role::Service => "service",
+            Role::Subscriber => "subscriber",
+        }
+    }
+}
+
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({:?})", self.name, self.role)

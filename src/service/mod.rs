@@ -4,6 +4,7 @@
 //! through the single mapping in `crate::error`.
 
 pub mod convert;
+mod audit;
 mod events;
 mod policies;
 mod sessions;
@@ -14,7 +15,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{server::TcpIncoming, Server};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
-pub use self::{events::EventApi, policies::PolicyApi, sessions::SessionApi};
+pub use self::{audit::AuditApi, events::EventApi, policies::PolicyApi, sessions::SessionApi};
 use crate::{
     clock::Clock,
     config::Config,
@@ -24,6 +25,7 @@ use crate::{
     proto::{
         self,
         v1::{
+            audit_service_server::{self, AuditServiceServer},
             event_service_server::{self, EventServiceServer},
             policy_service_server::{self, PolicyServiceServer},
             session_service_server::{self, SessionServiceServer},
@@ -148,6 +150,7 @@ pub async fn run(
         .add_service(limit(PolicyServiceServer::new(PolicyApi::new(
             sessions.clone(),
         ))))
+        .add_service(limit(AuditServiceServer::new(AuditApi::new(store.clone()))))
         .add_service(limit(EventServiceServer::new(EventApi::new(
             store.clone(),
             WatchSettings {
@@ -170,11 +173,12 @@ pub async fn run(
 }
 
 /// Health is reported for the server as a whole ("") and for each service by name.
-const HEALTH_NAMES: [&str; 4] = [
+const HEALTH_NAMES: [&str; 5] = [
     "",
     session_service_server::SERVICE_NAME,
     event_service_server::SERVICE_NAME,
     policy_service_server::SERVICE_NAME,
+    audit_service_server::SERVICE_NAME,
 ];
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
@@ -238,5 +242,6 @@ macro_rules! limited {
 limited!(
     SessionServiceServer<SessionApi<S>>,
     PolicyServiceServer<PolicyApi<S>>,
-    EventServiceServer<EventApi<S>>
+    EventServiceServer<EventApi<S>>,
+    AuditServiceServer<AuditApi<S>>
 );

@@ -60,6 +60,10 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         let policies = self.sessions.policies();
         let stored = policies.set(tenant_id.clone(), policy).await?;
         tracing::info!(tenant_id = %tenant_id, "policy set");
+        let detail = serde_json::to_string(&*stored).unwrap_or_default();
+        self.sessions
+            .audit(&caller.name, caller.role_name(), "SetPolicy", Some(&tenant_id), detail)
+            .await?;
         // Open sessions follow a tightened policy at once on every read; storing it on them (and
         // ending those already past it, with their events) runs in the background.
         let sessions = self.sessions.clone();
@@ -140,6 +144,15 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         let tenant_id = id_field("tenant_id", request.into_inner().tenant_id)?;
         check_tenant(&caller, &tenant_id)?;
         let deleted = self.sessions.policies().delete(&tenant_id).await?;
+        self.sessions
+            .audit(
+                &caller.name,
+                caller.role_name(),
+                "DeletePolicy",
+                Some(&tenant_id),
+                format!("deleted={deleted}"),
+            )
+            .await?;
         if deleted {
             tracing::info!(tenant_id = %tenant_id, "policy deleted");
         }

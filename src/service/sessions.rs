@@ -42,6 +42,24 @@ pub(super) fn check_tenant(caller: &Caller, tenant_id: &str) -> Result<(), Statu
 }
 
 impl<S: SessionStore> SessionApi<S> {
+    /// Records a revocation in the audit trail if it is administrative: made by an admin, or for
+    /// an admin reason.
+    async fn audit_revoke(
+        &self,
+        caller: &Caller,
+        action: &str,
+        tenant_id: Option<&str>,
+        reason: RevokeReason,
+        detail: String,
+    ) -> Result<(), Status> {
+        if caller.role == crate::config::Role::Admin || reason == RevokeReason::Admin {
+            self.sessions
+                .audit(&caller.name, caller.role_name(), action, tenant_id, format!("reason={reason:?} {detail}"))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// A session the caller may see; another tenant's is NOT_FOUND, as if it did not exist.
     fn visible(
         &self,
@@ -178,6 +196,9 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         };
         let outcome = self.sessions.revoke(target, reason).await?;
         let session = self.visible(&caller, &id)?;
+        let detail = format!("session_id={id} revoked={}", !outcome.revoked.is_empty());
+        self.audit_revoke(&caller, "RevokeSession", Some(&session.tenant_id), reason, detail)
+            .await?;
         Ok(Response::new(pb::RevokeSessionResponse {
             revoked: !outcome.revoked.is_empty(),
             session: Some((&session).into()),
@@ -194,6 +215,9 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let target = revoke_ids(r.session_ids, caller.tenant.clone())?;
         let reason = revoke_reason(r.reason, RevokeReason::Admin)?;
         let outcome = self.sessions.revoke(target, reason).await?;
+        let detail = format!("revoked={:?}", ids(outcome.revoked.clone()));
+        self.audit_revoke(&caller, "RevokeSessions", caller.tenant.as_deref(), reason, detail)
+            .await?;
         Ok(Response::new(pb::RevokeSessionsResponse {
             revoked_session_ids: ids(outcome.revoked),
             sequence: outcome.sequence,
@@ -220,12 +244,16 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
             RevokeReason::Admin
         };
         let reason = revoke_reason(r.reason, default)?;
+        let detail = format!("user_id={user_id:?} except={except:?}");
         let target = RevokeTarget::User {
-            tenant_id,
+            tenant_id: tenant_id.clone(),
             user_id,
             except,
         };
         let outcome = self.sessions.revoke(target, reason).await?;
+        let detail = format!("{detail} revoked={}", outcome.revoked.len());
+        self.audit_revoke(&caller, "RevokeUserSessions", Some(&tenant_id), reason, detail)
+            .await?;
         Ok(Response::new(pb::RevokeUserSessionsResponse {
             revoked_session_ids: ids(outcome.revoked),
             sequence: outcome.sequence,
@@ -239,7 +267,23 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let caller = caller(&request)?;
         let query = MatchQuery::try_from(request.into_inner())?;
         check_tenant(&caller, &query.scope.tenant_id)?;
+        let (tenant_id, dry_run) = (query.scope.tenant_id.clone(), query.dry_run);
+        let detail = format!(
+            "user_id={:?} filter={:?} reason={:?}",
+            query.scope.user_id, query.filter, query.reason
+        );
         let matched = self.sessions.revoke_matching(query).await?;
+        if !dry_run {
+            self.sessions
+                .audit(
+                    &caller.name,
+                    caller.role_name(),
+                    "RevokeSessionsMatching",
+                    Some(&tenant_id),
+                    format!("{detail} revoked={}", matched.matched),
+                )
+                .await?;
+        }
         Ok(Response::new(pb::RevokeSessionsMatchingResponse {
             matched: matched.matched,
             sample: matched.sample.iter().map(Into::into).collect(),

@@ -417,6 +417,27 @@ impl<S: SessionStore> Sessions<S> {
 }
 
 impl<S: SessionStore> Sessions<S> {
+    /// Records an administrative action in the audit trail, durably.
+    pub async fn audit(
+        &self,
+        caller: &str,
+        role: &str,
+        action: &str,
+        tenant_id: Option<&str>,
+        detail: String,
+    ) -> Result<u64> {
+        let entry = crate::audit::AuditEntry {
+            id: 0,
+            at: self.clock.now(),
+            caller: caller.to_string(),
+            role: role.to_string(),
+            action: action.to_string(),
+            tenant_id: tenant_id.map(str::to_string),
+            detail,
+        };
+        self.store.append_audit(entry).await
+    }
+
     /// Applies a tenant's current policy to all its open sessions, in batches: tightened
     /// timeouts are stored and sessions already past them end now, with their events (so caches
     /// hear of it). Returns how many sessions changed.

@@ -13,6 +13,7 @@
 //! | `p`    | tenant_policy           | tenant                                            | policy (JSON)  |
 //! | `l`    | user_lastseen           | len, tenant, len, user                            | LastSeenRecord |
 //! | `q`    | user_creations          | len, tenant, len, user                            | timestamps     |
+//! | `a`    | auditid_record          | id (8)                                            | entry (JSON)   |
 //!
 //! `user_sessionid` holds active sessions only, so counting a user's sessions for the limit is a
 //! short prefix scan. `deadline_sessionid` holds every session under the instant the sweeper must
@@ -27,6 +28,14 @@ pub const EVENT: u8 = b'e';
 pub const POLICY: u8 = b'p';
 pub const LAST_SEEN: u8 = b'l';
 pub const CREATIONS: u8 = b'q';
+pub const AUDIT: u8 = b'a';
+
+pub fn audit(id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = AUDIT;
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
 
 /// Marks a directory as ours, with the layout version. Checked at open.
 pub const META_FORMAT: &[u8] = b"mformat";

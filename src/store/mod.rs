@@ -15,6 +15,7 @@ use std::{future::Future, sync::Arc};
 pub use sled_store::SledStore;
 
 use crate::{
+    audit::AuditEntry,
     clock::Timestamp,
     error::Result,
     events::{Event, EventBus},
@@ -177,6 +178,12 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// 32 random bytes made with the store: keys values that must be stable and unguessable.
     fn installation_secret(&self) -> [u8; 32];
+
+    /// Appends an entry to the audit trail, durably; its `id` is assigned here and returned.
+    fn append_audit(&self, entry: AuditEntry) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Audit entries with `id > after`, oldest first, at most `limit`.
+    fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>>;
 
     /// Replaces the token hash of session `id` if its current hash is `current` and it is live.
     /// `SessionNotValid` otherwise.

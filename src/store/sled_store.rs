@@ -45,6 +45,7 @@ use super::{
     RevokeTarget, RotateOutcome, SessionStore,
 };
 use crate::{
+    audit::AuditEntry,
     clock::Timestamp,
     error::{Error, Result},
     events::{Event, EventBus, EventKind},
@@ -133,6 +134,7 @@ enum Op {
         tenant_id: String,
         policy: Option<Policy>,
     },
+    Audit(Box<AuditEntry>),
     Rotate {
         id: SessionId,
         current: TokenHash,
@@ -442,6 +444,24 @@ impl SessionStore for SledStore {
 
     fn installation_secret(&self) -> [u8; 32] {
         self.shared.secret
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
+        expect_outcome!(self.submit(Op::Audit(Box::new(entry))).await, Count).map(|n| n as u64)
+    }
+
+    fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        let mut out = Vec::new();
+        let start = keys::audit(after.saturating_add(1));
+        let end = keys::audit(u64::MAX);
+        for entry in self.shared.tree.range(start..=end).take(limit) {
+            let (_, value) = entry?;
+            out.push(
+                serde_json::from_slice(&value)
+                    .map_err(|_| Error::Storage("corrupt audit record".into()))?,
+            );
+        }
+        Ok(out)
     }
 
     async fn rotate(
@@ -768,6 +788,7 @@ impl<'a> Tx<'a> {
             Op::PutPolicy { tenant_id, policy } => {
                 self.put_policy(&tenant_id, policy).map(Outcome::Existed)
             }
+            Op::Audit(entry) => self.audit(*entry).map(|id| Outcome::Count(id as usize)),
             Op::Rotate {
                 id,
                 current,
@@ -1089,6 +1110,26 @@ impl<'a> Tx<'a> {
             changed += 1;
         }
         Ok(changed)
+    }
+
+    /// Appends to the audit trail: the id follows the last one stored.
+    fn audit(&mut self, mut entry: AuditEntry) -> Result<u64> {
+        let last = match self.tree.scan_prefix([keys::AUDIT]).next_back() {
+            Some(e) => {
+                let (key, _) = e?;
+                let bytes: [u8; 8] = key[1..]
+                    .try_into()
+                    .map_err(|_| Error::Storage("corrupt audit key".into()))?;
+                u64::from_be_bytes(bytes)
+            }
+            None => 0,
+        };
+        entry.id = last + 1;
+        let value = serde_json::to_vec(&entry)
+            .map_err(|e| Error::Storage(format!("encoding an audit record: {e}")))?;
+        self.batch.insert(&keys::audit(entry.id)[..], value);
+        self.dirty = true;
+        Ok(entry.id)
     }
 
     fn put_policy(&mut self, tenant_id: &str, policy: Option<Policy>) -> Result<bool> {
