@@ -9,7 +9,17 @@ use std::{
 /// An instant as milliseconds since the Unix epoch: the resolution the service stores and
 /// reports. Ordered, copyable, and saturating, so no deadline arithmetic can overflow.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 pub struct Timestamp(u64);
 

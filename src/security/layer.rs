@@ -156,7 +156,11 @@ fn oversized_is_resource_exhausted<R>(mut response: http::Response<R>) -> http::
         .is_some_and(|v| v.as_bytes() == b"11");
     let too_large = headers
         .get("grpc-message")
-        .is_some_and(|v| v.as_bytes().starts_with(b"Error, decoded message length too large"));
+        // grpc-message is percent-encoded: spaces are %20.
+        .is_some_and(|v| {
+            v.as_bytes()
+                .starts_with(b"Error,%20decoded%20message%20length%20too%20large")
+        });
     if out_of_range && too_large {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }

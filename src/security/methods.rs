@@ -146,14 +146,23 @@ mod tests {
         let served = served_methods();
         let table: BTreeSet<String> = METHODS.iter().map(|(p, _)| p.to_string()).collect();
         let unguarded: Vec<_> = served.difference(&table).collect();
-        assert!(unguarded.is_empty(), "methods missing from the access table: {unguarded:?}");
+        assert!(
+            unguarded.is_empty(),
+            "methods missing from the access table: {unguarded:?}"
+        );
         let stale: Vec<_> = table.difference(&served).collect();
-        assert!(stale.is_empty(), "table entries for methods nobody serves: {stale:?}");
+        assert!(
+            stale.is_empty(),
+            "table entries for methods nobody serves: {stale:?}"
+        );
     }
 
     #[test]
     fn unknown_methods_are_for_admins_only() {
-        assert_eq!(access("/evil.Service/Backdoor"), Access::Roles(&[Role::Admin]));
+        assert_eq!(
+            access("/evil.Service/Backdoor"),
+            Access::Roles(&[Role::Admin])
+        );
         assert_eq!(access("/grpc.health.v1.Health/Check"), Access::Open);
     }
 }

@@ -3,8 +3,8 @@
 //! Handlers only decode (see [`convert`]), call the domain, and encode; errors become `Status`
 //! through the single mapping in `crate::error`.
 
-pub mod convert;
 mod audit;
+pub mod convert;
 mod events;
 mod policies;
 mod sessions;

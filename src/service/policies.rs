@@ -62,7 +62,13 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         tracing::info!(tenant_id = %tenant_id, "policy set");
         let detail = serde_json::to_string(&*stored).unwrap_or_default();
         self.sessions
-            .audit(&caller.name, caller.role_name(), "SetPolicy", Some(&tenant_id), detail)
+            .audit(
+                &caller.name,
+                caller.role_name(),
+                "SetPolicy",
+                Some(&tenant_id),
+                detail,
+            )
             .await?;
         // Open sessions follow a tightened policy at once on every read; storing it on them (and
         // ending those already past it, with their events) runs in the background.

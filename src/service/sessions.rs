@@ -54,7 +54,13 @@ impl<S: SessionStore> SessionApi<S> {
     ) -> Result<(), Status> {
         if caller.role == crate::config::Role::Admin || reason == RevokeReason::Admin {
             self.sessions
-                .audit(&caller.name, caller.role_name(), action, tenant_id, format!("reason={reason:?} {detail}"))
+                .audit(
+                    &caller.name,
+                    caller.role_name(),
+                    action,
+                    tenant_id,
+                    format!("reason={reason:?} {detail}"),
+                )
                 .await?;
         }
         Ok(())
@@ -197,8 +203,14 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let outcome = self.sessions.revoke(target, reason).await?;
         let session = self.visible(&caller, &id)?;
         let detail = format!("session_id={id} revoked={}", !outcome.revoked.is_empty());
-        self.audit_revoke(&caller, "RevokeSession", Some(&session.tenant_id), reason, detail)
-            .await?;
+        self.audit_revoke(
+            &caller,
+            "RevokeSession",
+            Some(&session.tenant_id),
+            reason,
+            detail,
+        )
+        .await?;
         Ok(Response::new(pb::RevokeSessionResponse {
             revoked: !outcome.revoked.is_empty(),
             session: Some((&session).into()),
@@ -216,8 +228,14 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let reason = revoke_reason(r.reason, RevokeReason::Admin)?;
         let outcome = self.sessions.revoke(target, reason).await?;
         let detail = format!("revoked={:?}", ids(outcome.revoked.clone()));
-        self.audit_revoke(&caller, "RevokeSessions", caller.tenant.as_deref(), reason, detail)
-            .await?;
+        self.audit_revoke(
+            &caller,
+            "RevokeSessions",
+            caller.tenant.as_deref(),
+            reason,
+            detail,
+        )
+        .await?;
         Ok(Response::new(pb::RevokeSessionsResponse {
             revoked_session_ids: ids(outcome.revoked),
             sequence: outcome.sequence,
@@ -252,8 +270,14 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         };
         let outcome = self.sessions.revoke(target, reason).await?;
         let detail = format!("{detail} revoked={}", outcome.revoked.len());
-        self.audit_revoke(&caller, "RevokeUserSessions", Some(&tenant_id), reason, detail)
-            .await?;
+        self.audit_revoke(
+            &caller,
+            "RevokeUserSessions",
+            Some(&tenant_id),
+            reason,
+            detail,
+        )
+        .await?;
         Ok(Response::new(pb::RevokeUserSessionsResponse {
             revoked_session_ids: ids(outcome.revoked),
             sequence: outcome.sequence,
