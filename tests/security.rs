@@ -664,3 +664,70 @@ fn a_non_loopback_address_needs_tls_and_credentials_or_insecure() {
     })
     .is_ok());
 }
+
+#[tokio::test]
+async fn excess_calls_are_shed_at_once_not_queued() {
+    let server = TestServer::start_with(Config {
+        max_in_flight: 1,
+        max_sessions_per_user: 10_000,
+        ..test_config()
+    })
+    .await;
+    let client = server.client().await;
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                c.create_session(create_request("t", &format!("u{i}")))
+                    .await
+            })
+        })
+        .collect();
+    let (mut ok, mut shed) = (0, 0);
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(_) => ok += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                shed += 1;
+            }
+        }
+    }
+    assert!(ok >= 1 && shed >= 1, "{ok} served, {shed} shed");
+    // Health is never shed, and the server recovers at once.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health");
+    create(&mut server.client().await, "t", "after").await;
+}
+
+#[tokio::test]
+async fn a_caller_may_hold_only_so_many_event_streams() {
+    let server = TestServer::start_with(Config {
+        max_subscribers_per_caller: 2,
+        ..keyed_config()
+    })
+    .await;
+    let mut cache =
+        EventServiceClient::with_interceptor(server.channel().await, bearer("subscriber-secret"));
+    let watch = pb::WatchEventsRequest::default();
+    let first = cache.watch_events(watch.clone()).await.expect("first");
+    let _second = cache.watch_events(watch.clone()).await.expect("second");
+    let err = cache.watch_events(watch.clone()).await.expect_err("third");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    // Another caller has its own allowance.
+    EventServiceClient::with_interceptor(server.channel().await, bearer("service-secret"))
+        .watch_events(watch.clone())
+        .await
+        .expect("another caller");
+    // Closing a stream frees its slot.
+    drop(first);
+    eventually("slot freed", || {
+        let mut cache = cache.clone();
+        let watch = watch.clone();
+        async move { cache.watch_events(watch).await.is_ok() }
+    })
+    .await;
+}

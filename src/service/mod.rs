@@ -98,6 +98,9 @@ pub async fn run(
         config
             .check_exposure(addr)
             .map_err(|e| Error::Server(e.to_string()))?;
+        if !addr.ip().is_loopback() && (config.tls_cert.is_none() || !config.auth_enabled()) {
+            tracing::warn!(%addr, "--insecure: serving beyond this machine without TLS or without authentication");
+        }
     }
     let auth = Arc::new(Authenticator::from_config(&config));
     if !auth.enabled() {
