@@ -3,16 +3,11 @@
 
 mod common;
 
-use std::{path::Path, process::Stdio, time::Duration};
+use std::path::Path;
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use common::*;
-use session_authority::{
-    config::Config,
-    proto::v1::{self as pb, session_service_client::SessionServiceClient},
-};
-use tokio::process::{Child, Command};
-use tonic::transport::Channel;
+use session_authority::{config::Config, proto::v1 as pb};
 
 #[tokio::test]
 async fn sessions_and_revocations_survive_a_restart() {
@@ -137,44 +132,11 @@ async fn a_foreign_data_directory_is_refused_and_left_alone() {
 
 // === crash: the real binary, killed with SIGKILL ===
 
-/// The server binary as a child process on `dir`, on a free loopback port.
-async fn spawn_binary(dir: &Path) -> (Child, String) {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_session-authority"))
-        .args(["--listen", &addr, "--data-dir"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn server");
-    (child, addr)
-}
-
-async fn connect(addr: &str) -> SessionServiceClient<Channel> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect()
-            .await
-        {
-            Ok(channel) => return SessionServiceClient::new(channel),
-            Err(e) if tokio::time::Instant::now() > deadline => panic!("server never came up: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-}
-
 #[tokio::test]
 async fn acknowledged_changes_survive_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let (mut child, addr) = spawn_binary(&data).await;
+    let (mut child, addr) = spawn_binary(&data, &[]).await;
     let client = connect(&addr).await;
 
     // Concurrent writers; every acknowledged result is recorded.
@@ -213,7 +175,7 @@ async fn acknowledged_changes_survive_kill_9() {
     child.start_kill().expect("kill");
     child.wait().await.expect("reaped");
 
-    let (_child, addr) = spawn_binary(&data).await;
+    let (_child, addr) = spawn_binary(&data, &[]).await;
     let mut client = connect(&addr).await;
     for token in &live {
         validate(&mut client, token)

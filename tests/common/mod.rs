@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::Path, process::Stdio, sync::Arc, time::Duration};
 
 use session_authority::{
     clock::{ManualClock, Timestamp},
@@ -11,7 +11,12 @@ use session_authority::{
     proto::v1::{self as pb, session_service_client::SessionServiceClient},
 };
 use tempfile::TempDir;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    process::{Child, Command},
+    sync::oneshot,
+    task::JoinHandle,
+};
 use tonic::{transport::Channel, Code, Status};
 
 /// 2026-01-01T00:00:00Z: tests start the clock here so timestamps are readable.
@@ -220,4 +225,45 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+// === the real binary as a child process ===
+
+/// The server binary on `dir`, on a free loopback port, with extra `args`.
+pub async fn spawn_binary(dir: &Path, args: &[&str]) -> (Child, String) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_session-authority"))
+        .args(["--listen", &addr, "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn server");
+    (child, addr)
+}
+
+/// Connects to `addr`, waiting up to 20 s for the server to come up.
+pub async fn connect_channel(addr: &str) -> Channel {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+        {
+            Ok(channel) => return channel,
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("server never came up: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+pub async fn connect(addr: &str) -> SessionServiceClient<Channel> {
+    SessionServiceClient::new(connect_channel(addr).await)
 }
