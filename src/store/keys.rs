@@ -42,6 +42,8 @@ pub const META_FORMAT: &[u8] = b"mformat";
 pub const FORMAT_VALUE: &[u8] = b"session-authority/1";
 /// The newest event sequence ever assigned; survives pruning of the whole log.
 pub const META_HEAD: &[u8] = b"mhead";
+/// The store's id, also in the `store.id` file beside sled's files.
+pub const META_STORE_ID: &[u8] = b"mstoreid";
 /// 32 random bytes made when the store is created: keys the tenants' generated cookie names.
 pub const META_SECRET: &[u8] = b"msecret";
 

@@ -192,13 +192,15 @@ impl SledStore {
     /// session-authority store, so it never starts empty over someone's data.
     pub fn open(dir: &Path, cache_bytes: u64, event_buffer: usize) -> Result<Self> {
         check_dir(dir)?;
+        let marker = read_marker(dir)?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| Error::DataDir(format!("{}: {e}", dir.display())))?;
         let tree = db.open_tree("authority")?;
-        check_format(&db, &tree, dir)?;
+        check_format(&db, &tree, dir, marker.is_some())?;
+        check_identity(&db, &tree, dir, marker)?;
         let secret = read_or_make_secret(&db, &tree)?;
         let head = read_u64(&tree, keys::META_HEAD)?;
         let data_file = std::fs::File::open(dir.join("db")).map_err(|e| {
@@ -568,13 +570,20 @@ fn check_dir(dir: &Path) -> Result<()> {
 }
 
 /// Checks the format marker; writes it into a brand-new store.
-fn check_format(db: &sled::Db, tree: &sled::Tree, dir: &Path) -> Result<()> {
+fn check_format(db: &sled::Db, tree: &sled::Tree, dir: &Path, marked: bool) -> Result<()> {
     match tree.get(keys::META_FORMAT)? {
         Some(v) if v.as_ref() == keys::FORMAT_VALUE => Ok(()),
         Some(v) => Err(Error::DataDir(format!(
             "{} holds an incompatible store format {:?}",
             dir.display(),
             String::from_utf8_lossy(&v)
+        ))),
+        // sled treats damage as a torn write and may recover an empty database: the marker file
+        // outside sled says there was a store here, so this is corruption, not a new store.
+        None if marked => Err(Error::DataDir(format!(
+            "{} has a {STORE_ID_FILE} but its store is empty or unreadable: the data is corrupt; \
+             restore it from a backup (the service will not start empty over it)",
+            dir.display()
         ))),
         None => {
             let foreign_trees = db
@@ -592,6 +601,73 @@ fn check_format(db: &sled::Db, tree: &sled::Tree, dir: &Path) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A file beside sled's own, naming the store. It outlives damage to sled's log, so an empty
+/// recovery cannot pass for a new store, and it catches directories mixed up between stores.
+const STORE_ID_FILE: &str = "store.id";
+
+fn read_marker(dir: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(dir.join(STORE_ID_FILE)) {
+        Ok(id) => Ok(Some(id.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::DataDir(format!(
+            "{}: {e}",
+            dir.join(STORE_ID_FILE).display()
+        ))),
+    }
+}
+
+/// Matches the marker file with the id inside the store; gives a new store both.
+fn check_identity(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    dir: &Path,
+    marker: Option<String>,
+) -> Result<()> {
+    let inside = tree
+        .get(keys::META_STORE_ID)?
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    match (marker, inside) {
+        (Some(m), Some(i)) if m == i => Ok(()),
+        (Some(m), Some(i)) => Err(Error::DataDir(format!(
+            "{}: {STORE_ID_FILE} names store {m} but the data is store {i}: files from two stores were mixed",
+            dir.display()
+        ))),
+        (Some(_), None) => Err(Error::DataDir(format!(
+            "{}: the store lost its identity record: the data is corrupt; restore it from a backup",
+            dir.display()
+        ))),
+        (None, Some(i)) => {
+            // Our data, intact; only the marker was removed. Put it back.
+            tracing::warn!(store_id = %i, "{STORE_ID_FILE} was missing; recreating it");
+            write_marker(dir, &i)
+        }
+        (None, None) => {
+            let mut raw = [0u8; 16];
+            getrandom::fill(&mut raw)
+                .map_err(|e| Error::Storage(format!("no randomness from the OS: {e}")))?;
+            let id = hex::encode(raw);
+            tree.insert(keys::META_STORE_ID, id.as_bytes())?;
+            db.flush()?;
+            write_marker(dir, &id)
+        }
+    }
+}
+
+fn write_marker(dir: &Path, id: &str) -> Result<()> {
+    use std::io::Write;
+    let io = |e: std::io::Error| {
+        Error::DataDir(format!("{}: writing {STORE_ID_FILE}: {e}", dir.display()))
+    };
+    let path = dir.join(STORE_ID_FILE);
+    let mut file = std::fs::File::create(&path).map_err(io)?;
+    file.write_all(format!("{id}\n").as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    // The directory entry too, or a crash could lose the file.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
 }
 
 /// The installation secret: made from the OS's randomness when the store is new.
