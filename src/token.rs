@@ -296,6 +296,34 @@ mod tests {
         assert_ne!(a.session_id(), b.session_id());
     }
 
+    proptest::proptest! {
+        /// Parsing never panics, whatever the input, and accepts only well-formed tokens.
+        #[test]
+        fn parse_never_panics_and_accepts_only_well_formed_tokens(s in ".{0,100}") {
+            if let Some(parsed) = parse(&s) {
+                proptest::prop_assert!(s.starts_with(TOKEN_PREFIX) && s.len() == TOKEN_LEN);
+                let _ = parsed.session_id;
+            }
+        }
+
+        /// Near-misses of a real token (one byte changed anywhere) never parse.
+        #[test]
+        fn mutated_tokens_are_rejected(seed in proptest::array::uniform32(0u8..), pos in 0usize..TOKEN_LEN, byte in 0x21u8..0x7f) {
+            let generator = TokenGenerator::from_seed(seed);
+            let token = generator.issue(&generator.session_id()).token;
+            let mut bytes = token.expose().as_bytes().to_vec();
+            proptest::prop_assume!(bytes[pos] != byte);
+            bytes[pos] = byte;
+            let mutated = String::from_utf8(bytes).expect("ascii");
+            proptest::prop_assert!(parse(&mutated).is_none());
+        }
+
+        #[test]
+        fn session_id_parsing_never_panics(s in ".{0,40}") {
+            let _ = s.parse::<SessionId>();
+        }
+    }
+
     #[test]
     fn session_id_round_trips_through_text() {
         let id = TokenGenerator::from_seed([3; 32]).session_id();

@@ -663,3 +663,147 @@ pub fn event_to_proto(e: &Event) -> pb::SessionEvent {
         body: Some(body),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn location() -> impl Strategy<Value = pb::Location> {
+        (
+            ".{0,4}",
+            ".{0,140}",
+            proptest::option::of(any::<f64>()),
+            proptest::option::of(any::<f64>()),
+        )
+            .prop_map(|(country, city, latitude, longitude)| pb::Location {
+                country,
+                city,
+                latitude,
+                longitude,
+            })
+    }
+
+    fn device() -> impl Strategy<Value = pb::Device> {
+        (
+            ".{0,50}",
+            ".{0,600}",
+            ".{0,140}",
+            proptest::option::of(location()),
+        )
+            .prop_map(|(ip, user_agent, device_label, location)| pb::Device {
+                ip,
+                user_agent,
+                device_label,
+                location,
+            })
+    }
+
+    fn duration() -> impl Strategy<Value = Option<prost_types::Duration>> {
+        proptest::option::of(
+            (any::<i64>(), any::<i32>())
+                .prop_map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+        )
+    }
+
+    fn timestamp_value() -> impl Strategy<Value = Option<prost_types::Timestamp>> {
+        proptest::option::of(
+            (any::<i64>(), any::<i32>())
+                .prop_map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
+        )
+    }
+
+    proptest! {
+        /// Whatever arrives, decoding never panics, and what it accepts obeys every limit.
+        #[test]
+        fn create_requests_are_decoded_safely(
+            tenant_id in ".{0,140}",
+            user_id in ".{0,140}",
+            remember_me in any::<bool>(),
+            device in proptest::option::of(device()),
+            attributes in proptest::collection::hash_map(".{0,70}", ".{0,300}", 0..20),
+        ) {
+            let request = pb::CreateSessionRequest { tenant_id, user_id, remember_me, device, attributes };
+            if let Ok(new) = NewSession::try_from(request) {
+                prop_assert!(!new.tenant_id.is_empty() && new.tenant_id.len() <= limits::MAX_ID_BYTES);
+                prop_assert!(!new.user_id.is_empty() && new.user_id.len() <= limits::MAX_ID_BYTES);
+                prop_assert!(new.attributes.len() <= limits::MAX_ATTRIBUTES);
+                prop_assert!(new.device.user_agent.len() <= limits::MAX_USER_AGENT_BYTES);
+                if let Some((lat, lon)) = new.device.location.and_then(|l| l.coordinates) {
+                    prop_assert!((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon));
+                }
+            }
+        }
+
+        #[test]
+        fn list_requests_and_filters_are_decoded_safely(
+            tenant_id in ".{0,140}",
+            page_size in any::<u32>(),
+            page_token in ".{0,64}",
+            older_than in duration(),
+            idle_longer_than in duration(),
+            created_after in timestamp_value(),
+            created_before in timestamp_value(),
+            ip in ".{0,40}",
+            country in ".{0,3}",
+        ) {
+            let request = pb::ListSessionsRequest {
+                tenant_id,
+                user_id: String::new(),
+                page_size,
+                page_token,
+                filter: Some(pb::SessionFilter {
+                    older_than, idle_longer_than, flagged_only: false, ip, country, created_after, created_before,
+                }),
+            };
+            if let Ok(query) = ListQuery::try_from(request) {
+                prop_assert!(query.page_size >= 1 && query.page_size <= limits::MAX_PAGE_SIZE);
+            }
+        }
+
+        #[test]
+        fn policies_are_decoded_safely(
+            idle in duration(), absolute in duration(), rm_idle in duration(), rm_absolute in duration(),
+            max_age in duration(), max_sessions in any::<u32>(), quota in any::<u32>(),
+            limit_action in any::<i32>(), travel_action in any::<i32>(), same_site in any::<i32>(),
+            speed in any::<f64>(), tolerance in any::<f64>(), cookie_name in ".{0,70}",
+        ) {
+            let policy = pb::Policy {
+                tenant_id: "t".into(),
+                idle_timeout: idle,
+                absolute_timeout: absolute,
+                remember_me_allowed: true,
+                remember_me_idle_timeout: rm_idle,
+                remember_me_absolute_timeout: rm_absolute,
+                max_sessions_per_user: max_sessions,
+                limit_action,
+                max_creations_per_day: quota,
+                max_session_age: max_age,
+                travel_action,
+                travel_max_speed_kmh: speed,
+                travel_tolerance_km: tolerance,
+                cookie_name,
+                cookie_secure: true,
+                cookie_same_site: same_site,
+            };
+            if let Ok((_, p)) = policy_from_proto(policy) {
+                prop_assert!(p.validate().is_ok());
+                prop_assert!(p.idle_timeout <= p.absolute_timeout);
+            }
+        }
+
+        #[test]
+        fn revoke_ids_are_decoded_safely(ids in proptest::collection::vec(".{0,40}", 0..5)) {
+            let _ = revoke_ids(ids, None);
+        }
+
+        #[test]
+        fn event_filters_are_decoded_safely(
+            tenant_id in ".{0,140}", user_id in ".{0,140}",
+            types in proptest::collection::vec(any::<i32>(), 0..6),
+        ) {
+            let _ = watch_filter(pb::EventFilter { tenant_id, user_id, event_types: types });
+        }
+    }
+}
