@@ -189,7 +189,8 @@ async fn values_at_each_limit_pass_and_one_beyond_fails() {
     assert_eq!(created.session.expect("s").user_id, "ü".repeat(64));
 
     // One beyond each: refused, naming the field.
-    let beyond: Vec<(Box<dyn Fn(&mut pb::CreateSessionRequest)>, &str)> = vec![
+    type Change = Box<dyn Fn(&mut pb::CreateSessionRequest)>;
+    let beyond: Vec<(Change, &str)> = vec![
         (Box::new(|r| r.tenant_id.push('t')), "tenant_id"),
         (Box::new(|r| r.user_id.push('u')), "user_id"),
         (
