@@ -69,6 +69,9 @@ pub struct Config {
     pub event_retention_age: Duration,
     /// At most this many events are kept in the log.
     pub event_retention_count: u64,
+    /// How long a revoked or expired session stays visible (GetSession) before it is purged.
+    #[serde(with = "humantime_serde")]
+    pub tombstone_retention: Duration,
     /// An idle event stream receives a heartbeat this often.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -180,6 +183,7 @@ impl Default for Config {
             sweep_interval: Duration::from_secs(10),
             event_retention_age: Duration::from_secs(7 * 86400),
             event_retention_count: 10_000_000,
+            tombstone_retention: Duration::from_secs(86_400),
             heartbeat_interval: Duration::from_secs(15),
             event_buffer: 4096,
             cache_mib: 512,
@@ -255,6 +259,11 @@ impl Config {
             self.sweep_interval >= Duration::from_millis(10),
             "sweep_interval",
             "must be at least 10ms",
+        )?;
+        check(
+            self.tombstone_retention <= Duration::from_secs(365 * 86_400),
+            "tombstone_retention",
+            "must be at most 365d",
         )?;
         check(
             self.event_retention_count >= 1,
@@ -437,6 +446,10 @@ struct CliSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     event_retention_count: Option<u64>,
+    /// How long ended sessions stay visible [default: 24h]
+    #[arg(long, value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tombstone_retention: Option<String>,
     /// Heartbeat period of idle event streams [default: 15s]
     #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -53,6 +53,7 @@ pub async fn run(
         &config.data_dir,
         config.cache_mib.saturating_mul(1 << 20),
         config.event_buffer,
+        config.tombstone_retention,
     )?);
     let tokens = TokenGenerator::from_os().map_err(|e| Error::Server(e.to_string()))?;
     let policies = Arc::new(Policies::load(store.clone(), Policy::from(&config))?);

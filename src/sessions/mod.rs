@@ -258,6 +258,7 @@ impl<S: SessionStore> Sessions<S> {
             rotation_count: 0,
             max_age_at: policy.max_session_age.map(|age| now.saturating_add(age)),
             flags: Vec::new(),
+            purge_at: None,
         };
         let rules = CreateRules {
             max_sessions_per_user: usize::try_from(policy.max_sessions_per_user)
@@ -381,8 +382,14 @@ impl<S: SessionStore> Sessions<S> {
     /// A session by id, live or ended. A session past a deadline is shown as ended at once,
     /// even before the sweeper records it, so every read agrees with what a validate answers.
     pub fn get(&self, id: &SessionId) -> Result<Session> {
-        let stored = self.store.get(id)?.ok_or(Error::SessionNotFound(*id))?;
-        Ok(self.current(stored, self.clock.now()).0)
+        let now = self.clock.now();
+        let stored = self
+            .store
+            .get(id)?
+            // A tombstone due for purging is gone, whether or not the sweeper got to it yet.
+            .filter(|s| s.is_active() || now < s.purge_at())
+            .ok_or(Error::SessionNotFound(*id))?;
+        Ok(self.current(stored, now).0)
     }
 
     /// A page of live sessions.

@@ -47,12 +47,9 @@ pub enum ExpiryKind {
     Absolute,
 }
 
-/// How long an ended session is kept past its absolute deadline, so that admins can see how it
-/// ended and repeated revokes are answered consistently, before it is purged.
-pub const TOMBSTONE_GRACE: Duration = Duration::from_secs(24 * 3600);
-
-/// Whether a session is live, and if not how it ended. Ended sessions are kept as tombstones until
-/// [`TOMBSTONE_GRACE`] after their absolute deadline.
+/// Whether a session is live, and if not how it ended. Ended sessions are kept as tombstones for
+/// the configured `tombstone_retention`, so that admins can see how they ended and repeated
+/// revokes are answered consistently, then purged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {
     Active,
@@ -82,6 +79,9 @@ pub struct Session {
     pub max_age_at: Option<Timestamp>,
     /// Impossible travel seen on this session, oldest first (the newest [`MAX_FLAGS`] kept).
     pub flags: Vec<TravelFlag>,
+    /// When this session's tombstone is purged; set when it ends. Stored rather than computed,
+    /// so that changing the retention setting never strands an index entry.
+    pub purge_at: Option<Timestamp>,
 }
 
 /// Most travel flags kept per session.
@@ -152,9 +152,9 @@ impl Session {
         }
     }
 
-    /// When an ended session's tombstone is deleted.
+    /// When an ended session's tombstone is deleted (never, for a live one).
     pub fn purge_at(&self) -> Timestamp {
-        self.absolute_expires_at.saturating_add(TOMBSTONE_GRACE)
+        self.purge_at.unwrap_or(Timestamp::from_millis(u64::MAX))
     }
 
     /// The instant a deadline of this kind falls.
@@ -207,6 +207,7 @@ mod tests {
             rotation_count: 0,
             max_age_at: None,
             flags: Vec::new(),
+            purge_at: None,
         }
     }
 

@@ -51,6 +51,9 @@ pub struct SessionRecord {
     pub max_age_at: u64,
     #[prost(message, repeated, tag = "16")]
     pub flags: Vec<FlagRecord>,
+    /// 0: not ended.
+    #[prost(uint64, tag = "17")]
+    pub purge_at: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -275,6 +278,7 @@ pub fn encode_session(s: &Session) -> Vec<u8> {
         rotation_count: s.rotation_count,
         max_age_at: s.max_age_at.map_or(0, Timestamp::as_millis),
         flags: s.flags.iter().map(FlagRecord::from).collect(),
+        purge_at: s.purge_at.map_or(0, Timestamp::as_millis),
     }
     .encode_to_vec()
 }
@@ -310,6 +314,7 @@ pub fn decode_session(id: SessionId, bytes: &[u8]) -> Result<Session, Error> {
         rotation_count: r.rotation_count,
         max_age_at: (r.max_age_at != 0).then(|| Timestamp::from_millis(r.max_age_at)),
         flags: r.flags.into_iter().map(TravelFlag::from).collect(),
+        purge_at: (r.purge_at != 0).then(|| Timestamp::from_millis(r.purge_at)),
     })
 }
 

@@ -81,6 +81,8 @@ struct Shared {
     healthy: AtomicBool,
     /// See [`SessionStore::installation_secret`].
     secret: [u8; 32],
+    /// How long an ended session's tombstone is kept.
+    tombstone_retention: std::time::Duration,
     /// Touches queued for the writer but not applied yet. Reads apply them on top of the tree, so
     /// a validate right after a touch sees the deadline the touch's reply promised. Bounded by the
     /// command queue, since an entry exists only while its command is queued.
@@ -190,7 +192,12 @@ struct Pending {
 impl SledStore {
     /// Opens (or creates) the store in `dir`. Refuses a directory that holds anything but a
     /// session-authority store, so it never starts empty over someone's data.
-    pub fn open(dir: &Path, cache_bytes: u64, event_buffer: usize) -> Result<Self> {
+    pub fn open(
+        dir: &Path,
+        cache_bytes: u64,
+        event_buffer: usize,
+        tombstone_retention: std::time::Duration,
+    ) -> Result<Self> {
         check_dir(dir)?;
         let marker = read_marker(dir)?;
         let db = sled::Config::new()
@@ -214,6 +221,7 @@ impl SledStore {
             bus,
             healthy: AtomicBool::new(true),
             secret,
+            tombstone_retention,
             queued_touches: RwLock::new(HashMap::new()),
         });
 
@@ -744,7 +752,7 @@ fn writer_loop(
             Op::Touch { id, now } => Some((*id, *now)),
             _ => None,
         };
-        let mut tx = Tx::new(&shared.tree, head);
+        let mut tx = Tx::new(&shared.tree, head, shared.tombstone_retention);
         let result = tx.run(op);
         let (outcome, events) = match tx.commit() {
             Ok((new_head, events)) => {
@@ -825,10 +833,11 @@ struct Tx<'a> {
     /// Sessions this command ended. Reads see the tree as before the command, so this keeps a
     /// session from being ended twice (and getting two events) in one command.
     ended: HashSet<SessionId>,
+    tombstone_retention: std::time::Duration,
 }
 
 impl<'a> Tx<'a> {
-    fn new(tree: &'a sled::Tree, head: u64) -> Self {
+    fn new(tree: &'a sled::Tree, head: u64, tombstone_retention: std::time::Duration) -> Self {
         Self {
             tree,
             batch: sled::Batch::default(),
@@ -836,6 +845,7 @@ impl<'a> Tx<'a> {
             head,
             dirty: false,
             ended: HashSet::new(),
+            tombstone_retention,
         }
     }
 
@@ -939,8 +949,17 @@ impl<'a> Tx<'a> {
         self.head
     }
 
-    /// Ends an active session that passed a deadline. Drops it entirely if even its tombstone
-    /// would already be due for purging.
+    /// Writes `ended` as the tombstone of `s`, or drops the session if tombstones are not kept.
+    fn bury(&mut self, s: &Session, mut ended: Session, now: Timestamp) {
+        if self.tombstone_retention.is_zero() {
+            self.put(Some(s), None);
+        } else {
+            ended.purge_at = Some(now.saturating_add(self.tombstone_retention));
+            self.put(Some(s), Some(&ended));
+        }
+    }
+
+    /// Ends an active session that passed a deadline.
     fn expire(&mut self, s: &Session, kind: ExpiryKind, now: Timestamp) {
         self.ended.insert(s.id);
         let mut ended = s.clone();
@@ -948,11 +967,7 @@ impl<'a> Tx<'a> {
             at: s.deadline_of(kind),
             kind,
         };
-        if now >= s.purge_at() {
-            self.put(Some(s), None);
-        } else {
-            self.put(Some(s), Some(&ended));
-        }
+        self.bury(s, ended, now);
         self.emit(s, now, EventKind::Expired { kind });
     }
 
@@ -968,7 +983,7 @@ impl<'a> Tx<'a> {
         self.ended.insert(s.id);
         let mut ended = s.clone();
         ended.state = SessionState::Revoked { at: now, reason };
-        self.put(Some(s), Some(&ended));
+        self.bury(s, ended, now);
         self.emit(s, now, EventKind::Revoked { reason });
     }
 
