@@ -9,6 +9,8 @@
 //! cargo build --release
 //! target/release/session-bench health validate create --callers 64 --connections 4 --seconds 10
 //! target/release/session-bench fanout --subscribers 1,100,1000 --revokes 200
+//! target/release/session-bench overload
+//! target/release/session-bench soak --minutes 30
 //! ```
 //!
 //! Loopback only: it refuses any address that is not on this machine.
@@ -63,6 +65,12 @@ struct Args {
     /// The server binary to start when no --addr is given.
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Length of the `soak` scenario.
+    #[arg(long, default_value_t = 30.0)]
+    minutes: f64,
+    /// Sessions created per second in `soak`.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -75,6 +83,10 @@ enum Scenario {
     Create,
     /// Revoke latency to N event subscribers.
     Fanout,
+    /// Normal load, then ten times as many callers, then normal again: shedding and recovery.
+    Overload,
+    /// Sessions created and expiring for a long time: RSS and disk must stay flat.
+    Soak,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -82,6 +94,13 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args = Args::parse();
+    // These start servers of their own, with the settings they need.
+    if args.scenarios.contains(&Scenario::Soak) {
+        return soak(&args).await;
+    }
+    if args.scenarios.contains(&Scenario::Overload) {
+        return overload(&args).await;
+    }
     let (addr, _server) = match args.addr {
         Some(addr) if !addr.ip().is_loopback() => {
             return Err(
@@ -90,7 +109,7 @@ async fn main() -> Result<(), Error> {
         }
         Some(addr) => (addr, None),
         None => {
-            let server = OwnServer::start(args.server_bin.clone()).await?;
+            let server = OwnServer::start(args.server_bin.clone(), &[]).await?;
             (server.addr, Some(server))
         }
     };
@@ -146,6 +165,7 @@ async fn main() -> Result<(), Error> {
                     fanout(addr, &channels[0], n, args.revokes).await?;
                 }
             }
+            Scenario::Overload | Scenario::Soak => {}
         }
     }
     Ok(())
@@ -387,12 +407,12 @@ async fn connect(addr: SocketAddr, n: usize) -> Result<Vec<Channel>, Error> {
 /// The server binary as a child process on a temporary data directory; killed on drop.
 struct OwnServer {
     addr: SocketAddr,
-    _child: tokio::process::Child,
-    _dir: tempfile::TempDir,
+    child: tokio::process::Child,
+    dir: tempfile::TempDir,
 }
 
 impl OwnServer {
-    async fn start(bin: Option<PathBuf>) -> Result<Self, Error> {
+    async fn start(bin: Option<PathBuf>, extra: &[&str]) -> Result<Self, Error> {
         let bin = match bin {
             Some(bin) => bin,
             None => std::env::current_exe()?
@@ -412,6 +432,7 @@ impl OwnServer {
             .arg(dir.path().join("data"))
             .arg("--max-sessions-per-user")
             .arg("10000")
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -437,10 +458,218 @@ impl OwnServer {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self {
-            addr,
-            _child: child,
-            _dir: dir,
-        })
+        Ok(Self { addr, child, dir })
     }
+
+    /// Resident memory of the server process, in MiB.
+    fn rss_mib(&self) -> f64 {
+        let Some(pid) = self.child.id() else {
+            return 0.0;
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+
+    /// Bytes on disk under the data directory, in MiB.
+    fn disk_mib(&self) -> f64 {
+        fn size(path: &std::path::Path) -> u64 {
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => std::fs::read_dir(path)
+                    .map(|entries| entries.flatten().map(|e| size(&e.path())).sum())
+                    .unwrap_or(0),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        }
+        size(self.dir.path()) as f64 / (1024.0 * 1024.0)
+    }
+}
+
+// === overload ===
+
+/// Validates from `callers` closed-loop callers for `seconds`: (admitted report, shed count, shed
+/// p99).
+async fn validate_load(
+    channels: &[Channel],
+    tokens: &Arc<Vec<String>>,
+    callers: usize,
+    seconds: f64,
+) -> (Report, u64, Duration) {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..callers {
+        let mut client = SessionServiceClient::new(channels[c % channels.len()].clone());
+        let tokens = tokens.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut shed, mut errors) = (Vec::new(), Vec::new(), 0u64);
+            let mut i = c;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let r = client
+                    .validate_session(pb::ValidateSessionRequest {
+                        token: tokens[i % tokens.len()].clone(),
+                        touch: None,
+                        device: None,
+                    })
+                    .await;
+                match r {
+                    Ok(_) => ok.push(t.elapsed()),
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => shed.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+                i += 7919;
+            }
+            (ok, shed, errors)
+        }));
+    }
+    let (mut ok, mut shed, mut errors) = (Vec::new(), Vec::new(), 0);
+    for t in tasks {
+        if let Ok((o, s, e)) = t.await {
+            ok.extend(o);
+            shed.extend(s);
+            errors += e;
+        }
+    }
+    let elapsed = start.elapsed();
+    ok.sort_unstable();
+    shed.sort_unstable();
+    let report = Report {
+        rate: ok.len() as f64 / elapsed.as_secs_f64(),
+        latencies: ok,
+        errors,
+        elapsed,
+        callers,
+        connections: channels.len(),
+    };
+    (report, shed.len() as u64, percentile(&shed, 0.99))
+}
+
+/// Normal load, ten times the callers, normal again. The server sheds beyond `--callers` calls in
+/// flight (its sustainable concurrency here), so the overload is answered at once instead of
+/// queued.
+async fn overload(args: &Args) -> Result<(), Error> {
+    let limit = args.callers.to_string();
+    let server = OwnServer::start(args.server_bin.clone(), &["--max-in-flight", &limit]).await?;
+    let channels = connect(server.addr, args.connections.max(1)).await?;
+    let tokens = Arc::new(make_pool(&channels, args.pool.min(2000)).await?);
+    let phase = args.seconds.max(2.0);
+    for (name, callers) in [
+        ("normal", args.callers),
+        ("overload_10x", args.callers * 10),
+        ("recovered", args.callers),
+    ] {
+        let (report, shed, shed_p99) = validate_load(&channels, &tokens, callers, phase).await;
+        println!(
+            "scenario=overload phase={name} callers={callers} admitted_per_sec={:.0} p50={} p99={} shed={shed} shed_p99={} errors={} server_rss_mib={:.0}",
+            report.rate,
+            fmt_ms(percentile(&report.latencies, 0.50)),
+            fmt_ms(percentile(&report.latencies, 0.99)),
+            fmt_ms(shed_p99),
+            report.errors,
+            server.rss_mib(),
+        );
+    }
+    Ok(())
+}
+
+// === soak ===
+
+/// Creates sessions at `--rate` per second for `--minutes`, each validated once, against a server
+/// whose sessions expire after a minute idle and whose tombstones and events are kept for minutes,
+/// so the store reaches a steady state. Prints RSS and disk use as it goes, then whether they
+/// stayed flat over the second half.
+async fn soak(args: &Args) -> Result<(), Error> {
+    let server = OwnServer::start(
+        args.server_bin.clone(),
+        &[
+            "--idle-timeout",
+            "1m",
+            "--absolute-timeout",
+            "2m",
+            "--touch-interval",
+            "10s",
+            "--tombstone-retention",
+            "1m",
+            "--event-retention-age",
+            "2m",
+            "--sweep-interval",
+            "1s",
+        ],
+    )
+    .await?;
+    let channels = connect(server.addr, 4).await?;
+    let total = Duration::from_secs_f64(args.minutes * 60.0);
+    let sample_every = (total / 20).max(Duration::from_secs(5));
+    let start = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let created = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let per_worker = (f64::from(args.rate) / 16.0).max(0.1);
+    let mut workers = Vec::new();
+    for w in 0..16usize {
+        let mut client = SessionServiceClient::new(channels[w % channels.len()].clone());
+        let (stop, created) = (stop.clone(), created.clone());
+        workers.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_worker));
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                let r = client
+                    .create_session(pb::CreateSessionRequest {
+                        tenant_id: "soak".into(),
+                        user_id: format!("w{w}-{}", i % 1000),
+                        ..Default::default()
+                    })
+                    .await;
+                if let Ok(r) = r {
+                    let token = r.into_inner().token;
+                    let _ = client
+                        .validate_session(pb::ValidateSessionRequest {
+                            token,
+                            touch: None,
+                            device: None,
+                        })
+                        .await;
+                    created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        }));
+    }
+    let mut samples = Vec::new();
+    while start.elapsed() < total {
+        tokio::time::sleep(sample_every).await;
+        let (rss, disk) = (server.rss_mib(), server.disk_mib());
+        let n = created.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "soak t={:.0}s created={n} server_rss_mib={rss:.1} disk_mib={disk:.1}",
+            start.elapsed().as_secs_f64()
+        );
+        samples.push((rss, disk));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    // Steady state comes once sessions, tombstones and events start ageing out (~4 minutes);
+    // compare the middle of the run with its end.
+    let mid = samples.len() / 2;
+    let (rss_mid, disk_mid) = samples.get(mid).copied().unwrap_or_default();
+    let (rss_end, disk_end) = samples.last().copied().unwrap_or_default();
+    let flat = |a: f64, b: f64| b <= a * 1.25 + 8.0;
+    println!(
+        "scenario=soak minutes={:.1} rate={} created={} rss_mib mid={rss_mid:.1} end={rss_end:.1} disk_mib mid={disk_mid:.1} end={disk_end:.1} rss_flat={} disk_flat={}",
+        args.minutes,
+        args.rate,
+        created.load(std::sync::atomic::Ordering::Relaxed),
+        flat(rss_mid, rss_end),
+        flat(disk_mid, disk_end),
+    );
+    Ok(())
 }
