@@ -514,6 +514,34 @@ struct CliSettings {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     insecure: Option<bool>,
+    /// Calls in flight before shedding with RESOURCE_EXHAUSTED [default: 2048]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_in_flight: Option<usize>,
+    /// Deadline of a call [default: 10s]
+    #[arg(long, value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_timeout: Option<String>,
+    /// HTTP/2 streams per connection [default: 1024]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_concurrent_streams: Option<u32>,
+    /// Event streams one caller may hold [default: 2048]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_subscribers_per_caller: Option<usize>,
+    /// Failed validations per client IP per minute [default: 60]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed_validations_per_ip_per_minute: Option<u32>,
+    /// Failed validations per caller per minute [default: 6000]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed_validations_per_caller_per_minute: Option<u32>,
+    /// Open server reflection to every caller [default: false]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reflection_open: Option<bool>,
     /// Log format [default: text]
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -508,7 +508,7 @@ async fn validate_load(
         let mut client = SessionServiceClient::new(channels[c % channels.len()].clone());
         let tokens = tokens.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut ok, mut shed, mut errors) = (Vec::new(), Vec::new(), 0u64);
+            let (mut ok, mut shed, mut errors) = (Vec::new(), Vec::new(), Vec::new());
             let mut i = c;
             while Instant::now() < deadline {
                 let t = Instant::now();
@@ -522,19 +522,26 @@ async fn validate_load(
                 match r {
                     Ok(_) => ok.push(t.elapsed()),
                     Err(s) if s.code() == tonic::Code::ResourceExhausted => shed.push(t.elapsed()),
-                    Err(_) => errors += 1,
+                    Err(s) => errors.push(format!(
+                        "{:?}: {}",
+                        s.code(),
+                        s.message().chars().take(60).collect::<String>()
+                    )),
                 }
                 i += 7919;
             }
             (ok, shed, errors)
         }));
     }
-    let (mut ok, mut shed, mut errors) = (Vec::new(), Vec::new(), 0);
+    let (mut ok, mut shed) = (Vec::new(), Vec::new());
+    let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
     for t in tasks {
         if let Ok((o, s, e)) = t.await {
             ok.extend(o);
             shed.extend(s);
-            errors += e;
+            for code in e {
+                *errors.entry(code).or_default() += 1;
+            }
         }
     }
     let elapsed = start.elapsed();
@@ -543,11 +550,14 @@ async fn validate_load(
     let report = Report {
         rate: ok.len() as f64 / elapsed.as_secs_f64(),
         latencies: ok,
-        errors,
+        errors: errors.values().sum(),
         elapsed,
         callers,
         connections: channels.len(),
     };
+    if !errors.is_empty() {
+        println!("  other errors by code: {errors:?}");
+    }
     (report, shed.len() as u64, percentile(&shed, 0.99))
 }
 

@@ -93,11 +93,37 @@ fn authorize<B>(
     Ok(Some(caller))
 }
 
+/// Answers `status` once the request body has been read (up to a bound). Answering before the
+/// client has finished sending makes HTTP/2 reset the stream, which clients report as a transport
+/// error instead of the status.
+fn refuse<B, R>(
+    req: http::Request<B>,
+    status: Status,
+) -> BoxFuture<http::Response<R>, std::convert::Infallible>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    R: Default + Send + 'static,
+{
+    use http_body_util::{BodyExt, Limited};
+    Box::pin(async move {
+        // Requests here are small; a larger body is not read, only abandoned.
+        let _ = Limited::new(req.into_body(), 64 * 1024).collect().await;
+        Ok(status.into_http())
+    })
+}
+
 impl<S, B, R> Service<http::Request<B>> for Guard<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<R>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     R: Default + Send + 'static,
 {
     type Response = http::Response<R>;
@@ -119,7 +145,7 @@ where
                 if status.code() == tonic::Code::PermissionDenied {
                     tracing::warn!(method = %path, reason = %status.message(), "call refused");
                 }
-                return Box::pin(async move { Ok(status.into_http()) });
+                return refuse(req, status);
             }
         };
         // Health checks are never shed: an overloaded server is still alive.
@@ -133,7 +159,7 @@ where
                         let status = Status::resource_exhausted(
                             "server overloaded: too many calls in flight; retry with backoff",
                         );
-                        return Box::pin(async move { Ok(status.into_http()) });
+                        return refuse(req, status);
                     }
                 }
             }
