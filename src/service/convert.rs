@@ -799,6 +799,39 @@ mod tests {
         }
 
         #[test]
+        fn bulk_revocations_are_decoded_safely(
+            tenant_id in ".{0,140}",
+            user_id in ".{0,140}",
+            older_than in duration(),
+            created_after in timestamp_value(),
+            reason in any::<i32>(),
+            country in ".{0,3}",
+            dry_run in any::<bool>(),
+        ) {
+            let request = pb::RevokeSessionsMatchingRequest {
+                tenant_id,
+                user_id,
+                filter: Some(pb::SessionFilter { older_than, created_after, country, ..Default::default() }),
+                reason,
+                dry_run,
+            };
+            if let Ok(query) = MatchQuery::try_from(request) {
+                // Never an empty filter over a whole tenant, never the service's own reason.
+                prop_assert!(!query.filter.is_empty() || query.scope.user_id.is_some());
+                prop_assert!(query.reason != RevokeReason::LimitEviction);
+            }
+        }
+
+        #[test]
+        fn validate_locations_are_decoded_safely(device in proptest::option::of(device())) {
+            if let Ok(Some(location)) = validate_location(device) {
+                if let Some((lat, lon)) = location.coordinates {
+                    prop_assert!((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon));
+                }
+            }
+        }
+
+        #[test]
         fn event_filters_are_decoded_safely(
             tenant_id in ".{0,140}", user_id in ".{0,140}",
             types in proptest::collection::vec(any::<i32>(), 0..6),
