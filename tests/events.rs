@@ -566,3 +566,60 @@ async fn events_older_than_the_retention_age_are_pruned() {
     let mut stream = watch(&mut client, Some(recent.sequence - 1), Default::default()).await;
     assert_eq!(next_event(&mut stream).await.sequence, recent.sequence);
 }
+
+#[tokio::test]
+async fn the_sequence_continues_after_pruning_empties_the_log_and_a_restart() {
+    let server = TestServer::start_with(Config {
+        event_retention_age: Duration::from_secs(3600),
+        ..test_config()
+    })
+    .await;
+    let mut sessions = server.client().await;
+    let mut last = 0;
+    for i in 0..3 {
+        let s = create(&mut sessions, "t", &format!("u{i}")).await;
+        last = sessions
+            .revoke_session(pb::RevokeSessionRequest {
+                session_id: s.session.expect("s").session_id,
+                reason: 0,
+            })
+            .await
+            .expect("revoke")
+            .into_inner()
+            .sequence;
+    }
+    assert_eq!(last, 6);
+    // Two hours later every event is older than the retention: the log empties.
+    server.advance(Duration::from_secs(2 * 3600));
+    let mut client = events_client(&server).await;
+    eventually("log pruned empty", || {
+        let mut client = client.clone();
+        async move {
+            match client
+                .watch_events(pb::WatchEventsRequest {
+                    after_sequence: Some(0),
+                    filter: None,
+                })
+                .await
+            {
+                Err(status) => {
+                    status
+                        .metadata()
+                        .get("oldest-sequence")
+                        .and_then(|v| v.to_str().ok())
+                        == Some("7")
+                }
+                Ok(_) => false,
+            }
+        }
+    })
+    .await;
+    drop(sessions);
+    let server = server.restart().await;
+    let mut sessions = server.client().await;
+    assert_eq!(
+        create(&mut sessions, "t", "after").await.sequence,
+        7,
+        "no sequence reused"
+    );
+}

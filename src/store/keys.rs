@@ -40,7 +40,8 @@ pub fn audit(id: u64) -> [u8; 9] {
 /// Marks a directory as ours, with the layout version. Checked at open.
 pub const META_FORMAT: &[u8] = b"mformat";
 pub const FORMAT_VALUE: &[u8] = b"session-authority/1";
-/// The newest event sequence ever assigned; survives pruning of the whole log.
+/// The newest event sequence at the last prune; with the last event key it gives the head, even
+/// when pruning emptied the log.
 pub const META_HEAD: &[u8] = b"mhead";
 /// The store's id, also in the `store.id` file beside sled's files.
 pub const META_STORE_ID: &[u8] = b"mstoreid";

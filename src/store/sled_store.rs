@@ -209,7 +209,7 @@ impl SledStore {
         check_format(&db, &tree, dir, marker.is_some())?;
         check_identity(&db, &tree, dir, marker)?;
         let secret = read_or_make_secret(&db, &tree)?;
-        let head = read_u64(&tree, keys::META_HEAD)?;
+        let head = read_head(&tree)?;
         let data_file = std::fs::File::open(dir.join("db")).map_err(|e| {
             Error::DataDir(format!("{}: cannot open the data file: {e}", dir.display()))
         })?;
@@ -694,6 +694,20 @@ fn read_or_make_secret(db: &sled::Db, tree: &sled::Tree) -> Result<[u8; 32]> {
     Ok(secret)
 }
 
+/// The newest sequence ever assigned: the last event's, or the one recorded by the last prune
+/// (which may have emptied the log), whichever is greater.
+fn read_head(tree: &sled::Tree) -> Result<u64> {
+    let recorded = read_u64(tree, keys::META_HEAD)?;
+    let last_event = match tree.scan_prefix([keys::EVENT]).next_back() {
+        Some(entry) => {
+            let (key, _) = entry?;
+            keys::parse_event(&key).ok_or_else(|| Error::Storage("corrupt event key".into()))?
+        }
+        None => 0,
+    };
+    Ok(recorded.max(last_event))
+}
+
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64> {
     match tree.get(key)? {
         None => Ok(0),
@@ -849,11 +863,11 @@ impl<'a> Tx<'a> {
         }
     }
 
-    fn commit(mut self) -> Result<(u64, Vec<Event>)> {
+    fn commit(self) -> Result<(u64, Vec<Event>)> {
+        // The head is not written here: it is the last event's key, read at open. Only pruning,
+        // which may delete that key, records it (see `prune`). One key fewer per write matters:
+        // sled's cost is per key.
         if self.dirty {
-            if !self.events.is_empty() {
-                self.batch.insert(keys::META_HEAD, &self.head.to_be_bytes());
-            }
             self.tree.apply_batch(self.batch)?;
         }
         Ok((self.head, self.events))
@@ -1350,6 +1364,10 @@ impl<'a> Tx<'a> {
             self.batch.remove(key);
             self.dirty = true;
             pruned += 1;
+        }
+        if pruned > 0 {
+            // The log may now be empty: keep the head where `open` can find it.
+            self.batch.insert(keys::META_HEAD, &self.head.to_be_bytes());
         }
         Ok(pruned)
     }
