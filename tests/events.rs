@@ -591,7 +591,7 @@ async fn the_sequence_continues_after_pruning_empties_the_log_and_a_restart() {
     assert_eq!(last, 6);
     // Two hours later every event is older than the retention: the log empties.
     server.advance(Duration::from_secs(2 * 3600));
-    let mut client = events_client(&server).await;
+    let client = events_client(&server).await;
     eventually("log pruned empty", || {
         let mut client = client.clone();
         async move {
