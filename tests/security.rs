@@ -731,3 +731,31 @@ async fn a_caller_may_hold_only_so_many_event_streams() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_refused_stream_is_answered_at_once_even_if_the_client_keeps_sending() {
+    let server = TestServer::start_with(keyed_config()).await;
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.expect("ready");
+    // One message, then the request stream stays open, as grpcurl's reflection client does.
+    let open_ended =
+        tokio_stream::StreamExt::chain(tokio_stream::iter(vec![()]), tokio_stream::pending::<()>());
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        grpc.streaming(
+            Request::new(open_ended),
+            PathAndQuery::from_static("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            tonic_prost::ProstCodec::<(), ()>::default(),
+        ),
+    )
+    .await
+    .expect("answered without waiting for the client to finish");
+    let status = result.map(drop).expect_err("no credentials");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -93,9 +93,9 @@ fn authorize<B>(
     Ok(Some(caller))
 }
 
-/// Answers `status` once the request body has been read (up to a bound). Answering before the
-/// client has finished sending makes HTTP/2 reset the stream, which clients report as a transport
-/// error instead of the status.
+/// Answers `status` once the request body has been read (up to a size and a time bound).
+/// Answering before the client has finished sending makes HTTP/2 reset the stream, which clients
+/// report as a transport error instead of the status.
 fn refuse<B, R>(
     req: http::Request<B>,
     status: Status,
@@ -108,8 +108,10 @@ where
 {
     use http_body_util::{BodyExt, Limited};
     Box::pin(async move {
-        // Requests here are small; a larger body is not read, only abandoned.
-        let _ = Limited::new(req.into_body(), 64 * 1024).collect().await;
+        // Requests here are small; a larger body is not read, only abandoned. A streaming client
+        // may never end its side (reflection's does not), so wait only briefly.
+        let drain = Limited::new(req.into_body(), 64 * 1024).collect();
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), drain).await;
         Ok(status.into_http())
     })
 }
