@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "proto/session_authority/v1/events.proto",
     "proto/session_authority/v1/policies.proto",
     "proto/session_authority/v1/audit.proto",
+    "proto/session_authority/v1/backup.proto",
 ];
 
 /// Messages that carry a session token: their `Debug` is written by hand (in `src/proto.rs`) so

@@ -372,7 +372,20 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
+        Self::load_with_tool(args).map(|(config, _)| config)
+    }
+
+    /// As [`Config::load`], and the operator tool asked for, if any.
+    pub fn load_with_tool<I, T>(args: I) -> Result<(Self, Option<Tool>), ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
         let cli = Cli::parse_from(args);
+        if let Some(tool) = cli.tool {
+            // Tools take their own arguments; the server's settings do not apply.
+            return Ok((Config::default(), Some(tool)));
+        }
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &cli.config {
             figment = figment.merge(Toml::file_exact(path));
@@ -383,19 +396,51 @@ impl Config {
             .extract()
             .map_err(Box::new)?;
         config.validate()?;
-        Ok(config)
+        Ok((config, None))
     }
 }
 
-/// Command line of the `session-authority` binary. Every flag also reads an environment variable.
+/// Command line of the `session-authority` binary: serve (no subcommand), or an operator tool.
 #[derive(Debug, Parser)]
 #[command(name = "session-authority", version, about)]
 struct Cli {
+    #[command(subcommand)]
+    tool: Option<Tool>,
     /// A TOML file with any of the settings below (same names, snake_case).
     #[arg(long, short, env = "SESSION_AUTHORITY_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: CliSettings,
+}
+
+/// Operator tools built into the binary.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Tool {
+    /// Fetch a consistent backup from a running server into a file (needs an unbound admin; the
+    /// API key is read from SESSION_AUTHORITY_API_KEY).
+    Backup {
+        /// The server, e.g. http://127.0.0.1:50051 or https://sessions.example.com:50051.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// PEM CA to trust for an https server.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// Restore a backup file into a data directory (offline: no server may run on it).
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to create.
+        #[arg(long)]
+        into: PathBuf,
+        /// If the directory is not empty, move it to <dir>.before-restore first.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Flags that override the environment and the file. Absent flags leave those (or the default)

@@ -24,6 +24,7 @@
 //! - [`token`]: session ids and secrets: generation (ChaCha20 seeded from the OS), the token's
 //!   wire form, hashing. Nothing else touches a secret.
 //! - [`audit`]: the trail of administrative actions.
+//! - [`backup`]: the backup file format, restore, and fetching a backup from a server.
 //! - [`clock`]: injected time, so expiry is tested without sleeping.
 //! - [`error`]: the error type and its one mapping to `tonic::Status`.
 //! - [`proto`]: generated code and the descriptor set for reflection.
@@ -31,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod error;

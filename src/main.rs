@@ -1,18 +1,21 @@
 //! `session-authority`: parse configuration, set up logging, bind, serve until SIGINT or SIGTERM.
+//! Or run an operator tool: `backup` (from a running server) or `restore` (offline).
 
 use std::{process::ExitCode, sync::Arc};
 
 use session_authority::{
+    backup,
     clock::SystemClock,
-    config::{Config, LogFormat},
+    config::{Config, LogFormat, Tool},
 };
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::load(std::env::args_os()) {
-        Ok(config) => config,
+    let config = match Config::load_with_tool(std::env::args_os()) {
+        Ok((_, Some(tool))) => return run_tool(tool).await,
+        Ok((config, None)) => config,
         Err(e) => {
             eprintln!("session-authority: {e}");
             return ExitCode::from(2);
@@ -33,6 +36,49 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs an operator tool; exit code 0 on success, 1 on failure (with the reason on stderr).
+async fn run_tool(tool: Tool) -> ExitCode {
+    let result = match tool {
+        Tool::Backup { server, out, ca } => fetch_backup(&server, ca.as_deref(), &out)
+            .await
+            .map(|entries| println!("backup written to {}: {entries} entries", out.display())),
+        Tool::Restore { from, into, force } => backup::restore(&from, &into, force)
+            .map(|entries| println!("restored {entries} entries into {}", into.display()))
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("session-authority: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn fetch_backup(
+    server: &str,
+    ca: Option<&std::path::Path>,
+    out: &std::path::Path,
+) -> Result<u64, String> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let mut endpoint = Channel::from_shared(server.to_string()).map_err(|e| e.to_string())?;
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("reading {}: {e}", ca.display()))?;
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .map_err(|e| e.to_string())?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connecting to {server}: {e}"))?;
+    // From the environment, never the command line (which other users can see).
+    let key = std::env::var("SESSION_AUTHORITY_API_KEY").ok();
+    backup::fetch(channel, key.as_deref(), out)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn init_tracing(format: LogFormat) {

@@ -88,6 +88,10 @@ pub const METHODS: &[(&str, Access)] = &[
         Access::Roles(ADMIN),
     ),
     (
+        "/session_authority.v1.BackupService/Backup",
+        Access::Roles(ADMIN),
+    ),
+    (
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         Access::Reflection,
     ),

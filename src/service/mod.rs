@@ -4,6 +4,7 @@
 //! through the single mapping in `crate::error`.
 
 mod audit;
+mod backup;
 pub mod convert;
 mod events;
 mod policies;
@@ -15,7 +16,9 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{server::TcpIncoming, Server};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
-pub use self::{audit::AuditApi, events::EventApi, policies::PolicyApi, sessions::SessionApi};
+pub use self::{
+    audit::AuditApi, backup::BackupApi, events::EventApi, policies::PolicyApi, sessions::SessionApi,
+};
 use crate::{
     clock::Clock,
     config::Config,
@@ -26,6 +29,7 @@ use crate::{
         self,
         v1::{
             audit_service_server::{self, AuditServiceServer},
+            backup_service_server::{self, BackupServiceServer},
             event_service_server::{self, EventServiceServer},
             policy_service_server::{self, PolicyServiceServer},
             session_service_server::{self, SessionServiceServer},
@@ -155,6 +159,10 @@ pub async fn run(
             sessions.clone(),
         ))))
         .add_service(limit(AuditServiceServer::new(AuditApi::new(store.clone()))))
+        .add_service(limit(BackupServiceServer::new(BackupApi::new(
+            sessions.clone(),
+            config.data_dir.clone(),
+        ))))
         .add_service(limit(EventServiceServer::new(EventApi::new(
             store.clone(),
             WatchSettings {
@@ -177,12 +185,13 @@ pub async fn run(
 }
 
 /// Health is reported for the server as a whole ("") and for each service by name.
-const HEALTH_NAMES: [&str; 5] = [
+const HEALTH_NAMES: [&str; 6] = [
     "",
     session_service_server::SERVICE_NAME,
     event_service_server::SERVICE_NAME,
     policy_service_server::SERVICE_NAME,
     audit_service_server::SERVICE_NAME,
+    backup_service_server::SERVICE_NAME,
 ];
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
@@ -247,5 +256,6 @@ limited!(
     SessionServiceServer<SessionApi<S>>,
     PolicyServiceServer<PolicyApi<S>>,
     EventServiceServer<EventApi<S>>,
-    AuditServiceServer<AuditApi<S>>
+    AuditServiceServer<AuditApi<S>>,
+    BackupServiceServer<BackupApi<S>>
 );

@@ -182,6 +182,11 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Appends an entry to the audit trail, durably; its `id` is assigned here and returned.
     fn append_audit(&self, entry: AuditEntry) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Writes a consistent snapshot of the whole store to `path` (see `crate::backup`); returns
+    /// the number of entries. Writes wait meanwhile; the reply comes once every write in the
+    /// snapshot is durable.
+    fn snapshot(&self, path: std::path::PathBuf) -> impl Future<Output = Result<u64>> + Send;
+
     /// Audit entries with `id > after`, oldest first, at most `limit`.
     fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>>;
 

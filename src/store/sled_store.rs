@@ -137,6 +137,8 @@ enum Op {
         policy: Option<Policy>,
     },
     Audit(Box<AuditEntry>),
+    /// Copy the whole tree to a backup file; no other write can interleave.
+    Snapshot(std::path::PathBuf),
     Rotate {
         id: SessionId,
         current: TokenHash,
@@ -246,6 +248,35 @@ impl SledStore {
             commands,
             threads: Mutex::new(vec![writer, flusher]),
         })
+    }
+
+    /// Writes restored entries into a new store in `dir` (which must not hold one), with the
+    /// identity marker of the store they came from.
+    pub fn restore_entries(dir: &Path, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| Error::DataDir(format!("{}: {e}", dir.display())))?;
+        let tree = db.open_tree("authority")?;
+        if !tree.is_empty() {
+            return Err(Error::DataDir(format!(
+                "{} already holds a store",
+                dir.display()
+            )));
+        }
+        for chunk in entries.chunks(10_000) {
+            let mut batch = sled::Batch::default();
+            for (k, v) in chunk {
+                batch.insert(k.as_slice(), v.as_slice());
+            }
+            tree.apply_batch(batch)?;
+        }
+        db.flush()?;
+        let id = tree
+            .get(keys::META_STORE_ID)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .ok_or_else(|| Error::DataDir("the backup has no store id".into()))?;
+        write_marker(dir, &id)
     }
 
     /// Sends a command and waits until it is durable.
@@ -454,6 +485,10 @@ impl SessionStore for SledStore {
 
     fn installation_secret(&self) -> [u8; 32] {
         self.shared.secret
+    }
+
+    async fn snapshot(&self, path: std::path::PathBuf) -> Result<u64> {
+        expect_outcome!(self.submit(Op::Snapshot(path)).await, Count).map(|n| n as u64)
     }
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
@@ -889,6 +924,7 @@ impl<'a> Tx<'a> {
                 self.put_policy(&tenant_id, policy).map(Outcome::Existed)
             }
             Op::Audit(entry) => self.audit(*entry).map(|id| Outcome::Count(id as usize)),
+            Op::Snapshot(path) => self.snapshot(&path).map(|n| Outcome::Count(n as usize)),
             Op::Rotate {
                 id,
                 current,
@@ -1215,6 +1251,17 @@ impl<'a> Tx<'a> {
             changed += 1;
         }
         Ok(changed)
+    }
+
+    /// Copies every entry of the tree to a backup file, in key order.
+    fn snapshot(&self, path: &Path) -> Result<u64> {
+        let mut out = crate::backup::SnapshotWriter::create(path)?;
+        let io = |e: std::io::Error| Error::Storage(format!("writing {}: {e}", path.display()));
+        for entry in self.tree.iter() {
+            let (key, value) = entry?;
+            out.entry(&key, &value).map_err(io)?;
+        }
+        out.finish().map_err(io)
     }
 
     /// Appends to the audit trail: the id follows the last one stored.

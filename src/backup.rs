@@ -1,0 +1,175 @@
+//! Backups: the snapshot file format, taking a snapshot (by the store's writer, so it is
+//! consistent), verifying and restoring one (offline), and fetching one from a running server.
+//!
+//! File format: `SABACKUP1\n`, then entries `u32 key length, key, u32 value length, value` (all
+//! big-endian), then a trailer: `u64 0xFFFF_FFFF_FFFF_FFFF` (no key is that long), `u64` entry
+//! count, `u32` CRC-32 of everything before the trailer's CRC. A restore reads and checks the whole
+//! file before it writes anything.
+
+use std::{
+    fs::File,
+    io::{BufReader, BufWriter, Read, Write},
+    path::{Path, PathBuf},
+};
+
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8] = b"SABACKUP1\n";
+const TRAILER_MARK: u64 = u64::MAX;
+
+/// Writes entries in the backup format, counting and checksumming as it goes.
+pub struct SnapshotWriter {
+    out: BufWriter<File>,
+    crc: crc32fast::Hasher,
+    count: u64,
+}
+
+fn io<'a>(what: &'a str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
+    move |e| Error::Storage(format!("{what} {}: {e}", path.display()))
+}
+
+impl SnapshotWriter {
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).map_err(io("creating", path))?;
+        let mut w = Self {
+            out: BufWriter::with_capacity(1 << 20, file),
+            crc: crc32fast::Hasher::new(),
+            count: 0,
+        };
+        w.write(MAGIC).map_err(io("writing", path))?;
+        Ok(w)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.crc.update(bytes);
+        self.out.write_all(bytes)
+    }
+
+    pub fn entry(&mut self, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+        let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes();
+        self.write(&len(key.len()))?;
+        self.write(key)?;
+        self.write(&len(value.len()))?;
+        self.write(value)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Writes the trailer and syncs the file; returns the number of entries.
+    pub fn finish(mut self) -> std::io::Result<u64> {
+        self.write(&TRAILER_MARK.to_be_bytes())?;
+        self.write(&self.count.to_be_bytes())?;
+        let crc = self.crc.clone().finalize();
+        self.out.write_all(&crc.to_be_bytes())?;
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(self.count)
+    }
+}
+
+/// Reads and checks a whole backup file: its entries, in order.
+pub fn read_snapshot(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let bad =
+        |why: &str| Error::DataDir(format!("{} is not a valid backup: {why}", path.display()));
+    let mut bytes = Vec::new();
+    BufReader::new(File::open(path).map_err(io("opening", path))?)
+        .read_to_end(&mut bytes)
+        .map_err(io("reading", path))?;
+    if bytes.len() < MAGIC.len() + 20 || !bytes.starts_with(MAGIC) {
+        return Err(bad("no backup header"));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    let crc = u32::from_be_bytes(crc.try_into().map_err(|_| bad("truncated"))?);
+    if crc32fast::hash(body) != crc {
+        return Err(bad("checksum mismatch (damaged or truncated)"));
+    }
+    let mut pos = MAGIC.len();
+    let mut entries = Vec::new();
+    let take = |pos: &mut usize, n: usize| -> Result<&[u8]> {
+        let slice = body
+            .get(*pos..*pos + n)
+            .ok_or_else(|| bad("truncated entry"))?;
+        *pos += n;
+        Ok(slice)
+    };
+    loop {
+        if body.len() - pos == 16 {
+            let mark =
+                u64::from_be_bytes(take(&mut pos, 8)?.try_into().map_err(|_| bad("trailer"))?);
+            let count =
+                u64::from_be_bytes(take(&mut pos, 8)?.try_into().map_err(|_| bad("trailer"))?);
+            if mark != TRAILER_MARK || count != entries.len() as u64 {
+                return Err(bad("trailer does not match the entries"));
+            }
+            return Ok(entries);
+        }
+        let klen = u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| bad("length"))?);
+        let key = take(&mut pos, klen as usize)?.to_vec();
+        let vlen = u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| bad("length"))?);
+        let value = take(&mut pos, vlen as usize)?.to_vec();
+        entries.push((key, value));
+    }
+}
+
+/// Restores a backup into `data_dir`. Refuses a non-empty directory unless `force`, and then moves
+/// it aside (to `<data_dir>.before-restore`) rather than deleting it. Returns the entry count.
+pub fn restore(from: &Path, data_dir: &Path, force: bool) -> Result<u64> {
+    let entries = read_snapshot(from)?;
+    let occupied = std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some());
+    if occupied {
+        if !force {
+            return Err(Error::DataDir(format!(
+                "{} is not empty; restore into an empty directory, or pass --force to move it aside",
+                data_dir.display()
+            )));
+        }
+        let aside = PathBuf::from(format!("{}.before-restore", data_dir.display()));
+        if aside.exists() {
+            return Err(Error::DataDir(format!(
+                "{} already exists; remove it first",
+                aside.display()
+            )));
+        }
+        std::fs::rename(data_dir, &aside).map_err(io("moving aside", data_dir))?;
+    }
+    crate::store::SledStore::restore_entries(data_dir, &entries)?;
+    Ok(entries.len() as u64)
+}
+
+/// Fetches a backup from a server over `channel` into `out`, checks it, and returns its entry
+/// count. `api_key`, if given, is sent as `authorization: Bearer`. A bad download never
+/// replaces `out`.
+pub async fn fetch(
+    channel: tonic::transport::Channel,
+    api_key: Option<&str>,
+    out: &Path,
+) -> Result<u64> {
+    use crate::proto::v1::{backup_service_client::BackupServiceClient, BackupRequest};
+    let mut request = tonic::Request::new(BackupRequest {});
+    if let Some(key) = api_key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| Error::invalid("api_key", "must be printable ASCII"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let unavailable =
+        |s: tonic::Status| Error::Server(format!("backup failed: {:?}: {}", s.code(), s.message()));
+    let mut stream = BackupServiceClient::new(channel)
+        .backup(request)
+        .await
+        .map_err(unavailable)?
+        .into_inner();
+    let partial = PathBuf::from(format!("{}.partial", out.display()));
+    let mut file = BufWriter::new(File::create(&partial).map_err(io("creating", &partial))?);
+    while let Some(chunk) = stream.message().await.map_err(unavailable)? {
+        file.write_all(&chunk.data)
+            .map_err(io("writing", &partial))?;
+    }
+    let file = file
+        .into_inner()
+        .map_err(|e| Error::Storage(e.to_string()))?;
+    file.sync_all().map_err(io("syncing", &partial))?;
+    let entries = read_snapshot(&partial)?.len() as u64;
+    std::fs::rename(&partial, out).map_err(io("renaming", &partial))?;
+    Ok(entries)
+}

@@ -1,0 +1,207 @@
+//! Backups: a consistent online snapshot, restored offline into a new directory, with everything
+//! acknowledged in it; refusals of damaged files and occupied directories; admin-only.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use session_authority::{
+    backup,
+    config::{ApiKeyConfig, Config, Role},
+    proto::v1::{self as pb, policy_service_client::PolicyServiceClient},
+};
+use sha2::{Digest, Sha256};
+
+#[tokio::test]
+async fn a_backup_restores_into_a_server_with_everything_acknowledged() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let live = create(&mut client, "acme", "alice").await;
+    let revoked = create(&mut client, "acme", "bob").await;
+    client
+        .revoke_session(pb::RevokeSessionRequest {
+            session_id: revoked.session.expect("s").session_id,
+            reason: 0,
+        })
+        .await
+        .expect("revoke");
+    let mut policies = PolicyServiceClient::new(server.channel().await);
+    let mut p = policies
+        .get_policy(pb::GetPolicyRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .policy
+        .expect("p");
+    p.max_sessions_per_user = 4;
+    policies
+        .set_policy(pb::SetPolicyRequest { policy: Some(p) })
+        .await
+        .expect("set");
+    let head = create(&mut client, "acme", "carol").await.sequence;
+
+    // Online: the server keeps serving while the backup is taken.
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = files.path().join("backup.sab");
+    let entries = backup::fetch(server.channel().await, None, &file)
+        .await
+        .expect("backup");
+    assert!(entries > 10);
+    create(&mut client, "acme", "after-backup").await;
+
+    // Offline restore into a new directory, and a server on it.
+    let restored = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let n = backup::restore(&file, &restored.path().join("data"), false).expect("restore");
+    assert_eq!(n, entries);
+    let copy = TestServer::start_in(restored, server.clock.clone(), test_config()).await;
+    let mut c = copy.client().await;
+    validate(&mut c, &live.token)
+        .await
+        .expect("live session restored");
+    assert_not_valid(validate(&mut c, &revoked.token).await);
+    let p = PolicyServiceClient::new(copy.channel().await)
+        .get_policy(pb::GetPolicyRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(!p.is_default && p.policy.expect("p").max_sessions_per_user == 4);
+    // The event log came along, and its sequence continues from the backup's head.
+    assert_eq!(create(&mut c, "acme", "dave").await.sequence, head + 1);
+    assert!(list_all(&mut c, "acme", "after-backup", 10)
+        .await
+        .is_empty());
+}
+
+#[tokio::test]
+async fn restore_refuses_an_occupied_directory_unless_forced_and_then_keeps_it() {
+    let server = TestServer::start().await;
+    create(&mut server.client().await, "t", "u").await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = files.path().join("backup.sab");
+    backup::fetch(server.channel().await, None, &file)
+        .await
+        .expect("backup");
+
+    let target = files.path().join("data");
+    std::fs::create_dir(&target).expect("mkdir");
+    std::fs::write(target.join("precious.txt"), b"keep me").expect("write");
+    let err = backup::restore(&file, &target, false).expect_err("occupied");
+    assert!(err.to_string().contains("not empty"), "{err}");
+    assert!(target.join("precious.txt").exists());
+
+    backup::restore(&file, &target, true).expect("forced");
+    let aside = files.path().join("data.before-restore");
+    assert_eq!(
+        std::fs::read(aside.join("precious.txt")).expect("kept"),
+        b"keep me"
+    );
+    assert!(target.join("store.id").exists());
+}
+
+#[tokio::test]
+async fn a_damaged_backup_is_refused_before_anything_is_written() {
+    let server = TestServer::start().await;
+    create(&mut server.client().await, "t", "u").await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = files.path().join("backup.sab");
+    backup::fetch(server.channel().await, None, &file)
+        .await
+        .expect("backup");
+    let mut bytes = std::fs::read(&file).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&file, &bytes).expect("write");
+    let target = files.path().join("data");
+    let err = backup::restore(&file, &target, false).expect_err("damaged");
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert!(!target.exists(), "nothing written");
+    std::fs::write(&file, &bytes[..bytes.len() / 3]).expect("truncate");
+    assert!(backup::restore(&file, &target, false).is_err());
+}
+
+#[tokio::test]
+async fn only_an_unbound_admin_may_take_a_backup() {
+    let key = |name: &str, secret: &str, role, tenant: Option<&str>| ApiKeyConfig {
+        name: name.into(),
+        sha256: hex::encode(Sha256::digest(secret.as_bytes())),
+        role,
+        tenant: tenant.map(String::from),
+    };
+    let server = TestServer::start_with(Config {
+        api_keys: vec![
+            key("ops", "ops", Role::Admin, None),
+            key("acme-ops", "acme-ops", Role::Admin, Some("acme")),
+            key("web", "web", Role::Service, None),
+        ],
+        ..test_config()
+    })
+    .await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let out = files.path().join("b.sab");
+    for (secret, code) in [
+        ("web", "PermissionDenied"),
+        ("acme-ops", "PermissionDenied"),
+    ] {
+        let err = backup::fetch(server.channel().await, Some(secret), &out)
+            .await
+            .expect_err(secret);
+        assert!(err.to_string().contains(code), "{secret}: {err}");
+        assert!(!out.exists());
+    }
+    backup::fetch(server.channel().await, Some("ops"), &out)
+        .await
+        .expect("admin");
+}
+
+#[tokio::test]
+async fn the_cli_backs_up_and_restores() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, addr) = spawn_binary(&dir.path().join("data"), &[]).await;
+    let token = create(&mut connect(&addr).await, "t", "u").await.token;
+    let bin = env!("CARGO_BIN_EXE_session-authority");
+    let file = dir.path().join("b.sab");
+    let out = std::process::Command::new(bin)
+        .args(["backup", "--server", &format!("http://{addr}"), "--out"])
+        .arg(&file)
+        .output()
+        .expect("run backup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    child.start_kill().expect("kill");
+    child.wait().await.expect("reaped");
+    // Into the live data directory: refused, exit code 1.
+    let out = std::process::Command::new(bin)
+        .args(["restore", "--from"])
+        .arg(&file)
+        .arg("--into")
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("run restore");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+    // Into a new one: a server on it knows the session.
+    let out = std::process::Command::new(bin)
+        .args(["restore", "--from"])
+        .arg(&file)
+        .arg("--into")
+        .arg(dir.path().join("restored"))
+        .output()
+        .expect("run restore");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_child, addr) = spawn_binary(&dir.path().join("restored"), &[]).await;
+    validate(&mut connect(&addr).await, &token)
+        .await
+        .expect("restored");
+}
