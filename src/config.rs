@@ -82,6 +82,8 @@ pub struct Config {
     pub cache_mib: u64,
     /// Log format: `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
+    /// Where to serve Prometheus metrics over plain HTTP (`/metrics`); off when absent.
+    pub metrics_listen: Option<SocketAddr>,
 
     // --- security ---
     /// PEM certificate chain for TLS. With `tls_key`, the server speaks only TLS.
@@ -188,6 +190,7 @@ impl Default for Config {
             event_buffer: 4096,
             cache_mib: 512,
             log_format: LogFormat::Text,
+            metrics_listen: None,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -587,6 +590,10 @@ struct CliSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     reflection_open: Option<bool>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9090 [default: off]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<SocketAddr>,
     /// Log format [default: text]
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -17,6 +17,7 @@
 //!   group-commit write path. Behind the [`store::SessionStore`] trait.
 //! - [`events`]: the event model, the live fan-out of durable events, and subscriptions
 //!   (replay from the log, then live).
+//! - [`metrics`]: Prometheus metrics, each recorded in one place.
 //! - [`policy`]: per-tenant policies (timeouts, limits, login quota, maximum age, impossible
 //!   travel, cookie advice), cached over the store.
 //! - [`security`]: caller identity (API keys, client certificates), the per-method role table,
@@ -37,6 +38,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod security;

@@ -38,7 +38,9 @@ impl EventBus {
             *h = (*h).max(head);
             raised
         });
+        crate::metrics::event_head(head);
         for event in events {
+            crate::metrics::event(&event);
             // An error only means nobody is subscribed right now; the log still has the event.
             let _ = self.live.send(Arc::new(event));
         }

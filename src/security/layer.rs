@@ -93,6 +93,29 @@ fn authorize<B>(
     Ok(Some(caller))
 }
 
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 /// Answers `status` once the request body has been read (up to a size and a time bound).
 /// Answering before the client has finished sending makes HTTP/2 reset the stream, which clients
 /// report as a transport error instead of the status.
@@ -141,12 +164,19 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let path = req.uri().path().to_owned();
+        // Metric labels come from the method table only: a caller can send any path, and
+        // unbounded label values would be a memory leak.
+        let label = super::methods::METHODS
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map_or("unknown", |(p, _)| *p);
         let caller = match authorize(&self.auth, &path, &req) {
             Ok(caller) => caller,
             Err(status) => {
                 if status.code() == tonic::Code::PermissionDenied {
                     tracing::warn!(method = %path, reason = %status.message(), "call refused");
                 }
+                crate::metrics::rpc(label, code_name(status.code()), 0.0);
                 return refuse(req, status);
             }
         };
@@ -161,15 +191,28 @@ where
                         let status = Status::resource_exhausted(
                             "server overloaded: too many calls in flight; retry with backoff",
                         );
+                        crate::metrics::rpc(label, "RESOURCE_EXHAUSTED", 0.0);
                         return refuse(req, status);
                     }
                 }
             }
         };
+        let started = std::time::Instant::now();
         Box::pin(async move {
-            let response = inner.call(req).await;
+            let response = inner.call(req).await.map(oversized_is_resource_exhausted);
             drop(permit);
-            response.map(oversized_is_resource_exhausted)
+            if let Ok(r) = &response {
+                // A trailers-only answer (every error of a unary call) carries its status in the
+                // headers; otherwise the call succeeded (or, for a stream, started).
+                let code = r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from);
+                crate::metrics::rpc(label, code_name(code), started.elapsed().as_secs_f64());
+            }
+            response
         })
     }
 }

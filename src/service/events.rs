@@ -55,6 +55,7 @@ impl StreamSlot {
             return None;
         }
         *n += 1;
+        crate::metrics::subscribers(1.0);
         Some(Self {
             open: open.clone(),
             caller: caller.to_string(),
@@ -64,6 +65,7 @@ impl StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
+        crate::metrics::subscribers(-1.0);
         let mut counts = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = counts.get_mut(&self.caller) {
             *n -= 1;

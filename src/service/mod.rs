@@ -107,6 +107,9 @@ pub async fn run(
             tracing::warn!(%addr, "--insecure: serving beyond this machine without TLS or without authentication");
         }
     }
+    if let Some(addr) = config.metrics_listen {
+        crate::metrics::serve(addr);
+    }
     let auth = Arc::new(Authenticator::from_config(&config));
     if !auth.enabled() {
         tracing::warn!("no API keys or client identities configured: every caller is an unauthenticated admin (loopback only, or --insecure)");
@@ -208,10 +211,17 @@ async fn follow_store_health<S: SessionStore>(
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stopped.changed() => return,
+        }
+        ticks += 1;
+        if ticks % 10 == 1 {
+            if let Ok(bytes) = store.size_on_disk() {
+                crate::metrics::store_bytes(bytes);
+            }
         }
         if !store.is_healthy() {
             tracing::error!("store failed: reporting NOT_SERVING until restarted");

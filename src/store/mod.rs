@@ -126,6 +126,9 @@ pub trait SessionStore: Send + Sync + 'static {
     /// What the event log holds now (durable part only).
     fn log_bounds(&self) -> Result<LogBounds>;
 
+    /// Bytes the store occupies on disk.
+    fn size_on_disk(&self) -> Result<u64>;
+
     /// The fan-out this store publishes its durable events to.
     fn events(&self) -> Arc<EventBus>;
 

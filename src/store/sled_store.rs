@@ -420,6 +420,10 @@ impl SessionStore for SledStore {
         Ok(LogBounds { first, head })
     }
 
+    fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.shared.db.size_on_disk()?)
+    }
+
     fn events(&self) -> Arc<EventBus> {
         self.shared.bus.clone()
     }
@@ -838,11 +842,13 @@ fn flusher_loop(shared: &Shared, pending: std_mpsc::Receiver<Pending>) {
         while let Ok(more) = pending.try_recv() {
             group.push(more);
         }
+        let started = std::time::Instant::now();
         let durable = shared
             .db
             .flush()
             .map_err(|e| e.to_string())
             .and_then(|_| shared.data_file.sync_data().map_err(|e| e.to_string()));
+        crate::metrics::flush(started.elapsed().as_secs_f64(), group.len());
         match durable {
             Ok(()) => {
                 let head = group.iter().map(|p| p.head).max().unwrap_or(0);

@@ -1,0 +1,86 @@
+//! Prometheus metrics: names and the one place each is recorded. Served over plain HTTP on
+//! `metrics_listen` when configured; with no recorder installed every call here is a no-op.
+//!
+//! | metric | type | labels | recorded in |
+//! |---|---|---|---|
+//! | `session_authority_rpc_total` | counter | method, code | the security layer, for every guarded call |
+//! | `session_authority_rpc_duration_seconds` | histogram | method | the security layer |
+//! | `session_authority_events_total` | counter | type (and reason for revocations) | the event bus, once durable |
+//! | `session_authority_event_head` | gauge | | the event bus |
+//! | `session_authority_event_subscribers` | gauge | | the event service |
+//! | `session_authority_store_flush_seconds` | histogram | | the group committer (flush + fdatasync) |
+//! | `session_authority_store_group_size` | histogram | | the group committer |
+//! | `session_authority_store_bytes` | gauge | | the health loop, every few seconds |
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+use crate::events::{Event, EventKind};
+
+/// Starts the HTTP exporter and installs the recorder. Only one recorder can exist per process:
+/// a second server in the same process (tests) logs a warning and records nothing.
+pub fn serve(addr: SocketAddr) {
+    match PrometheusBuilder::new().with_http_listener(addr).build() {
+        Ok((recorder, exporter)) => {
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder is already installed in this process");
+                return;
+            }
+            tokio::spawn(async move {
+                if let Err(e) = exporter.await {
+                    tracing::error!(error = ?e, "metrics exporter stopped");
+                }
+            });
+            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        }
+        Err(e) => tracing::error!(error = %e, "cannot serve metrics"),
+    }
+}
+
+pub fn rpc(method: &str, code: &str, seconds: f64) {
+    metrics::counter!("session_authority_rpc_total", "method" => method.to_string(), "code" => code.to_string())
+        .increment(1);
+    metrics::histogram!("session_authority_rpc_duration_seconds", "method" => method.to_string())
+        .record(seconds);
+}
+
+pub fn event(e: &Event) {
+    let counter = match &e.kind {
+        EventKind::Created { .. } => {
+            metrics::counter!("session_authority_events_total", "type" => "created")
+        }
+        EventKind::Revoked { reason } => metrics::counter!(
+            "session_authority_events_total",
+            "type" => "revoked",
+            "reason" => format!("{reason:?}")
+        ),
+        EventKind::Expired { .. } => {
+            metrics::counter!("session_authority_events_total", "type" => "expired")
+        }
+        EventKind::Rotated => {
+            metrics::counter!("session_authority_events_total", "type" => "rotated")
+        }
+        EventKind::Flagged { .. } => {
+            metrics::counter!("session_authority_events_total", "type" => "flagged")
+        }
+    };
+    counter.increment(1);
+}
+
+pub fn event_head(head: u64) {
+    metrics::gauge!("session_authority_event_head").set(head as f64);
+}
+
+pub fn subscribers(delta: f64) {
+    metrics::gauge!("session_authority_event_subscribers").increment(delta);
+}
+
+pub fn flush(seconds: f64, group: usize) {
+    metrics::histogram!("session_authority_store_flush_seconds").record(seconds);
+    metrics::histogram!("session_authority_store_group_size").record(group as f64);
+}
+
+pub fn store_bytes(bytes: u64) {
+    metrics::gauge!("session_authority_store_bytes").set(bytes as f64);
+}
