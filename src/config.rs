@@ -84,6 +84,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where to serve Prometheus metrics over plain HTTP (`/metrics`); off when absent.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the gRPC health service alone, in plaintext and without credentials (for
+    /// probes that cannot speak TLS, like the kubelet's); off when absent.
+    pub health_listen: Option<SocketAddr>,
 
     // --- security ---
     /// PEM certificate chain for TLS. With `tls_key`, the server speaks only TLS.
@@ -191,6 +194,7 @@ impl Default for Config {
             cache_mib: 512,
             log_format: LogFormat::Text,
             metrics_listen: None,
+            health_listen: None,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -594,6 +598,10 @@ struct CliSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve only gRPC health, plaintext, on this address (for probes) [default: off]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health_listen: Option<SocketAddr>,
     /// Log format [default: text]
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -759,3 +759,42 @@ async fn a_refused_stream_is_answered_at_once_even_if_the_client_keeps_sending()
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn the_health_port_answers_probes_without_credentials_and_serves_nothing_else() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let health_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let server = TestServer::start_with(Config {
+        health_listen: Some(health_addr),
+        ..keyed_config()
+    })
+    .await;
+    let channel = connect_channel(&health_addr.to_string()).await;
+    let status = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "session_authority.v1.SessionService".into(),
+        })
+        .await
+        .expect("health without credentials")
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    let err = SessionServiceClient::new(channel)
+        .create_session(create_request("t", "u"))
+        .await
+        .expect_err("nothing else on the health port");
+    assert_eq!(err.code(), Code::Unimplemented);
+    // The main port still wants credentials.
+    let err = SessionServiceClient::new(server.channel().await)
+        .create_session(create_request("t", "u"))
+        .await
+        .expect_err("main port");
+    assert_eq!(err.code(), Code::Unauthenticated);
+}

@@ -82,6 +82,27 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::Serving).await;
+    // Health alone on a plaintext port, for probes that cannot speak TLS. It reveals only
+    // SERVING or NOT_SERVING.
+    let health_only = match config.health_listen {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Server(format!("health_listen {addr}: {e}")))?;
+            tracing::info!(%addr, "serving gRPC health (plaintext, no credentials)");
+            let mut stopped = stopped.clone();
+            let service = health_service.clone();
+            Some(tokio::spawn(async move {
+                let _ = Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await;
+            }))
+        }
+    };
     let store_health = tokio::spawn(follow_store_health(
         store.clone(),
         health.clone(),
@@ -149,7 +170,9 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(config.max_concurrent_streams)
         .timeout(config.request_timeout)
-        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .trace_fn(|req| {
+            tracing::info_span!("rpc", method = %req.uri().path(), request_id = %request_id(req))
+        })
         .layer(GuardLayer::new(auth, config.max_in_flight))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -182,9 +205,31 @@ pub async fn run(
 
     let _ = sweeper.await;
     let _ = store_health.await;
+    if let Some(task) = health_only {
+        let _ = task.await;
+    }
     let closed = store.close().await;
     tracing::info!("stopped");
     served.and(closed)
+}
+
+/// The caller's `x-request-id` if it sent a sane one (to correlate across services), else a new
+/// one. It is a field of the call's span, so every log line of the call carries it.
+fn request_id<B>(req: &http::Request<B>) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let given = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()));
+    match given {
+        Some(id) => id.to_string(),
+        None => format!(
+            "{:x}-{:x}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ),
+    }
 }
 
 /// Health is reported for the server as a whole ("") and for each service by name.
