@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the client examples in examples/ against a real server process: the Python scenario (grpcio
-# from PyPI, in the .venv this script shares with the README examples).
+# Runs the client examples in examples/ against real server processes: the Python scenario (grpcio
+# from PyPI, in the .venv this script shares with the README examples) and the Node sidecar.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -21,3 +21,7 @@ done
 
 SA_ADDR="127.0.0.1:$port" .venv/bin/python examples/python/scenario.py || {
   echo "--- server log"; cat "$work/server.log"; exit 1; }
+
+# The Node sidecar (grpc-js from npm): it starts and restarts its own server.
+(cd examples/node && npm ci --no-audit --no-fund --silent)
+SA_BIN="$root/target/debug/session-authority" node examples/node/scenario.js
