@@ -92,10 +92,11 @@ impl SessionFilter {
     }
 
     pub fn matches(&self, s: &Session, now: Timestamp) -> bool {
-        self.older_than.is_none_or(|d| now.since(s.created_at) > d)
+        // At or past the threshold counts, so that "older than 0s" matches every session.
+        self.older_than.is_none_or(|d| now.since(s.created_at) >= d)
             && self
                 .idle_longer_than
-                .is_none_or(|d| now.since(s.last_seen_at) > d)
+                .is_none_or(|d| now.since(s.last_seen_at) >= d)
             && (!self.flagged_only || !s.flags.is_empty())
             && self.ip.is_none_or(|ip| s.device.ip == Some(ip))
             && self

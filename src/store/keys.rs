@@ -6,13 +6,13 @@
 //! | prefix | map                     | key after the prefix                              | value          |
 //! |--------|-------------------------|---------------------------------------------------|----------------|
 //! | `s`    | sessionid_session       | session id (16)                                   | SessionRecord  |
-//! | `u`    | user_sessionid          | len, tenant, len, user, created_at (8), id (16)   | empty          |
+//! | `u`    | user_sessionid          | tenant, 0, user, 0, created_at (8), id (16)       | empty          |
 //! | `d`    | deadline_sessionid      | next deadline (8), id (16)                        | empty          |
 //! | `e`    | sequence_event          | sequence (8)                                      | EventRecord    |
 //! | `m`    | meta                    | name                                              | varies         |
 //! | `p`    | tenant_policy           | tenant                                            | policy (JSON)  |
-//! | `l`    | user_lastseen           | len, tenant, len, user                            | LastSeenRecord |
-//! | `q`    | user_creations          | len, tenant, len, user                            | timestamps     |
+//! | `l`    | user_lastseen           | tenant, 0, user, 0                                | LastSeenRecord |
+//! | `q`    | user_creations          | tenant, 0, user, 0                                | timestamps     |
 //! | `a`    | auditid_record          | id (8)                                            | entry (JSON)   |
 //!
 //! `user_sessionid` holds active sessions only, so counting a user's sessions for the limit is a
@@ -39,7 +39,7 @@ pub fn audit(id: u64) -> [u8; 9] {
 
 /// Marks a directory as ours, with the layout version. Checked at open.
 pub const META_FORMAT: &[u8] = b"mformat";
-pub const FORMAT_VALUE: &[u8] = b"session-authority/1";
+pub const FORMAT_VALUE: &[u8] = b"session-authority/2";
 /// The newest event sequence at the last prune; with the last event key it gives the head, even
 /// when pruning emptied the log.
 pub const META_HEAD: &[u8] = b"mhead";
@@ -69,9 +69,10 @@ pub fn session(id: &SessionId) -> [u8; 17] {
     k
 }
 
-/// Prefix of a tenant's entries in `user_sessionid`, or of one user's if `user` is given.
-/// Lengths are bounded by validation to 255 bytes, so one length byte suffices and no tenant's
-/// prefix can be a prefix of another's.
+/// Prefix of a tenant's entries in `user_sessionid`, or of one user's if `user` is given. Ids
+/// are terminated by a 0 byte, which validation keeps out of ids (no control characters): so
+/// scans come out ordered by tenant, then user, bytewise, and no id's prefix is a prefix of
+/// another's.
 pub fn user_prefix(tenant: &str, user: Option<&str>) -> Vec<u8> {
     let mut k = Vec::with_capacity(3 + tenant.len() + user.map_or(0, str::len));
     k.push(USER);
@@ -83,9 +84,8 @@ pub fn user_prefix(tenant: &str, user: Option<&str>) -> Vec<u8> {
 }
 
 fn push_str(k: &mut Vec<u8>, s: &str) {
-    // Validation caps ids at 128 bytes; saturate rather than wrap if that ever changes.
-    k.push(u8::try_from(s.len()).unwrap_or(u8::MAX));
     k.extend_from_slice(s.as_bytes());
+    k.push(0);
 }
 
 pub fn user_session(tenant: &str, user: &str, created_at: Timestamp, id: &SessionId) -> Vec<u8> {
@@ -152,6 +152,14 @@ mod tests {
         assert!(!a.starts_with(&user_prefix("a", Some("bc"))));
         assert!(a.starts_with(&user_prefix("ab", None)));
         assert!(!a.starts_with(&user_prefix("a", None)));
+    }
+
+    #[test]
+    fn users_sort_bytewise_not_by_length() {
+        let id = SessionId::from_bytes([1; 16]);
+        let t = Timestamp::from_millis(1);
+        assert!(user_session("t", "alice", t, &id) < user_session("t", "bob", t, &id));
+        assert!(user_session("a", "zzz", t, &id) < user_session("ab", "a", t, &id));
     }
 
     #[test]

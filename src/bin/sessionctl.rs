@@ -1,0 +1,620 @@
+//! `sessionctl`: the operator's command line for session-authority.
+//!
+//! ```text
+//! sessionctl list --tenant acme [--user alice] [--flagged] [--country GB]
+//! sessionctl show <session_id>
+//! sessionctl revoke <session_id> [--reason admin]
+//! sessionctl revoke-user --tenant acme --user alice [--except <session_id>]
+//! sessionctl revoke-matching --tenant acme --idle-longer-than 30d --dry-run
+//! sessionctl watch [--tenant acme] [--from 0]
+//! sessionctl stats --tenant acme
+//! sessionctl policy get acme
+//! ```
+//!
+//! Readable tables by default, `--json` (one JSON object per line) for scripts. The API key comes
+//! from `SESSION_AUTHORITY_API_KEY`, never the command line. Exit codes: 0 success, 1 server or
+//! connection error, 2 usage, 3 not found, 4 not authenticated or not allowed, 5 invalid argument.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use session_authority::proto::v1::{
+    self as pb, event_service_client::EventServiceClient,
+    policy_service_client::PolicyServiceClient, session_event::Body,
+    session_service_client::SessionServiceClient, watch_events_response::Message,
+};
+use tonic::{
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig},
+    Code, Request, Status,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "sessionctl",
+    version,
+    about = "Inspect and revoke sessions, tail events, read policies"
+)]
+struct Cli {
+    /// The server.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:50051",
+        env = "SESSION_AUTHORITY_SERVER"
+    )]
+    server: String,
+    /// PEM CA to trust for an https server.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// One JSON object per line instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List live sessions of a tenant (or a user).
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        user: Option<String>,
+        /// Only sessions with impossible-travel flags.
+        #[arg(long)]
+        flagged: bool,
+        /// Only sessions created from this country (ISO 3166-1 alpha-2).
+        #[arg(long)]
+        country: Option<String>,
+        /// Stop after this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Show one session, live or ended.
+    Show { session_id: String },
+    /// Revoke one session.
+    Revoke {
+        session_id: String,
+        #[arg(long, default_value = "admin")]
+        reason: Reason,
+    },
+    /// Revoke every live session of a user, optionally but one.
+    RevokeUser {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        except: Option<String>,
+        #[arg(long, default_value = "admin")]
+        reason: Reason,
+    },
+    /// Revoke (or with --dry-run count) a tenant's sessions matching a filter.
+    RevokeMatching {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        user: Option<String>,
+        /// Created more than this long ago, e.g. 30d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+        /// Unused for more than this long, e.g. 12h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        idle_longer_than: Option<Duration>,
+        #[arg(long)]
+        flagged: bool,
+        #[arg(long)]
+        ip: Option<String>,
+        #[arg(long)]
+        country: Option<String>,
+        #[arg(long, default_value = "admin")]
+        reason: Reason,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Tail session events as they happen (Ctrl-C to stop).
+    Watch {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// Replay from after this sequence (0: the whole kept log); default: from now.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// A tenant's counts.
+    Stats {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Read policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// The policy a tenant follows.
+    Get { tenant: String },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Reason {
+    UserLogout,
+    UserLogoutOthers,
+    Admin,
+    SuspiciousActivity,
+    Policy,
+}
+
+impl Reason {
+    fn proto(self) -> i32 {
+        (match self {
+            Reason::UserLogout => pb::RevokeReason::UserLogout,
+            Reason::UserLogoutOthers => pb::RevokeReason::UserLogoutOthers,
+            Reason::Admin => pb::RevokeReason::Admin,
+            Reason::SuspiciousActivity => pb::RevokeReason::SuspiciousActivity,
+            Reason::Policy => pb::RevokeReason::Policy,
+        }) as i32
+    }
+}
+
+/// Adds the API key to every call.
+#[derive(Clone)]
+struct Key(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Key {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Authed = InterceptedService<Channel, Key>;
+
+/// Why the command failed, and so its exit code.
+enum Failure {
+    Status(Status),
+    Other(String),
+}
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Self {
+        Failure::Status(s)
+    }
+}
+
+impl Failure {
+    fn exit(&self) -> ExitCode {
+        match self {
+            Failure::Status(s) => match s.code() {
+                Code::NotFound => ExitCode::from(3),
+                Code::Unauthenticated | Code::PermissionDenied => ExitCode::from(4),
+                Code::InvalidArgument | Code::OutOfRange => ExitCode::from(5),
+                _ => ExitCode::FAILURE,
+            },
+            Failure::Other(_) => ExitCode::FAILURE,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Failure::Status(s) => format!("{:?}: {}", s.code(), s.message()),
+            Failure::Other(m) => m.clone(),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("sessionctl: {}", f.message());
+            f.exit()
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<(Channel, Key), Failure> {
+    let mut endpoint =
+        Channel::from_shared(cli.server.clone()).map_err(|e| Failure::Other(e.to_string()))?;
+    if let Some(ca) = &cli.ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| Failure::Other(format!("reading {}: {e}", ca.display())))?;
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .map_err(|e| Failure::Other(e.to_string()))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Other(format!("connecting to {}: {e}", cli.server)))?;
+    let key = match std::env::var("SESSION_AUTHORITY_API_KEY") {
+        Ok(k) => Some(format!("Bearer {k}").parse().map_err(|_| {
+            Failure::Other("SESSION_AUTHORITY_API_KEY is not printable ASCII".into())
+        })?),
+        Err(_) => None,
+    };
+    Ok((channel, Key(key)))
+}
+
+fn sessions(c: &(Channel, Key)) -> SessionServiceClient<Authed> {
+    SessionServiceClient::with_interceptor(c.0.clone(), c.1.clone())
+}
+
+fn time(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| {
+            let d = Duration::new(u64::try_from(t.seconds).ok()?, u32::try_from(t.nanos).ok()?);
+            Some(humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + d).to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn session_json(s: &pb::Session) -> Value {
+    let place = s.device.as_ref().and_then(|d| d.location.as_ref());
+    json!({
+        "session_id": s.session_id,
+        "tenant_id": s.tenant_id,
+        "user_id": s.user_id,
+        "state": s.state().as_str_name(),
+        "created_at": time(&s.created_at),
+        "last_seen_at": time(&s.last_seen_at),
+        "idle_expires_at": time(&s.idle_expires_at),
+        "absolute_expires_at": time(&s.absolute_expires_at),
+        "remember_me": s.remember_me,
+        "ip": s.device.as_ref().map(|d| d.ip.clone()).unwrap_or_default(),
+        "country": place.map(|l| l.country.clone()).unwrap_or_default(),
+        "city": place.map(|l| l.city.clone()).unwrap_or_default(),
+        "flags": s.flags.len(),
+        "revoke_reason": s.revoke_reason().as_str_name(),
+        "attributes": s.attributes,
+    })
+}
+
+/// Prints rows of `columns` as an aligned table, or each row as a JSON line.
+fn print(json: bool, columns: &[&str], rows: &[Value]) {
+    if json {
+        for r in rows {
+            println!("{r}");
+        }
+        return;
+    }
+    let cell = |r: &Value, c: &str| match &r[c] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|c| {
+            rows.iter()
+                .map(|r| cell(r, c).len())
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(columns.iter().map(|c| c.to_uppercase()).collect());
+    for r in rows {
+        line(columns.iter().map(|c| cell(r, c)).collect());
+    }
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: 0,
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let conn = connect(&cli).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::List {
+            tenant,
+            user,
+            flagged,
+            country,
+            limit,
+        } => {
+            let mut client = sessions(&conn);
+            let mut rows = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_sessions(pb::ListSessionsRequest {
+                        tenant_id: tenant.clone(),
+                        user_id: user.clone().unwrap_or_default(),
+                        page_size: 1000,
+                        page_token,
+                        filter: Some(pb::SessionFilter {
+                            flagged_only: flagged,
+                            country: country.clone().unwrap_or_default(),
+                            ..Default::default()
+                        }),
+                    })
+                    .await?
+                    .into_inner();
+                rows.extend(page.sessions.iter().map(session_json));
+                if page.next_page_token.is_empty() || rows.len() >= limit {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            rows.truncate(limit);
+            print(
+                json,
+                &[
+                    "session_id",
+                    "user_id",
+                    "created_at",
+                    "last_seen_at",
+                    "ip",
+                    "country",
+                    "city",
+                    "flags",
+                ],
+                &rows,
+            );
+        }
+        Command::Show { session_id } => {
+            let s = sessions(&conn)
+                .get_session(pb::GetSessionRequest { session_id })
+                .await?
+                .into_inner()
+                .session
+                .unwrap_or_default();
+            let v = session_json(&s);
+            if json {
+                println!("{v}");
+            } else if let Value::Object(map) = v {
+                for (k, v) in map {
+                    println!(
+                        "{k:<20} {}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                    );
+                }
+            }
+        }
+        Command::Revoke { session_id, reason } => {
+            let r = sessions(&conn)
+                .revoke_session(pb::RevokeSessionRequest {
+                    session_id: session_id.clone(),
+                    reason: reason.proto(),
+                })
+                .await?
+                .into_inner();
+            print(
+                json,
+                &["session_id", "revoked", "sequence"],
+                &[json!({"session_id": session_id, "revoked": r.revoked, "sequence": r.sequence})],
+            );
+        }
+        Command::RevokeUser {
+            tenant,
+            user,
+            except,
+            reason,
+        } => {
+            let r = sessions(&conn)
+                .revoke_user_sessions(pb::RevokeUserSessionsRequest {
+                    tenant_id: tenant,
+                    user_id: user,
+                    except_session_id: except.unwrap_or_default(),
+                    reason: reason.proto(),
+                })
+                .await?
+                .into_inner();
+            let rows: Vec<Value> = r
+                .revoked_session_ids
+                .iter()
+                .map(|id| json!({"session_id": id, "sequence": r.sequence}))
+                .collect();
+            print(json, &["session_id", "sequence"], &rows);
+        }
+        Command::RevokeMatching {
+            tenant,
+            user,
+            older_than,
+            idle_longer_than,
+            flagged,
+            ip,
+            country,
+            reason,
+            dry_run,
+        } => {
+            let r = sessions(&conn)
+                .revoke_sessions_matching(pb::RevokeSessionsMatchingRequest {
+                    tenant_id: tenant,
+                    user_id: user.unwrap_or_default(),
+                    filter: Some(pb::SessionFilter {
+                        older_than: older_than.map(duration),
+                        idle_longer_than: idle_longer_than.map(duration),
+                        flagged_only: flagged,
+                        ip: ip.unwrap_or_default(),
+                        country: country.unwrap_or_default(),
+                        ..Default::default()
+                    }),
+                    reason: reason.proto(),
+                    dry_run,
+                })
+                .await?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    json!({"matched": r.matched, "dry_run": dry_run, "sequence": r.sequence,
+                           "sample": r.sample.iter().map(session_json).collect::<Vec<_>>()})
+                );
+            } else {
+                let verb = if dry_run { "would revoke" } else { "revoked" };
+                println!("{verb} {} sessions; sample:", r.matched);
+                let rows: Vec<Value> = r.sample.iter().map(session_json).collect();
+                print(
+                    false,
+                    &[
+                        "session_id",
+                        "user_id",
+                        "created_at",
+                        "last_seen_at",
+                        "country",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        Command::Watch {
+            tenant,
+            user,
+            from,
+            count,
+        } => {
+            let mut stream = EventServiceClient::with_interceptor(conn.0.clone(), conn.1.clone())
+                .watch_events(pb::WatchEventsRequest {
+                    after_sequence: from,
+                    filter: Some(pb::EventFilter {
+                        tenant_id: tenant.unwrap_or_default(),
+                        user_id: user.unwrap_or_default(),
+                        event_types: vec![],
+                    }),
+                })
+                .await?
+                .into_inner();
+            let mut seen = 0u64;
+            while let Some(item) = stream.message().await? {
+                let Some(Message::Event(e)) = item.message else {
+                    continue;
+                };
+                let (kind, detail) = match &e.body {
+                    Some(Body::Created(c)) => (
+                        "created",
+                        c.device
+                            .as_ref()
+                            .map(|d| {
+                                format!(
+                                    "ip={} {}",
+                                    d.ip,
+                                    d.location
+                                        .as_ref()
+                                        .map(|l| l.country.clone())
+                                        .unwrap_or_default()
+                                )
+                            })
+                            .unwrap_or_default(),
+                    ),
+                    Some(Body::Revoked(r)) => ("revoked", r.reason().as_str_name().to_string()),
+                    Some(Body::Expired(x)) => ("expired", x.deadline().as_str_name().to_string()),
+                    Some(Body::Rotated(_)) => ("rotated", String::new()),
+                    Some(Body::Flagged(f)) => (
+                        "flagged",
+                        f.flag
+                            .as_ref()
+                            .map(|f| format!("{:.0} km/h", f.speed_kmh))
+                            .unwrap_or_default(),
+                    ),
+                    None => ("unknown", String::new()),
+                };
+                if json {
+                    println!(
+                        "{}",
+                        json!({"sequence": e.sequence, "occurred_at": time(&e.occurred_at), "type": kind,
+                               "tenant_id": e.tenant_id, "user_id": e.user_id, "session_id": e.session_id,
+                               "detail": detail})
+                    );
+                } else {
+                    println!(
+                        "{:>8}  {}  {:<8} {}/{} {} {detail}",
+                        e.sequence,
+                        time(&e.occurred_at),
+                        kind,
+                        e.tenant_id,
+                        e.user_id,
+                        e.session_id
+                    );
+                }
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    break;
+                }
+            }
+        }
+        Command::Stats { tenant } => {
+            let s = sessions(&conn)
+                .get_session_stats(pb::GetSessionStatsRequest {
+                    tenant_id: tenant.clone(),
+                })
+                .await?
+                .into_inner();
+            let v = json!({"tenant_id": tenant, "live_sessions": s.live_sessions,
+                           "distinct_users": s.distinct_users, "flagged_sessions": s.flagged_sessions,
+                           "created_last_24h": s.created_last_24h, "expired_last_24h": s.expired_last_24h,
+                           "revoked_last_24h": s.revoked_last_24h});
+            if json {
+                println!("{v}");
+            } else if let Value::Object(map) = v {
+                for (k, v) in map {
+                    println!(
+                        "{k:<20} {}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                    );
+                }
+            }
+        }
+        Command::Policy {
+            command: PolicyCommand::Get { tenant },
+        } => {
+            let r = PolicyServiceClient::with_interceptor(conn.0.clone(), conn.1.clone())
+                .get_policy(pb::GetPolicyRequest { tenant_id: tenant })
+                .await?
+                .into_inner();
+            let p = r.policy.unwrap_or_default();
+            let secs = |d: &Option<prost_types::Duration>| {
+                d.as_ref()
+                    .map_or(String::new(), |d| format!("{}s", d.seconds))
+            };
+            let v = json!({"tenant_id": p.tenant_id, "is_default": r.is_default,
+                           "idle_timeout": secs(&p.idle_timeout), "absolute_timeout": secs(&p.absolute_timeout),
+                           "remember_me_allowed": p.remember_me_allowed,
+                           "max_sessions_per_user": p.max_sessions_per_user,
+                           "limit_action": p.limit_action().as_str_name(),
+                           "max_creations_per_day": p.max_creations_per_day,
+                           "max_session_age": secs(&p.max_session_age),
+                           "travel_action": p.travel_action().as_str_name(),
+                           "cookie_name": p.cookie_name});
+            if json {
+                println!("{v}");
+            } else if let Value::Object(map) = v {
+                for (k, v) in map {
+                    println!(
+                        "{k:<24} {}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

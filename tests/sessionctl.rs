@@ -1,0 +1,140 @@
+//! `sessionctl` against a real server: tables, JSON lines, and the exit codes scripts rely on.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use session_authority::config::{ApiKeyConfig, Config, Role};
+use sha2::{Digest, Sha256};
+
+/// Runs the CLI without blocking the runtime the in-process server runs on.
+async fn sessionctl(
+    server: &TestServer,
+    args: &[&str],
+    key: Option<&str>,
+) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sessionctl"));
+    cmd.arg("--server")
+        .arg(format!("http://{}", server.addr))
+        .args(args);
+    cmd.env_remove("SESSION_AUTHORITY_API_KEY");
+    if let Some(key) = key {
+        cmd.env("SESSION_AUTHORITY_API_KEY", key);
+    }
+    let out = cmd.output().await.expect("run sessionctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[tokio::test]
+async fn list_show_revoke_and_watch() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let a = create(&mut client, "acme", "alice").await;
+    create(&mut client, "acme", "bob").await;
+    let id = a.session.expect("s").session_id;
+
+    let (code, out, _) = sessionctl(&server, &["--json", "list", "--tenant", "acme"], None).await;
+    assert_eq!(code, 0);
+    let rows = lines(&out);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["user_id"], "alice");
+    let (code, out, _) = sessionctl(
+        &server,
+        &["list", "--tenant", "acme", "--user", "bob"],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .next()
+            .expect("header")
+            .starts_with("SESSION_ID"),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 2);
+
+    let (code, out, _) = sessionctl(&server, &["--json", "show", &id], None).await;
+    assert_eq!(code, 0);
+    assert_eq!(lines(&out)[0]["state"], "SESSION_STATE_ACTIVE");
+
+    let (code, out, _) = sessionctl(
+        &server,
+        &["--json", "revoke", &id, "--reason", "user-logout"],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(lines(&out)[0]["revoked"], true);
+    assert_not_valid(validate(&mut client, &a.token).await);
+
+    let (code, out, _) = sessionctl(
+        &server,
+        &["--json", "watch", "--from", "0", "--count", "3"],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0);
+    let kinds: Vec<_> = lines(&out)
+        .iter()
+        .map(|e| e["type"].as_str().expect("type").to_string())
+        .collect();
+    assert_eq!(kinds, ["created", "created", "revoked"]);
+
+    let (code, out, _) = sessionctl(
+        &server,
+        &[
+            "--json",
+            "revoke-matching",
+            "--tenant",
+            "acme",
+            "--older-than",
+            "0s",
+            "--dry-run",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(lines(&out)[0]["matched"], 1);
+}
+
+#[tokio::test]
+async fn exit_codes_say_what_went_wrong() {
+    let server = TestServer::start_with(Config {
+        api_keys: vec![ApiKeyConfig {
+            name: "ops".into(),
+            sha256: hex::encode(Sha256::digest(b"ops-key")),
+            role: Role::Admin,
+            tenant: None,
+        }],
+        ..test_config()
+    })
+    .await;
+    let (code, _, err) = sessionctl(&server, &["list", "--tenant", "acme"], None).await;
+    assert_eq!(code, 4, "no key: {err}");
+    let (code, _, err) = sessionctl(
+        &server,
+        &["show", "00000000000000000000000000000000"],
+        Some("ops-key"),
+    )
+    .await;
+    assert_eq!(code, 3, "unknown id: {err}");
+    let (code, _, err) = sessionctl(&server, &["show", "not-an-id"], Some("ops-key")).await;
+    assert_eq!(code, 5, "bad id: {err}");
+    assert!(err.contains("session_id"), "{err}");
+    let (code, out, _) = sessionctl(&server, &["stats", "--tenant", "acme"], Some("ops-key")).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("live_sessions"));
+}
