@@ -285,6 +285,20 @@ fn session_json(s: &pb::Session) -> Value {
     })
 }
 
+/// Prints one record as `key value` lines, or as one JSON line.
+fn print_record(json: bool, v: &Value) {
+    if json {
+        println!("{v}");
+    } else if let Value::Object(map) = v {
+        for (k, v) in map {
+            println!(
+                "{k:<24} {}",
+                v.as_str().map_or_else(|| v.to_string(), str::to_string)
+            );
+        }
+    }
+}
+
 /// Prints rows of `columns` as an aligned table, or each row as a JSON line.
 fn print(json: bool, columns: &[&str], rows: &[Value]) {
     if json {
@@ -388,16 +402,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .session
                 .unwrap_or_default();
             let v = session_json(&s);
-            if json {
-                println!("{v}");
-            } else if let Value::Object(map) = v {
-                for (k, v) in map {
-                    println!(
-                        "{k:<20} {}",
-                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
-                    );
-                }
-            }
+            print_record(json, &v);
         }
         Command::Revoke { session_id, reason } => {
             let r = sessions(&conn)
@@ -572,16 +577,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                            "distinct_users": s.distinct_users, "flagged_sessions": s.flagged_sessions,
                            "created_last_24h": s.created_last_24h, "expired_last_24h": s.expired_last_24h,
                            "revoked_last_24h": s.revoked_last_24h});
-            if json {
-                println!("{v}");
-            } else if let Value::Object(map) = v {
-                for (k, v) in map {
-                    println!(
-                        "{k:<20} {}",
-                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
-                    );
-                }
-            }
+            print_record(json, &v);
         }
         Command::Policy {
             command: PolicyCommand::Get { tenant },
@@ -604,16 +600,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                            "max_session_age": secs(&p.max_session_age),
                            "travel_action": p.travel_action().as_str_name(),
                            "cookie_name": p.cookie_name});
-            if json {
-                println!("{v}");
-            } else if let Value::Object(map) = v {
-                for (k, v) in map {
-                    println!(
-                        "{k:<24} {}",
-                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
-                    );
-                }
-            }
+            print_record(json, &v);
         }
     }
     Ok(())

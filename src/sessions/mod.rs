@@ -368,7 +368,7 @@ impl<S: SessionStore> Sessions<S> {
                 self.clock.now(),
             )
             .await?;
-        tracing::info!(session_id = %parsed.session_id, "session token rotated");
+        tracing::info!(session_id = %parsed.session_id, "session rotated to a new secret");
         let now = self.clock.now();
         let (session, policy) = self.current(outcome.session, now);
         let cookie = self.cookie_advice(&session, &policy, now);
