@@ -72,12 +72,6 @@ impl Error {
     }
 }
 
-impl From<sled::Error> for Error {
-    fn from(e: sled::Error) -> Self {
-        Error::Storage(e.to_string())
-    }
-}
-
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {

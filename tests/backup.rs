@@ -8,10 +8,9 @@ use std::sync::Arc;
 use common::*;
 use session_authority::{
     backup,
-    config::{ApiKeyConfig, Config, Role},
+    config::{Config, Role},
     proto::v1::{self as pb, policy_service_client::PolicyServiceClient},
 };
-use sha2::{Digest, Sha256};
 
 #[tokio::test]
 async fn a_backup_restores_into_a_server_with_everything_acknowledged() {
@@ -126,17 +125,11 @@ async fn a_damaged_backup_is_refused_before_anything_is_written() {
 
 #[tokio::test]
 async fn only_an_unbound_admin_may_take_a_backup() {
-    let key = |name: &str, secret: &str, role, tenant: Option<&str>| ApiKeyConfig {
-        name: name.into(),
-        sha256: hex::encode(Sha256::digest(secret.as_bytes())),
-        role,
-        tenant: tenant.map(String::from),
-    };
     let server = TestServer::start_with(Config {
         api_keys: vec![
-            key("ops", "ops", Role::Admin, None),
-            key("acme-ops", "acme-ops", Role::Admin, Some("acme")),
-            key("web", "web", Role::Service, None),
+            api_key("ops", "ops", Role::Admin, None),
+            api_key("acme-ops", "acme-ops", Role::Admin, Some("acme")),
+            api_key("web", "web", Role::Service, None),
         ],
         ..test_config()
     })

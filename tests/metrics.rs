@@ -30,12 +30,7 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 
 #[tokio::test]
 async fn metrics_count_calls_events_and_subscribers() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let metrics_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let metrics_addr = free_loopback_addr();
     let server = TestServer::start_with(Config {
         metrics_listen: Some(metrics_addr),
         ..test_config()

@@ -8,7 +8,7 @@ use common::*;
 use http::uri::PathAndQuery;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use session_authority::{
-    config::{ApiKeyConfig, ClientIdentityConfig, Config, Role},
+    config::{ClientIdentityConfig, Config, Role},
     proto::v1::{
         self as pb, audit_service_client::AuditServiceClient,
         event_service_client::EventServiceClient, policy_service_client::PolicyServiceClient,
@@ -17,7 +17,6 @@ use session_authority::{
     security::methods::{Access, METHODS},
     token::TokenGenerator,
 };
-use sha2::{Digest, Sha256};
 use tonic::{
     metadata::MetadataValue,
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
@@ -210,24 +209,15 @@ async fn mutual_tls_requires_a_client_certificate_from_the_configured_ca() {
 
 // === API keys and roles ===
 
-fn key(name: &str, secret: &str, role: Role, tenant: Option<&str>) -> ApiKeyConfig {
-    ApiKeyConfig {
-        name: name.into(),
-        sha256: hex::encode(Sha256::digest(secret.as_bytes())),
-        role,
-        tenant: tenant.map(String::from),
-    }
-}
-
 fn keyed_config() -> Config {
     Config {
         api_keys: vec![
-            key("ops", "admin-secret", Role::Admin, None),
-            key("web", "service-secret", Role::Service, None),
-            key("cache", "subscriber-secret", Role::Subscriber, None),
-            key("acme-web", "acme-secret", Role::Service, Some("acme")),
-            key("acme-ops", "acme-admin-secret", Role::Admin, Some("acme")),
-            key("attacker", "attacker-secret", Role::Service, None),
+            api_key("ops", "admin-secret", Role::Admin, None),
+            api_key("web", "service-secret", Role::Service, None),
+            api_key("cache", "subscriber-secret", Role::Subscriber, None),
+            api_key("acme-web", "acme-secret", Role::Service, Some("acme")),
+            api_key("acme-ops", "acme-admin-secret", Role::Admin, Some("acme")),
+            api_key("attacker", "attacker-secret", Role::Service, None),
         ],
         failed_validations_per_ip_per_minute: 30,
         failed_validations_per_caller_per_minute: 300,
@@ -659,7 +649,7 @@ fn a_non_loopback_address_needs_tls_and_credentials_or_insecure() {
         "TLS alone: anyone may still call"
     );
     assert!(exposed(Config {
-        api_keys: vec![key("ops", "s", Role::Admin, None)],
+        api_keys: vec![api_key("ops", "s", Role::Admin, None)],
         ..with_tls
     })
     .is_ok());
@@ -762,12 +752,7 @@ async fn a_refused_stream_is_answered_at_once_even_if_the_client_keeps_sending()
 
 #[tokio::test]
 async fn the_health_port_answers_probes_without_credentials_and_serves_nothing_else() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let health_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let health_addr = free_loopback_addr();
     let server = TestServer::start_with(Config {
         health_listen: Some(health_addr),
         ..keyed_config()

@@ -4,8 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use session_authority::config::{ApiKeyConfig, Config, Role};
-use sha2::{Digest, Sha256};
+use session_authority::config::{Config, Role};
 
 /// Runs the CLI without blocking the runtime the in-process server runs on.
 async fn sessionctl(
@@ -113,12 +112,7 @@ async fn list_show_revoke_and_watch() {
 #[tokio::test]
 async fn exit_codes_say_what_went_wrong() {
     let server = TestServer::start_with(Config {
-        api_keys: vec![ApiKeyConfig {
-            name: "ops".into(),
-            sha256: hex::encode(Sha256::digest(b"ops-key")),
-            role: Role::Admin,
-            tenant: None,
-        }],
+        api_keys: vec![api_key("ops", "ops-key", Role::Admin, None)],
         ..test_config()
     })
     .await;

@@ -18,7 +18,7 @@ use tower::{Layer, Service};
 
 use super::{
     certificate_identities,
-    methods::{access, Access},
+    methods::{lookup, Access},
     AuthError, Authenticator, Caller, Role,
 };
 
@@ -60,13 +60,15 @@ pub struct Guard<S> {
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
-/// Decides whether `path` may be called with these credentials; the caller to record, if any.
+/// Decides whether `path` (whose table entry is `access`) may be called with these credentials;
+/// the caller to record, if any.
 fn authorize<B>(
     auth: &Authenticator,
     path: &str,
+    access: Access,
     req: &http::Request<B>,
 ) -> Result<Option<Caller>, Status> {
-    let required = match access(path) {
+    let required = match access {
         Access::Open => return Ok(None),
         Access::Reflection if auth.reflection_open() => return Ok(None),
         Access::Reflection => &[Role::Admin][..],
@@ -76,14 +78,16 @@ fn authorize<B>(
         .headers()
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    let identities: Vec<String> = req
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|info| info.peer_certs())
-        .and_then(|certs| certs.first().map(|c| certificate_identities(c.as_ref())))
-        .unwrap_or_default();
+    // Parsing the certificate is the costly part: only done when no API key decides.
+    let identities = || {
+        req.extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .and_then(|certs| certs.first().map(|c| certificate_identities(c.as_ref())))
+            .unwrap_or_default()
+    };
     let caller = auth
-        .authenticate(authorization, &identities)
+        .authenticate(authorization, identities)
         .map_err(|AuthError::Unauthenticated(why)| Status::unauthenticated(why))?;
     if !required.contains(&caller.role) {
         return Err(Status::permission_denied(format!(
@@ -166,11 +170,11 @@ where
         let path = req.uri().path().to_owned();
         // Metric labels come from the method table only: a caller can send any path, and
         // unbounded label values would be a memory leak.
-        let label = super::methods::METHODS
-            .iter()
-            .find(|(p, _)| *p == path)
-            .map_or("unknown", |(p, _)| *p);
-        let caller = match authorize(&self.auth, &path, &req) {
+        // One table lookup per call serves both authorization and metrics.
+        let entry = lookup(&path);
+        let label = entry.map_or("unknown", |(p, _)| *p);
+        let access = entry.map_or(Access::Roles(&[Role::Admin]), |(_, a)| *a);
+        let caller = match authorize(&self.auth, &path, access, &req) {
             Ok(caller) => caller,
             Err(status) => {
                 if status.code() == tonic::Code::PermissionDenied {

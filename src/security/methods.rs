@@ -101,13 +101,15 @@ pub const METHODS: &[(&str, Access)] = &[
     ),
 ];
 
+/// The table's entry for `path`, if it has one.
+pub fn lookup(path: &str) -> Option<&'static (&'static str, Access)> {
+    METHODS.iter().find(|(p, _)| *p == path)
+}
+
 /// Who may call `path`. Unknown paths are for admins only (they get UNIMPLEMENTED from the
 /// router, and nobody else learns even that).
 pub fn access(path: &str) -> Access {
-    METHODS
-        .iter()
-        .find(|(p, _)| *p == path)
-        .map_or(Access::Roles(ADMIN), |(_, a)| *a)
+    lookup(path).map_or(Access::Roles(ADMIN), |(_, a)| *a)
 }
 
 #[cfg(test)]

@@ -134,12 +134,12 @@ impl Authenticator {
         self.reflection_open
     }
 
-    /// The caller presenting `authorization` (a header value) and/or client certificate
-    /// `identities` (its CN as `CN=...` and its SANs). An API key wins over a certificate.
+    /// The caller presenting `authorization` (a header value) and/or a client certificate, whose
+    /// `identities` (its CN as `CN=...` and its SANs) are only worked out when no API key decides.
     pub fn authenticate(
         &self,
         authorization: Option<&[u8]>,
-        identities: &[String],
+        identities: impl FnOnce() -> Vec<String>,
     ) -> Result<Caller, AuthError> {
         if !self.enabled {
             return Ok(Caller::anonymous());
@@ -163,6 +163,12 @@ impl Authenticator {
                 .cloned()
                 .ok_or(AuthError::Unauthenticated("unknown API key"));
         }
+        if self.identities.is_empty() {
+            return Err(AuthError::Unauthenticated(
+                "credentials required: an API key (authorization: Bearer ...)",
+            ));
+        }
+        let identities = identities();
         self.identities
             .iter()
             .find(|c| identities.contains(&c.identity))
@@ -221,18 +227,18 @@ mod tests {
         let auth =
             Authenticator::from_config(&config_with_key("s3cret", Role::Service, Some("acme")));
         let caller = auth
-            .authenticate(Some(b"Bearer s3cret"), &[])
+            .authenticate(Some(b"Bearer s3cret"), Vec::new)
             .expect("known key");
         assert_eq!(caller.role, Role::Service);
         assert!(caller.may_access("acme") && !caller.may_access("globex"));
-        assert!(auth.authenticate(Some(b"Bearer wrong"), &[]).is_err());
-        assert!(auth.authenticate(Some(b"s3cret"), &[]).is_err());
-        assert!(auth.authenticate(None, &[]).is_err());
+        assert!(auth.authenticate(Some(b"Bearer wrong"), Vec::new).is_err());
+        assert!(auth.authenticate(Some(b"s3cret"), Vec::new).is_err());
+        assert!(auth.authenticate(None, Vec::new).is_err());
     }
 
     #[test]
     fn without_credentials_configured_everyone_is_an_anonymous_admin() {
         let auth = Authenticator::from_config(&Config::default());
-        assert_eq!(auth.authenticate(None, &[]), Ok(Caller::anonymous()));
+        assert_eq!(auth.authenticate(None, Vec::new), Ok(Caller::anonymous()));
     }
 }

@@ -9,11 +9,10 @@
 
 use std::{
     collections::HashMap,
-    hash::Hash,
     net::IpAddr,
     num::NonZeroU32,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Mutex,
     },
     time::{Duration, Instant},
@@ -30,17 +29,21 @@ use crate::error::Error;
 /// How often (in failures) the throttle forgets keys that have been quiet, to bound memory.
 const HOUSEKEEPING_EVERY: u64 = 4096;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Key {
-    Caller(String),
-    Ip(IpAddr),
+/// Who is blocked, until when.
+#[derive(Default)]
+struct Blocked {
+    callers: HashMap<String, Instant>,
+    ips: HashMap<IpAddr, Instant>,
 }
 
 /// See the module documentation.
 pub struct FailureThrottle {
     per_caller: DefaultKeyedRateLimiter<String>,
     per_ip: DefaultKeyedRateLimiter<IpAddr>,
-    blocked: Mutex<HashMap<Key, Instant>>,
+    blocked: Mutex<Blocked>,
+    /// Whether anything may be blocked: lets [`FailureThrottle::check`], which every validate
+    /// calls, skip the lock entirely in the normal case.
+    any_blocked: AtomicBool,
     salt: [u8; 16],
     failures: AtomicU64,
 }
@@ -58,24 +61,27 @@ impl FailureThrottle {
         Self {
             per_caller: RateLimiter::keyed(quota(per_caller_per_minute)),
             per_ip: RateLimiter::keyed(quota(per_ip_per_minute)),
-            blocked: Mutex::new(HashMap::new()),
+            blocked: Mutex::new(Blocked::default()),
+            any_blocked: AtomicBool::new(false),
             salt,
             failures: AtomicU64::new(0),
         }
     }
 
-    fn blocked(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Instant>> {
+    fn blocked(&self) -> std::sync::MutexGuard<'_, Blocked> {
         self.blocked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Refuses the call if its caller or client IP is blocked.
     pub fn check(&self, caller: &str, ip: Option<IpAddr>) -> Result<(), Error> {
+        if !self.any_blocked.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let now = Instant::now();
         let blocked = self.blocked();
-        let is_blocked = |k: &Key| blocked.get(k).is_some_and(|until| *until > now);
-        if is_blocked(&Key::Caller(caller.to_string()))
-            || ip.is_some_and(|ip| is_blocked(&Key::Ip(ip)))
-        {
+        let caller_blocked = blocked.callers.get(caller).is_some_and(|u| *u > now);
+        let ip_blocked = ip.is_some_and(|ip| blocked.ips.get(&ip).is_some_and(|u| *u > now));
+        if caller_blocked || ip_blocked {
             return Err(Error::ResourceExhausted(
                 "too many failed validations from this caller or client; retry later".into(),
             ));
@@ -86,20 +92,15 @@ impl FailureThrottle {
     /// Counts a failed validation of `token`.
     pub fn record_failure(&self, caller: &str, ip: Option<IpAddr>, token: &str) {
         let clock = DefaultClock::default();
-        let mut newly_blocked = Vec::new();
         if let Err(wait) = self.per_caller.check_key(&caller.to_string()) {
-            newly_blocked.push((
-                Key::Caller(caller.to_string()),
-                wait.wait_time_from(clock.now()),
-            ));
+            let wait = wait.wait_time_from(clock.now());
+            self.block(|b| &mut b.callers, caller.to_string(), wait, token);
         }
         if let Some(ip) = ip {
             if let Err(wait) = self.per_ip.check_key(&ip) {
-                newly_blocked.push((Key::Ip(ip), wait.wait_time_from(clock.now())));
+                let wait = wait.wait_time_from(clock.now());
+                self.block(|b| &mut b.ips, ip, wait, token);
             }
-        }
-        if !newly_blocked.is_empty() {
-            self.block(newly_blocked, token);
         }
         if self.failures.fetch_add(1, Ordering::Relaxed) % HOUSEKEEPING_EVERY
             == HOUSEKEEPING_EVERY - 1
@@ -108,32 +109,44 @@ impl FailureThrottle {
         }
     }
 
-    fn block(&self, keys: Vec<(Key, Duration)>, token: &str) {
+    fn block<K: std::hash::Hash + Eq + std::fmt::Debug>(
+        &self,
+        map: impl FnOnce(&mut Blocked) -> &mut HashMap<K, Instant>,
+        key: K,
+        wait: Duration,
+        token: &str,
+    ) {
         let now = Instant::now();
+        // Block for at least a second, so a burst is one event, not one per refilled token.
+        let until = now + wait.max(Duration::from_secs(1));
         let mut blocked = self.blocked();
-        for (key, wait) in keys {
-            // Block for at least a second, so a burst is one event, not one per refilled token.
-            let until = now + wait.max(Duration::from_secs(1));
-            let was_blocked = blocked.get(&key).is_some_and(|u| *u > now);
-            blocked.insert(key.clone(), until);
-            if !was_blocked {
-                let digest = Sha256::new()
-                    .chain_update(self.salt)
-                    .chain_update(token.as_bytes())
-                    .finalize();
-                tracing::warn!(
-                    key = ?key,
-                    blocked_for_ms = (until - now).as_millis() as u64,
-                    last_token_salted_sha256 = %hex::encode(&digest[..8]),
-                    "failed validations over the limit: throttling (possible token guessing)"
-                );
-            }
+        let map = map(&mut blocked);
+        let was_blocked = map.get(&key).is_some_and(|u| *u > now);
+        if !was_blocked {
+            let digest = Sha256::new()
+                .chain_update(self.salt)
+                .chain_update(token.as_bytes())
+                .finalize();
+            tracing::warn!(
+                key = ?key,
+                blocked_for_ms = (until - now).as_millis() as u64,
+                last_token_salted_sha256 = %hex::encode(&digest[..8]),
+                "failed validations over the limit: throttling (possible token guessing)"
+            );
         }
+        map.insert(key, until);
+        self.any_blocked.store(true, Ordering::Release);
     }
 
     fn housekeeping(&self) {
         let now = Instant::now();
-        self.blocked().retain(|_, until| *until > now);
+        let mut blocked = self.blocked();
+        blocked.callers.retain(|_, until| *until > now);
+        blocked.ips.retain(|_, until| *until > now);
+        if blocked.callers.is_empty() && blocked.ips.is_empty() {
+            self.any_blocked.store(false, Ordering::Release);
+        }
+        drop(blocked);
         self.per_caller.retain_recent();
         self.per_ip.retain_recent();
     }

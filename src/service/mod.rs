@@ -41,6 +41,21 @@ use crate::{
     token::TokenGenerator,
 };
 
+/// Requests here are tiny; a large one is a mistake or an attack. Replies can be larger (a page
+/// of 1000 sessions).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
+
+/// Applies the message size limits to a generated service (each generated server has the same
+/// two setters, but no common trait).
+macro_rules! limit {
+    ($service:expr) => {
+        $service
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_REPLY_BYTES)
+    };
+}
+
 /// Serves the session authority on `listener` until `shutdown` completes, then stops gracefully:
 /// health turns NOT_SERVING, in-flight calls finish, the sweeper stops and the store is flushed
 /// and closed. Returns once the data directory can be reopened.
@@ -177,19 +192,19 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(limit(SessionServiceServer::new(SessionApi::new(
+        .add_service(limit!(SessionServiceServer::new(SessionApi::new(
             sessions.clone(),
             throttle,
         ))))
-        .add_service(limit(PolicyServiceServer::new(PolicyApi::new(
+        .add_service(limit!(PolicyServiceServer::new(PolicyApi::new(
             sessions.clone(),
         ))))
-        .add_service(limit(AuditServiceServer::new(AuditApi::new(store.clone()))))
-        .add_service(limit(BackupServiceServer::new(BackupApi::new(
+        .add_service(limit!(AuditServiceServer::new(AuditApi::new(store.clone()))))
+        .add_service(limit!(BackupServiceServer::new(BackupApi::new(
             sessions.clone(),
             config.data_dir.clone(),
         ))))
-        .add_service(limit(EventServiceServer::new(EventApi::new(
+        .add_service(limit!(EventServiceServer::new(EventApi::new(
             store.clone(),
             WatchSettings {
                 heartbeat: config.heartbeat_interval,
@@ -275,42 +290,3 @@ async fn follow_store_health<S: SessionStore>(
         }
     }
 }
-
-/// Requests here are tiny; a large one is a mistake or an attack. Replies can be larger (a page
-/// of 1000 sessions).
-const MAX_REQUEST_BYTES: usize = 64 * 1024;
-const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
-
-/// Applies the message size limits to a generated service.
-fn limit<T: Limited>(service: T) -> T {
-    service
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_REPLY_BYTES)
-}
-
-/// The generated servers' size setters, under one name so [`limit`] can apply them to each.
-trait Limited: Sized {
-    fn max_decoding_message_size(self, limit: usize) -> Self;
-    fn max_encoding_message_size(self, limit: usize) -> Self;
-}
-
-macro_rules! limited {
-    ($($server:ty),*) => {$(
-        impl<S: SessionStore> Limited for $server {
-            fn max_decoding_message_size(self, limit: usize) -> Self {
-                <$server>::max_decoding_message_size(self, limit)
-            }
-            fn max_encoding_message_size(self, limit: usize) -> Self {
-                <$server>::max_encoding_message_size(self, limit)
-            }
-        }
-    )*};
-}
-
-limited!(
-    SessionServiceServer<SessionApi<S>>,
-    PolicyServiceServer<PolicyApi<S>>,
-    EventServiceServer<EventApi<S>>,
-    AuditServiceServer<AuditApi<S>>,
-    BackupServiceServer<BackupApi<S>>
-);

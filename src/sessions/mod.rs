@@ -450,28 +450,58 @@ impl<S: SessionStore> Sessions<S> {
     /// timeouts are stored and sessions already past them end now, with their events (so caches
     /// hear of it). Returns how many sessions changed.
     pub async fn enforce_policy(&self, tenant_id: &str) -> Result<usize> {
-        const BATCH: usize = 256;
         let scope = ListScope {
             tenant_id: tenant_id.to_string(),
             user_id: None,
         };
-        let mut cursor = None;
+        let mut pages = self.pages(&scope);
         let mut changed = 0;
-        loop {
-            let page = self.store.list(&scope, cursor.as_deref(), BATCH)?;
-            let ids = page.sessions.iter().map(|s| s.id).collect();
+        while let Some(batch) = pages.next()? {
+            let ids = batch.iter().map(|s| s.id).collect();
             let policy = self.policies.for_tenant(tenant_id);
             changed += self.store.enforce(ids, policy, self.clock.now()).await?;
-            match page.next {
-                Some(next) => cursor = Some(next),
-                None => return Ok(changed),
-            }
+        }
+        Ok(changed)
+    }
+
+    /// Walks the active sessions of `scope` a batch at a time.
+    fn pages<'a>(&'a self, scope: &'a ListScope) -> Pages<'a, S> {
+        Pages {
+            store: &self.store,
+            scope,
+            cursor: None,
+            done: false,
         }
     }
 }
 
-/// Sessions revoked per store command in a bulk revocation: big enough to be efficient, small
-/// enough that other writes interleave.
+/// A scope's active sessions in batches of [`BULK_BATCH`]. Each batch is one store read, so
+/// writes interleave between batches and no long scan holds anything.
+struct Pages<'a, S> {
+    store: &'a S,
+    scope: &'a ListScope,
+    cursor: Option<Vec<u8>>,
+    done: bool,
+}
+
+impl<S: SessionStore> Pages<'_, S> {
+    fn next(&mut self) -> Result<Option<Vec<Session>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self
+            .store
+            .list(self.scope, self.cursor.as_deref(), BULK_BATCH)?;
+        match page.next {
+            Some(next) => self.cursor = Some(next),
+            None => self.done = true,
+        }
+        Ok(Some(page.sessions))
+    }
+}
+
+/// Sessions per store command in bulk work (policy enforcement, bulk revocation, stats): big
+/// enough to be efficient, small enough that other writes interleave.
 const BULK_BATCH: usize = 256;
 /// Sessions shown in a bulk revocation's sample.
 const SAMPLE: usize = 10;
@@ -480,17 +510,13 @@ impl<S: SessionStore> Sessions<S> {
     /// Revokes (or, in a dry run, counts) the live sessions in scope that match the filter, a
     /// batch at a time.
     pub async fn revoke_matching(&self, query: MatchQuery) -> Result<Matched> {
-        let mut cursor: Option<Vec<u8>> = None;
         let mut matched = 0u64;
         let mut sample = Vec::new();
         let mut sequence = self.store.events().durable_head();
-        loop {
-            let page = self
-                .store
-                .list(&query.scope, cursor.as_deref(), BULK_BATCH)?;
+        let mut pages = self.pages(&query.scope);
+        while let Some(batch) = pages.next()? {
             let now = self.clock.now();
-            let hits: Vec<Session> = page
-                .sessions
+            let hits: Vec<Session> = batch
                 .into_iter()
                 .map(|s| self.current(s, now).0)
                 .filter(|s| s.is_active() && query.filter.matches(s, now))
@@ -507,10 +533,6 @@ impl<S: SessionStore> Sessions<S> {
                     .await?;
                 matched += outcome.revoked.len() as u64;
                 sequence = outcome.sequence;
-            }
-            match page.next {
-                Some(next) => cursor = Some(next),
-                None => break,
             }
         }
         if !query.dry_run && matched > 0 {
@@ -532,11 +554,10 @@ impl<S: SessionStore> Sessions<S> {
         let now = self.clock.now();
         let mut stats = Stats::default();
         let mut last_user: Option<String> = None;
-        let mut cursor: Option<Vec<u8>> = None;
-        loop {
-            let page = self.store.list(&scope, cursor.as_deref(), BULK_BATCH)?;
+        let mut pages = self.pages(&scope);
+        while let Some(batch) = pages.next()? {
             // Ordered by user, so counting distinct users needs only the previous one.
-            for s in page.sessions.into_iter().map(|s| self.current(s, now).0) {
+            for s in batch.into_iter().map(|s| self.current(s, now).0) {
                 if !s.is_active() {
                     continue;
                 }
@@ -546,10 +567,6 @@ impl<S: SessionStore> Sessions<S> {
                     stats.distinct_users += 1;
                     last_user = Some(s.user_id);
                 }
-            }
-            match page.next {
-                Some(next) => cursor = Some(next),
-                None => break,
             }
         }
         let mut revoked: std::collections::HashMap<RevokeReason, u64> = Default::default();

@@ -59,6 +59,13 @@ use crate::{
     token::{SessionId, TokenHash},
 };
 
+/// sled's errors become the service's storage error here, so no other module knows sled.
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
 /// Writes queued for the writer before callers wait for room. Large enough to absorb bursts,
 /// small enough that a stalled disk pushes back instead of growing memory.
 const COMMAND_QUEUE: usize = 16_384;

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::Path, process::Stdio, sync::Arc, time::Duration
 
 use session_authority::{
     clock::{ManualClock, Timestamp},
-    config::Config,
+    config::{ApiKeyConfig, Config, Role},
     proto::v1::{self as pb, session_service_client::SessionServiceClient},
 };
 use tempfile::TempDir;
@@ -231,11 +231,7 @@ where
 
 /// The server binary on `dir`, on a free loopback port, with extra `args`.
 pub async fn spawn_binary(dir: &Path, args: &[&str]) -> (Child, String) {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_loopback_addr().to_string();
     let child = Command::new(env!("CARGO_BIN_EXE_session-authority"))
         .args(["--listen", &addr, "--data-dir"])
         .arg(dir)
@@ -266,4 +262,23 @@ pub async fn connect_channel(addr: &str) -> Channel {
 
 pub async fn connect(addr: &str) -> SessionServiceClient<Channel> {
     SessionServiceClient::new(connect_channel(addr).await)
+}
+
+/// An API key entry for `secret`, configured (as the server wants it) by its SHA-256.
+pub fn api_key(name: &str, secret: &str, role: Role, tenant: Option<&str>) -> ApiKeyConfig {
+    use sha2::Digest;
+    ApiKeyConfig {
+        name: name.into(),
+        sha256: hex::encode(sha2::Sha256::digest(secret.as_bytes())),
+        role,
+        tenant: tenant.map(String::from),
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_loopback_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
 }
