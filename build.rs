@@ -1,5 +1,5 @@
 //! Compiles `proto/` with protox (pure Rust: a fresh machine needs no system `protoc`), generates
-//! the tonic client and server, and writes the descriptor set that server reflection serves.
+//! the tonic server traits, and writes the descriptor set that server reflection serves.
 
 use std::{env, fs, path::PathBuf};
 
@@ -13,15 +13,6 @@ const PROTOS: &[&str] = &[
     "proto/session_authority/v1/backup.proto",
 ];
 
-/// Messages that carry a session token: their `Debug` is written by hand (in `src/proto.rs`) so
-/// that a token can never reach a log through `{:?}`.
-const SECRET_MESSAGES: &[&str] = &[
-    ".session_authority.v1.CreateSessionResponse",
-    ".session_authority.v1.ValidateSessionRequest",
-    ".session_authority.v1.RotateSessionRequest",
-    ".session_authority.v1.RotateSessionResponse",
-];
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(PROTOS, ["proto"])?;
@@ -31,10 +22,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("session_authority_descriptor.bin"),
         fds.encode_to_vec(),
     )?;
+    // The messages and client stubs live in the client crate (with the hand-written, redacting
+    // `Debug` of the token-bearing ones); only the server traits are generated here.
     tonic_prost_build::configure()
-        .build_client(true)
+        .build_client(false)
         .build_server(true)
-        .skip_debug(SECRET_MESSAGES)
+        .extern_path(
+            ".session_authority.v1",
+            "::session_authority_client::proto::v1",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,10 +1,9 @@
-//! Generated protobuf and gRPC code for `session_authority.v1`, the descriptor set that server
-//! reflection serves, and hand-written `Debug` for the messages that carry a token (so that `{:?}`
-//! on a request or response can never print one).
-
-#![allow(clippy::all, missing_docs)]
+//! The protobuf messages of `session_authority.v1` (defined once, in the client crate), the server
+//! traits generated here against them, and the descriptor set that server reflection serves.
 
 pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    pub use session_authority_client::proto::v1::*;
     tonic::include_proto!("session_authority.v1");
 }
 
@@ -13,48 +12,3 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(
     env!("OUT_DIR"),
     "/session_authority_descriptor.bin"
 ));
-
-use std::fmt;
-
-const REDACTED: &str = "<redacted>";
-
-impl fmt::Debug for v1::CreateSessionResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CreateSessionResponse")
-            .field("session", &self.session)
-            .field("token", &REDACTED)
-            .field("evicted_session_ids", &self.evicted_session_ids)
-            .field("sequence", &self.sequence)
-            .field("cookie", &self.cookie)
-            .finish()
-    }
-}
-
-impl fmt::Debug for v1::ValidateSessionRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ValidateSessionRequest")
-            .field("token", &REDACTED)
-            .field("touch", &self.touch)
-            .field("device", &self.device)
-            .finish()
-    }
-}
-
-impl fmt::Debug for v1::RotateSessionRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RotateSessionRequest")
-            .field("token", &REDACTED)
-            .finish()
-    }
-}
-
-impl fmt::Debug for v1::RotateSessionResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RotateSessionResponse")
-            .field("session", &self.session)
-            .field("token", &REDACTED)
-            .field("sequence", &self.sequence)
-            .field("cookie", &self.cookie)
-            .finish()
-    }
-}

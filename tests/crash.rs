@@ -298,6 +298,7 @@ fn fates(ops: &[Op]) -> HashMap<String, Fate> {
 async fn whole_log(channel: Channel) -> (Vec<pb::SessionEvent>, u64) {
     let mut stream = EventServiceClient::new(channel)
         .watch_events(pb::WatchEventsRequest {
+            announce_live: false,
             after_sequence: Some(0),
             filter: None,
         })

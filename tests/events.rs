@@ -28,6 +28,7 @@ async fn watch(
 ) -> Events {
     client
         .watch_events(pb::WatchEventsRequest {
+            announce_live: false,
             after_sequence: after,
             filter: Some(filter),
         })
@@ -260,6 +261,7 @@ async fn filters_select_by_tenant_user_and_type() {
     ] {
         let err = client
             .watch_events(pb::WatchEventsRequest {
+                announce_live: false,
                 after_sequence: None,
                 filter: Some(filter),
             })
@@ -375,6 +377,7 @@ async fn cursors_outside_the_kept_log_get_out_of_range_with_the_oldest_sequence(
         async move {
             client
                 .watch_events(pb::WatchEventsRequest {
+                    announce_live: false,
                     after_sequence: Some(14),
                     filter: None,
                 })
@@ -385,6 +388,7 @@ async fn cursors_outside_the_kept_log_get_out_of_range_with_the_oldest_sequence(
     .await;
     let err = client
         .watch_events(pb::WatchEventsRequest {
+            announce_live: false,
             after_sequence: Some(3),
             filter: None,
         })
@@ -411,6 +415,7 @@ async fn cursors_outside_the_kept_log_get_out_of_range_with_the_oldest_sequence(
     // Beyond the head (e.g. a store restored from an older backup).
     let err = client
         .watch_events(pb::WatchEventsRequest {
+            announce_live: false,
             after_sequence: Some(1000),
             filter: None,
         })
@@ -545,6 +550,7 @@ async fn events_older_than_the_retention_age_are_pruned() {
         async move {
             client
                 .watch_events(pb::WatchEventsRequest {
+                    announce_live: false,
                     after_sequence: Some(0),
                     filter: None,
                 })
@@ -555,6 +561,7 @@ async fn events_older_than_the_retention_age_are_pruned() {
     .await;
     let err = client
         .watch_events(pb::WatchEventsRequest {
+            announce_live: false,
             after_sequence: Some(0),
             filter: None,
         })
@@ -597,6 +604,7 @@ async fn the_sequence_continues_after_pruning_empties_the_log_and_a_restart() {
         async move {
             match client
                 .watch_events(pb::WatchEventsRequest {
+                    announce_live: false,
                     after_sequence: Some(0),
                     filter: None,
                 })
@@ -622,4 +630,67 @@ async fn the_sequence_continues_after_pruning_empties_the_log_and_a_restart() {
         7,
         "no sequence reused"
     );
+}
+
+/// The next item, whatever it is.
+async fn next_item(stream: &mut Events) -> Message {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an item within 10 s")
+        .expect("stream ok")
+        .expect("stream open")
+        .message
+        .expect("item has a message")
+}
+
+#[tokio::test]
+async fn announce_live_heartbeats_once_the_replay_reaches_the_head() {
+    // Default heartbeats (15 s): any heartbeat seen within the test is the announcement.
+    let server = TestServer::start().await;
+    let mut sessions = server.client().await;
+    let mut last = 0;
+    for i in 0..3 {
+        last = create(&mut sessions, "t", &format!("u{i}")).await.sequence;
+    }
+    let mut client = events_client(&server).await;
+    let request = |after| pb::WatchEventsRequest {
+        after_sequence: after,
+        filter: None,
+        announce_live: true,
+    };
+    // Replay first, then the announcement with the cursor at the head.
+    let mut stream = client
+        .watch_events(request(Some(0)))
+        .await
+        .expect("watch")
+        .into_inner();
+    for expected in 1..=last {
+        match next_item(&mut stream).await {
+            Message::Event(e) => assert_eq!(e.sequence, expected),
+            other => panic!("expected event {expected}, got {other:?}"),
+        }
+    }
+    match next_item(&mut stream).await {
+        Message::Heartbeat(h) => {
+            assert_eq!(h.delivered_through, last);
+            assert_eq!(h.head_sequence, last);
+        }
+        other => panic!("expected the announcement, got {other:?}"),
+    }
+    // From the head: the announcement comes at once and carries the cursor.
+    let mut stream = client
+        .watch_events(request(None))
+        .await
+        .expect("watch")
+        .into_inner();
+    match next_item(&mut stream).await {
+        Message::Heartbeat(h) => assert_eq!(h.delivered_through, last),
+        other => panic!("expected the announcement, got {other:?}"),
+    }
+    // Then events as usual, and no second announcement.
+    let next = create(&mut sessions, "t", "late").await.sequence;
+    match next_item(&mut stream).await {
+        Message::Event(e) => assert_eq!(e.sequence, next),
+        other => panic!("expected event {next}, got {other:?}"),
+    }
 }

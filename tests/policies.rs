@@ -347,6 +347,7 @@ async fn a_tightened_policy_ends_open_sessions_with_their_events() {
     let young = create(&mut sessions, "t", "v").await;
     let mut events = EventServiceClient::new(server.channel().await)
         .watch_events(pb::WatchEventsRequest {
+            announce_live: false,
             after_sequence: None,
             filter: None,
         })
@@ -530,6 +531,7 @@ async fn bangkok_then_london_five_minutes_apart_is_flagged_london_then_paris_is_
                 event_types: vec![pb::EventType::Flagged as i32],
                 ..Default::default()
             }),
+            announce_live: false,
         })
         .await
         .expect("watch")

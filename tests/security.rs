@@ -420,6 +420,7 @@ async fn a_tenant_bound_caller_cannot_see_or_touch_another_tenant() {
         EventServiceClient::with_interceptor(server.channel().await, bearer("acme-secret"));
     let mut stream = events
         .watch_events(pb::WatchEventsRequest {
+            announce_live: false,
             after_sequence: Some(0),
             filter: None,
         })
@@ -440,6 +441,7 @@ async fn a_tenant_bound_caller_cannot_see_or_touch_another_tenant() {
                 tenant_id: "globex".into(),
                 ..Default::default()
             }),
+            announce_live: false,
         })
         .await
         .expect_err("other tenant's events");

@@ -316,6 +316,7 @@ async fn fanout(
                     event_types: vec![pb::EventType::Revoked as i32],
                     ..Default::default()
                 }),
+                announce_live: false,
             })
             .await?
             .into_inner();

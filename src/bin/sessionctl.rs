@@ -499,6 +499,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let mut stream = EventServiceClient::with_interceptor(conn.0.clone(), conn.1.clone())
                 .watch_events(pb::WatchEventsRequest {
+                    announce_live: false,
                     after_sequence: from,
                     filter: Some(pb::EventFilter {
                         tenant_id: tenant.unwrap_or_default(),

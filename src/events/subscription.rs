@@ -73,6 +73,7 @@ pub fn watch<S: SessionStore>(
     store: Arc<S>,
     after: Option<u64>,
     filter: Filter,
+    announce_live: bool,
     settings: WatchSettings,
 ) -> Result<mpsc::Receiver<Result<WatchItem>>> {
     let bus = store.events();
@@ -92,6 +93,7 @@ pub fn watch<S: SessionStore>(
         settings,
         tx,
         cursor,
+        announce_live,
         last_sent: tokio::time::Instant::now(),
     };
     tokio::spawn(stream.run(live));
@@ -117,6 +119,8 @@ struct Stream<S> {
     settings: WatchSettings,
     tx: mpsc::Sender<Result<WatchItem>>,
     cursor: u64,
+    /// Whether to send a heartbeat once the first catch-up reaches the head.
+    announce_live: bool,
     /// When the subscriber last got anything; a heartbeat follows after an interval of silence,
     /// even while filtered-out events flow.
     last_sent: tokio::time::Instant,
@@ -145,6 +149,11 @@ impl<S: SessionStore> Stream<S> {
             }
             if let Err(stop) = self.catch_up().await {
                 return stop;
+            }
+            if std::mem::take(&mut self.announce_live) {
+                if let Err(stop) = self.heartbeat().await {
+                    return stop;
+                }
             }
             let idle = tokio::time::sleep_until(self.last_sent + self.settings.heartbeat);
             tokio::pin!(idle);

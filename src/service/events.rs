@@ -129,6 +129,7 @@ impl<S: SessionStore> EventService for EventApi<S> {
             self.store.clone(),
             r.after_sequence,
             filter,
+            r.announce_live,
             self.settings.clone(),
         )?;
         let stream = ReceiverStream::new(items).map(move |item| {

@@ -59,9 +59,19 @@ impl TestServer {
     }
 
     /// Starts on an existing directory and clock, e.g. to test a restart.
-    pub async fn start_in(dir: Arc<TempDir>, clock: Arc<ManualClock>, mut config: Config) -> Self {
+    pub async fn start_in(dir: Arc<TempDir>, clock: Arc<ManualClock>, config: Config) -> Self {
+        Self::start_at("127.0.0.1:0".parse().expect("addr"), dir, clock, config).await
+    }
+
+    /// As `start_in`, listening on `addr`.
+    pub async fn start_at(
+        addr: SocketAddr,
+        dir: Arc<TempDir>,
+        clock: Arc<ManualClock>,
+        mut config: Config,
+    ) -> Self {
         config.data_dir = dir.path().join("data");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(session_authority::run(
@@ -112,6 +122,14 @@ impl TestServer {
         let config = self.config.clone();
         let (dir, clock) = self.stop().await;
         Self::start_in(dir, clock, config).await
+    }
+
+    /// Stops and starts again on the same directory, clock and port, as a redeploy looks to
+    /// clients that keep their connection settings.
+    pub async fn restart_on_same_port(self) -> Self {
+        let (addr, config) = (self.addr, self.config.clone());
+        let (dir, clock) = self.stop().await;
+        Self::start_at(addr, dir, clock, config).await
     }
 
     pub fn advance(&self, d: Duration) {

@@ -1,0 +1,585 @@
+//! A validating cache: validate through the service on a miss, answer repeats from memory, and let
+//! the event stream say when an answer is no longer true.
+//!
+//! The guarantee, precisely:
+//! - An entry is answered from memory only while the event stream is *live*: connected and caught
+//!   up with the log (the server's `announce_live` heartbeat says so). While the stream is down or
+//!   replaying, every call goes to the service, so an outage makes the cache miss, never lie.
+//! - A session's revoke, expire or rotate event drops every cached token of that session the
+//!   moment it is applied. The service sends the event before it replies to the revoke, so once a
+//!   revoke's reply is in hand, the cache stops accepting the token as soon as the event arrives.
+//! - A validation that was in flight when its session's event arrived is not cached (its answer
+//!   may predate the event), and neither is one that overlaps a reset of the cache.
+//! - No entry is served at or past the earlier of the session's idle and absolute deadlines (less
+//!   a clock margin), nor older than `max_age`. Deadlines come from the service; the comparison
+//!   uses this host's clock, which must be synchronised (NTP) within the margin.
+//! - If the stream is lost and cannot be resumed (OUT_OF_RANGE: the log no longer holds what was
+//!   missed, or no cursor was ever received), everything cached is dropped.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use sha2::{Digest, Sha256};
+use tokio::{
+    sync::{broadcast, watch},
+    task::JoinHandle,
+};
+use tonic::{Code, Status};
+
+use crate::{
+    client::{Client, Error},
+    proto::v1::{self as pb, session_event::Body, watch_events_response::Message, EventType},
+};
+
+/// How many recent drops are remembered to judge validations still in flight.
+const RECENT_DROPS: usize = 8192;
+
+/// Settings of a [`CachedValidator`].
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Most tokens kept; past it, an arbitrary entry makes room.
+    pub max_entries: usize,
+    /// An entry is checked with the service again at least this often, whatever its deadlines.
+    pub max_age: Duration,
+    /// Subtracted from the session's deadlines to allow for clock skew between hosts.
+    pub clock_margin: Duration,
+    /// Whether a validation through the service slides the idle deadline. Answers from memory
+    /// never reach the service, so they cannot.
+    pub touch: bool,
+    /// Silence on the stream longer than this means the connection is dead: the cache stops
+    /// answering from memory and reconnects. Keep it above the server's heartbeat interval (15 s by
+    /// default).
+    pub stale_after: Duration,
+    /// First wait before reconnecting; doubles up to 5 s.
+    pub reconnect_delay: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: 100_000,
+            max_age: Duration::from_secs(300),
+            clock_margin: Duration::from_secs(1),
+            touch: true,
+            stale_after: Duration::from_secs(40),
+            reconnect_delay: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Why cached tokens were dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictionCause {
+    Revoked,
+    Expired,
+    Rotated,
+}
+
+/// A drop the cache applied, for callers that hold state of their own per session (open
+/// websockets, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Eviction {
+    /// One session's event: its tokens are gone from the cache (`entries` of them were cached).
+    Session {
+        session_id: String,
+        sequence: u64,
+        cause: EvictionCause,
+        entries: usize,
+    },
+    /// Everything was dropped: the stream was lost beyond resuming.
+    All { entries: usize },
+}
+
+/// Counters, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub entries: usize,
+    /// Whether answers may come from memory right now.
+    pub live: bool,
+    /// The last event sequence applied.
+    pub cursor: Option<u64>,
+}
+
+type Now = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// Validates tokens, from memory when it safely can. See the module docs for the guarantee.
+/// Dropping it stops its stream.
+pub struct CachedValidator {
+    inner: Arc<Inner>,
+    follower: JoinHandle<()>,
+}
+
+struct Inner {
+    client: Client,
+    config: CacheConfig,
+    state: Mutex<State>,
+    live: watch::Sender<bool>,
+    evictions: broadcast::Sender<Eviction>,
+    now: Now,
+}
+
+impl CachedValidator {
+    /// Starts following the event stream (on the current tokio runtime). Until it is live, every
+    /// validation goes to the service; [`CachedValidator::ready`] waits for it.
+    pub fn start(client: Client, config: CacheConfig) -> Self {
+        Self::start_with_clock(client, config, Arc::new(SystemTime::now))
+    }
+
+    /// As [`CachedValidator::start`], with the clock that deadlines are compared against.
+    pub fn start_with_clock(client: Client, config: CacheConfig, now: Now) -> Self {
+        let inner = Arc::new(Inner {
+            client,
+            config,
+            state: Mutex::new(State::default()),
+            live: watch::Sender::new(false),
+            evictions: broadcast::Sender::new(1024),
+            now,
+        });
+        let follower = tokio::spawn(follow(inner.clone()));
+        CachedValidator { inner, follower }
+    }
+
+    /// The live session `token` belongs to. `Err` with [`Error::is_invalid_session`] means the
+    /// token is no good; other errors mean the service could not be asked.
+    pub async fn validate(&self, token: &str) -> Result<Arc<pb::Session>, Error> {
+        let key = TokenKey::of(token);
+        let asked_at = (self.inner.now)();
+        let ticket = match self.inner.lock().lookup(&key, asked_at) {
+            Lookup::Hit(session) => return Ok(session),
+            Lookup::Miss(ticket) => ticket,
+        };
+        let session = Arc::new(
+            self.inner
+                .client
+                .validate(token, self.inner.config.touch)
+                .await?,
+        );
+        if let (Some(ticket), Some(until)) = (ticket, self.valid_until(&session, asked_at)) {
+            let max = self.inner.config.max_entries;
+            self.inner
+                .lock()
+                .admit(ticket, key, session.clone(), until, max);
+        }
+        Ok(session)
+    }
+
+    /// Waits until answers may come from memory (the stream is connected and caught up).
+    pub async fn ready(&self) {
+        let mut live = self.inner.live.subscribe();
+        // The sender lives in `inner`, which `self` keeps: this cannot fail.
+        let _ = live.wait_for(|l| *l).await;
+    }
+
+    /// Every drop from now on.
+    pub fn evictions(&self) -> broadcast::Receiver<Eviction> {
+        self.inner.evictions.subscribe()
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.inner.lock().stats()
+    }
+
+    /// When a reply stops being servable: the earlier deadline less the margin, capped by
+    /// `max_age`. `None` if the reply lacks a deadline (then it is not cached).
+    fn valid_until(&self, session: &pb::Session, asked_at: SystemTime) -> Option<SystemTime> {
+        let idle = to_system_time(session.idle_expires_at.as_ref()?)?;
+        let absolute = to_system_time(session.absolute_expires_at.as_ref()?)?;
+        let deadline = idle
+            .min(absolute)
+            .checked_sub(self.inner.config.clock_margin)?;
+        Some(deadline.min(asked_at + self.inner.config.max_age))
+    }
+}
+
+impl Drop for CachedValidator {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the maps half-changed in a way that makes them unsafe to
+        // read; keep serving.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_live(&self, live: bool) {
+        self.lock().live = live;
+        self.live.send_replace(live);
+    }
+
+    fn apply(&self, item: pb::WatchEventsResponse) {
+        match item.message {
+            Some(Message::Heartbeat(h)) => {
+                self.lock().cursor = Some(h.delivered_through);
+                // With `announce_live`, the first heartbeat comes once the replay is done.
+                if !*self.live.borrow() {
+                    self.set_live(true);
+                }
+            }
+            Some(Message::Event(e)) => {
+                let cause = match e.body {
+                    Some(Body::Revoked(_)) => Some(EvictionCause::Revoked),
+                    Some(Body::Expired(_)) => Some(EvictionCause::Expired),
+                    Some(Body::Rotated(_)) => Some(EvictionCause::Rotated),
+                    _ => None,
+                };
+                let mut state = self.lock();
+                state.cursor = Some(e.sequence);
+                if let Some(cause) = cause {
+                    let entries = state.drop_session(&e.session_id);
+                    drop(state);
+                    let _ = self.evictions.send(Eviction::Session {
+                        session_id: e.session_id,
+                        sequence: e.sequence,
+                        cause,
+                        entries,
+                    });
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The stream ended with `status`: stop answering from memory; forget everything if what was
+    /// missed cannot be replayed.
+    fn lost(&self, status: &Status) {
+        let mut state = self.lock();
+        state.live = false;
+        if status.code() == Code::OutOfRange || state.cursor.is_none() {
+            state.cursor = None;
+            let entries = state.clear();
+            drop(state);
+            let _ = self.evictions.send(Eviction::All { entries });
+        } else {
+            drop(state);
+        }
+        self.live.send_replace(false);
+    }
+}
+
+/// Follows the event stream for as long as the validator lives, resuming after every break.
+async fn follow(inner: Arc<Inner>) {
+    let mut delay = inner.config.reconnect_delay;
+    loop {
+        let request = pb::WatchEventsRequest {
+            after_sequence: inner.lock().cursor,
+            filter: Some(pb::EventFilter {
+                event_types: vec![
+                    EventType::Revoked as i32,
+                    EventType::Expired as i32,
+                    EventType::Rotated as i32,
+                ],
+                ..Default::default()
+            }),
+            announce_live: true,
+        };
+        let ended = match inner.client.events().watch_events(request).await {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    match tokio::time::timeout(inner.config.stale_after, stream.message()).await {
+                        Ok(Ok(Some(item))) => {
+                            inner.apply(item);
+                            delay = inner.config.reconnect_delay;
+                        }
+                        Ok(Ok(None)) => break Status::unavailable("the event stream ended"),
+                        Ok(Err(status)) => break status,
+                        Err(_) => break Status::unavailable("the event stream went silent"),
+                    }
+                }
+            }
+            Err(status) => status,
+        };
+        inner.lost(&ended);
+        tracing::warn!(code = ?ended.code(), message = ended.message(), "session event stream lost; answering from the service until it resumes");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn to_system_time(t: &prost_types::Timestamp) -> Option<SystemTime> {
+    let secs = u64::try_from(t.seconds).ok()?;
+    let nanos = u32::try_from(t.nanos).ok()?;
+    UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+}
+
+/// A token's SHA-256: the cache never holds tokens themselves.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct TokenKey([u8; 32]);
+
+impl TokenKey {
+    fn of(token: &str) -> Self {
+        TokenKey(Sha256::digest(token.as_bytes()).into())
+    }
+}
+
+struct Entry {
+    session: Arc<pb::Session>,
+    valid_until: SystemTime,
+}
+
+/// Where a miss stood when it went to the service, to judge its answer when it comes back.
+#[derive(Clone, Copy, Debug)]
+struct Ticket {
+    generation: u64,
+    drops: u64,
+}
+
+enum Lookup {
+    Hit(Arc<pb::Session>),
+    /// The ticket is `None` when the answer must not be cached (the stream is not live).
+    Miss(Option<Ticket>),
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<TokenKey, Entry>,
+    by_session: HashMap<String, Vec<TokenKey>>,
+    live: bool,
+    cursor: Option<u64>,
+    /// Bumped by every reset.
+    generation: u64,
+    /// How many session drops have been applied; `recent` holds the latest with their numbers.
+    drops: u64,
+    recent: VecDeque<(u64, String)>,
+    hits: u64,
+    misses: u64,
+}
+
+impl State {
+    fn lookup(&mut self, key: &TokenKey, now: SystemTime) -> Lookup {
+        if self.live {
+            match self.entries.get(key) {
+                Some(e) if now < e.valid_until => {
+                    self.hits += 1;
+                    return Lookup::Hit(e.session.clone());
+                }
+                Some(_) => self.remove(key),
+                None => {}
+            }
+        }
+        self.misses += 1;
+        Lookup::Miss(self.live.then_some(Ticket {
+            generation: self.generation,
+            drops: self.drops,
+        }))
+    }
+
+    /// Caches an answer unless something happened since `ticket` that could make it stale.
+    fn admit(
+        &mut self,
+        ticket: Ticket,
+        key: TokenKey,
+        session: Arc<pb::Session>,
+        valid_until: SystemTime,
+        max_entries: usize,
+    ) -> bool {
+        if !self.live || ticket.generation != self.generation {
+            return false;
+        }
+        if self.drops != ticket.drops {
+            match self.recent.front() {
+                // Drops since the ticket were forgotten: cannot tell.
+                Some((oldest, _)) if *oldest > ticket.drops + 1 => return false,
+                None => return false,
+                Some(_) => {}
+            }
+            let dropped_since = self
+                .recent
+                .iter()
+                .rev()
+                .take_while(|(n, _)| *n > ticket.drops)
+                .any(|(_, id)| *id == session.session_id);
+            if dropped_since {
+                return false;
+            }
+        }
+        if max_entries == 0 {
+            return false;
+        }
+        if !self.entries.contains_key(&key) && self.entries.len() >= max_entries {
+            if let Some(victim) = self.entries.keys().next().copied() {
+                self.remove(&victim);
+            }
+        }
+        let session_id = session.session_id.clone();
+        let entry = Entry {
+            session,
+            valid_until,
+        };
+        if self.entries.insert(key, entry).is_none() {
+            self.by_session.entry(session_id).or_default().push(key);
+        }
+        true
+    }
+
+    /// Forgets every token of `session_id`; how many there were.
+    fn drop_session(&mut self, session_id: &str) -> usize {
+        self.drops += 1;
+        if self.recent.len() == RECENT_DROPS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((self.drops, session_id.to_owned()));
+        let keys = self.by_session.remove(session_id).unwrap_or_default();
+        keys.iter()
+            .filter(|k| self.entries.remove(k).is_some())
+            .count()
+    }
+
+    fn remove(&mut self, key: &TokenKey) {
+        if let Some(entry) = self.entries.remove(key) {
+            let id = &entry.session.session_id;
+            if let Some(keys) = self.by_session.get_mut(id) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.by_session.remove(id);
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) -> usize {
+        self.generation += 1;
+        let n = self.entries.len();
+        self.entries.clear();
+        self.by_session.clear();
+        n
+    }
+
+    fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits,
+            misses: self.misses,
+            entries: self.entries.len(),
+            live: self.live,
+            cursor: self.cursor,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str) -> Arc<pb::Session> {
+        Arc::new(pb::Session {
+            session_id: id.to_owned(),
+            ..Default::default()
+        })
+    }
+
+    fn live_state() -> State {
+        State {
+            live: true,
+            ..Default::default()
+        }
+    }
+
+    fn later(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_000 + secs)
+    }
+
+    fn ticket(state: &mut State, key: &TokenKey) -> Ticket {
+        match state.lookup(key, later(0)) {
+            Lookup::Miss(Some(t)) => t,
+            Lookup::Miss(None) => panic!("no ticket while live"),
+            Lookup::Hit(_) => panic!("unexpected hit"),
+        }
+    }
+
+    #[test]
+    fn a_miss_is_cached_and_then_hits_until_its_deadline() {
+        let mut s = live_state();
+        let key = TokenKey::of("t1");
+        let t = ticket(&mut s, &key);
+        assert!(s.admit(t, key, session("a"), later(10), 10));
+        assert!(matches!(s.lookup(&key, later(9)), Lookup::Hit(_)));
+        assert!(matches!(s.lookup(&key, later(10)), Lookup::Miss(_)));
+        assert_eq!(s.entries.len(), 0, "an expired entry is removed");
+        assert!(s.by_session.is_empty());
+    }
+
+    #[test]
+    fn nothing_is_served_or_cached_while_not_live() {
+        let mut s = live_state();
+        let key = TokenKey::of("t1");
+        let t = ticket(&mut s, &key);
+        assert!(s.admit(t, key, session("a"), later(10), 10));
+        s.live = false;
+        assert!(matches!(s.lookup(&key, later(1)), Lookup::Miss(None)));
+        assert!(!s.admit(t, TokenKey::of("t2"), session("b"), later(10), 10));
+        s.live = true;
+        assert!(
+            matches!(s.lookup(&key, later(1)), Lookup::Hit(_)),
+            "entries survive a resumable break"
+        );
+    }
+
+    #[test]
+    fn an_answer_that_raced_its_sessions_drop_is_not_cached() {
+        let mut s = live_state();
+        let key = TokenKey::of("t1");
+        let t = ticket(&mut s, &key);
+        s.drop_session("other");
+        s.drop_session("a");
+        assert!(!s.admit(t, key, session("a"), later(10), 10));
+        // Another session's drop does not spoil an answer.
+        let t = ticket(&mut s, &key);
+        s.drop_session("other");
+        assert!(s.admit(t, key, session("a"), later(10), 10));
+    }
+
+    #[test]
+    fn an_answer_is_refused_when_the_drops_since_its_ticket_were_forgotten() {
+        let mut s = live_state();
+        let key = TokenKey::of("t1");
+        let t = ticket(&mut s, &key);
+        for i in 0..RECENT_DROPS + 1 {
+            s.drop_session(&format!("s{i}"));
+        }
+        assert!(!s.admit(t, key, session("a"), later(10), 10));
+    }
+
+    #[test]
+    fn a_reset_drops_everything_and_spoils_answers_in_flight() {
+        let mut s = live_state();
+        let k1 = TokenKey::of("t1");
+        let t = ticket(&mut s, &k1);
+        assert!(s.admit(t, k1, session("a"), later(10), 10));
+        let k2 = TokenKey::of("t2");
+        let t2 = ticket(&mut s, &k2);
+        assert_eq!(s.clear(), 1);
+        assert!(!s.admit(t2, k2, session("b"), later(10), 10));
+        assert!(matches!(s.lookup(&k1, later(1)), Lookup::Miss(_)));
+    }
+
+    #[test]
+    fn every_token_of_a_dropped_session_goes() {
+        let mut s = live_state();
+        let (k1, k2) = (TokenKey::of("old"), TokenKey::of("new"));
+        let t = ticket(&mut s, &k1);
+        assert!(s.admit(t, k1, session("a"), later(10), 10));
+        assert!(s.admit(t, k2, session("a"), later(10), 10));
+        assert_eq!(s.drop_session("a"), 2);
+        assert!(s.entries.is_empty() && s.by_session.is_empty());
+    }
+
+    #[test]
+    fn the_size_limit_holds() {
+        let mut s = live_state();
+        for i in 0..5 {
+            let k = TokenKey::of(&format!("t{i}"));
+            let t = ticket(&mut s, &k);
+            assert!(s.admit(t, k, session(&format!("s{i}")), later(10), 3));
+        }
+        assert_eq!(s.entries.len(), 3);
+        assert_eq!(s.by_session.len(), 3);
+    }
+}
