@@ -132,3 +132,106 @@ async fn exit_codes_say_what_went_wrong() {
     assert_eq!(code, 0);
     assert!(out.contains("live_sessions"));
 }
+
+#[tokio::test]
+async fn revoke_matching_revokes_every_match_page_by_page() {
+    let server = TestServer::start().await;
+    let mut sessions = server.client().await;
+    for i in 0..7 {
+        create(&mut sessions, "acme", &format!("u{i}")).await;
+    }
+    let other = create(&mut sessions, "globex", "u0").await;
+    let (code, out, err) = sessionctl(
+        &server,
+        &[
+            "--json",
+            "revoke-matching",
+            "--tenant",
+            "acme",
+            "--older-than",
+            "0s",
+            "--batch-size",
+            "3",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let report = &lines(&out)[0];
+    assert_eq!(report["matched"], 7);
+    assert_eq!(report["dry_run"], false);
+    assert!(list_all(&mut sessions, "acme", "", 100).await.is_empty());
+    assert_eq!(
+        list_all(&mut sessions, "globex", "", 100).await.len(),
+        1,
+        "another tenant's session is untouched: {}",
+        other.session.expect("session").session_id
+    );
+    // A zero batch is a usage error.
+    let (code, _, _) = sessionctl(
+        &server,
+        &[
+            "revoke-matching",
+            "--tenant",
+            "acme",
+            "--older-than",
+            "0s",
+            "--batch-size",
+            "0",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 2);
+}
+
+#[tokio::test]
+async fn policy_set_changes_only_the_settings_given() {
+    let server = TestServer::start().await;
+    let (code, out, err) = sessionctl(
+        &server,
+        &[
+            "--json",
+            "policy",
+            "set",
+            "acme",
+            "--max-sessions-per-user",
+            "3",
+            "--idle-timeout",
+            "30m",
+            "--limit-action",
+            "reject",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let set = &lines(&out)[0];
+    assert_eq!(set["max_sessions_per_user"], 3);
+    assert_eq!(set["idle_timeout"], "1800s");
+    assert_eq!(set["limit_action"], "LIMIT_ACTION_REJECT");
+    let (code, out, _) = sessionctl(
+        &server,
+        &["--json", "policy", "set", "acme", "--travel-action", "flag"],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0);
+    let (code, out2, _) = sessionctl(&server, &["--json", "policy", "get", "acme"], None).await;
+    assert_eq!(code, 0);
+    for got in [&lines(&out)[0], &lines(&out2)[0]] {
+        assert_eq!(got["travel_action"], "TRAVEL_ACTION_FLAG");
+        assert_eq!(got["max_sessions_per_user"], 3, "earlier change kept");
+        assert_eq!(got["idle_timeout"], "1800s");
+    }
+    assert_eq!(lines(&out2)[0]["is_default"], false);
+    // The server's checks reach the operator as exit code 5 with the field named.
+    let (code, _, err) = sessionctl(
+        &server,
+        &["policy", "set", "acme", "--idle-timeout", "0s"],
+        None,
+    )
+    .await;
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("idle_timeout"), "{err}");
+}

@@ -9,7 +9,10 @@
 //! sessionctl watch [--tenant acme] [--from 0]
 //! sessionctl stats --tenant acme
 //! sessionctl policy get acme
+//! sessionctl policy set acme --max-sessions-per-user 3 --idle-timeout 30m
 //! ```
+//!
+//! `revoke-matching` revokes in pages of `--batch-size` and shows a progress bar on a terminal.
 //!
 //! Readable tables by default, `--json` (one JSON object per line) for scripts. The API key comes
 //! from `SESSION_AUTHORITY_API_KEY`, never the command line. Exit codes: 0 success, 1 server or
@@ -115,6 +118,9 @@ enum Command {
         reason: Reason,
         #[arg(long)]
         dry_run: bool,
+        /// Sessions revoked per call (1-1000).
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        batch_size: u32,
     },
     /// Tail session events as they happen (Ctrl-C to stop).
     Watch {
@@ -134,7 +140,7 @@ enum Command {
         #[arg(long)]
         tenant: String,
     },
-    /// Read policies.
+    /// Read or change policies.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
@@ -145,6 +151,104 @@ enum Command {
 enum PolicyCommand {
     /// The policy a tenant follows.
     Get { tenant: String },
+    /// Change some settings of a tenant's policy; the others keep their current values.
+    Set(PolicyChanges),
+}
+
+#[derive(clap::Args)]
+struct PolicyChanges {
+    tenant: String,
+    /// e.g. 30m
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// e.g. 12h
+    #[arg(long, value_parser = humantime::parse_duration)]
+    absolute_timeout: Option<Duration>,
+    #[arg(long)]
+    remember_me_allowed: Option<bool>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    remember_me_idle_timeout: Option<Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    remember_me_absolute_timeout: Option<Duration>,
+    /// 0: no limit.
+    #[arg(long)]
+    max_sessions_per_user: Option<u32>,
+    #[arg(long)]
+    limit_action: Option<LimitAction>,
+    /// 0: no limit.
+    #[arg(long)]
+    max_creations_per_day: Option<u32>,
+    /// Sessions older than this are revoked (reason POLICY); 0s: no cap.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_session_age: Option<Duration>,
+    #[arg(long)]
+    travel_action: Option<TravelAction>,
+    #[arg(long)]
+    travel_max_speed_kmh: Option<f64>,
+    #[arg(long)]
+    cookie_name: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LimitAction {
+    EvictLeastRecentlyUsed,
+    Reject,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TravelAction {
+    Ignore,
+    Flag,
+    Revoke,
+}
+
+impl PolicyChanges {
+    fn apply(self, p: &mut pb::Policy) {
+        let set = |slot: &mut Option<prost_types::Duration>, d: Option<Duration>| {
+            if let Some(d) = d {
+                *slot = Some(duration(d));
+            }
+        };
+        set(&mut p.idle_timeout, self.idle_timeout);
+        set(&mut p.absolute_timeout, self.absolute_timeout);
+        set(
+            &mut p.remember_me_idle_timeout,
+            self.remember_me_idle_timeout,
+        );
+        set(
+            &mut p.remember_me_absolute_timeout,
+            self.remember_me_absolute_timeout,
+        );
+        set(&mut p.max_session_age, self.max_session_age);
+        if let Some(v) = self.remember_me_allowed {
+            p.remember_me_allowed = v;
+        }
+        if let Some(v) = self.max_sessions_per_user {
+            p.max_sessions_per_user = v;
+        }
+        if let Some(v) = self.max_creations_per_day {
+            p.max_creations_per_day = v;
+        }
+        if let Some(a) = self.limit_action {
+            p.set_limit_action(match a {
+                LimitAction::EvictLeastRecentlyUsed => pb::LimitAction::EvictLeastRecentlyUsed,
+                LimitAction::Reject => pb::LimitAction::Reject,
+            });
+        }
+        if let Some(a) = self.travel_action {
+            p.set_travel_action(match a {
+                TravelAction::Ignore => pb::TravelAction::Ignore,
+                TravelAction::Flag => pb::TravelAction::Flag,
+                TravelAction::Revoke => pb::TravelAction::Revoke,
+            });
+        }
+        if let Some(v) = self.travel_max_speed_kmh {
+            p.travel_max_speed_kmh = v;
+        }
+        if let Some(v) = self.cookie_name {
+            p.cookie_name = v;
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -450,33 +554,45 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             country,
             reason,
             dry_run,
+            batch_size,
         } => {
+            let filter = pb::SessionFilter {
+                older_than: older_than.map(duration),
+                idle_longer_than: idle_longer_than.map(duration),
+                flagged_only: flagged,
+                ip: ip.unwrap_or_default(),
+                country: country.unwrap_or_default(),
+                ..Default::default()
+            };
+            let user = user.unwrap_or_default();
+            // The count and sample (and the server's check that the filter is not empty) first.
             let r = sessions(&conn)
                 .revoke_sessions_matching(pb::RevokeSessionsMatchingRequest {
-                    tenant_id: tenant,
-                    user_id: user.unwrap_or_default(),
-                    filter: Some(pb::SessionFilter {
-                        older_than: older_than.map(duration),
-                        idle_longer_than: idle_longer_than.map(duration),
-                        flagged_only: flagged,
-                        ip: ip.unwrap_or_default(),
-                        country: country.unwrap_or_default(),
-                        ..Default::default()
-                    }),
+                    tenant_id: tenant.clone(),
+                    user_id: user.clone(),
+                    filter: Some(filter.clone()),
                     reason: reason.proto(),
-                    dry_run,
+                    dry_run: true,
                 })
                 .await?
                 .into_inner();
+            let (revoked, sequence) = if dry_run {
+                (r.matched, r.sequence)
+            } else {
+                let (revoked, last) =
+                    revoke_in_pages(&conn, tenant, user, filter, reason, batch_size, r.matched)
+                        .await?;
+                (revoked, last.unwrap_or(r.sequence))
+            };
             if json {
                 println!(
                     "{}",
-                    json!({"matched": r.matched, "dry_run": dry_run, "sequence": r.sequence,
+                    json!({"matched": revoked, "dry_run": dry_run, "sequence": sequence,
                            "sample": r.sample.iter().map(session_json).collect::<Vec<_>>()})
                 );
             } else {
                 let verb = if dry_run { "would revoke" } else { "revoked" };
-                println!("{verb} {} sessions; sample:", r.matched);
+                println!("{verb} {revoked} sessions; sample:");
                 let rows: Vec<Value> = r.sample.iter().map(session_json).collect();
                 print(
                     false,
@@ -583,26 +699,123 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Policy {
             command: PolicyCommand::Get { tenant },
         } => {
-            let r = PolicyServiceClient::with_interceptor(conn.0.clone(), conn.1.clone())
+            let r = policies(&conn)
                 .get_policy(pb::GetPolicyRequest { tenant_id: tenant })
                 .await?
                 .into_inner();
-            let p = r.policy.unwrap_or_default();
-            let secs = |d: &Option<prost_types::Duration>| {
-                d.as_ref()
-                    .map_or(String::new(), |d| format!("{}s", d.seconds))
-            };
-            let v = json!({"tenant_id": p.tenant_id, "is_default": r.is_default,
-                           "idle_timeout": secs(&p.idle_timeout), "absolute_timeout": secs(&p.absolute_timeout),
-                           "remember_me_allowed": p.remember_me_allowed,
-                           "max_sessions_per_user": p.max_sessions_per_user,
-                           "limit_action": p.limit_action().as_str_name(),
-                           "max_creations_per_day": p.max_creations_per_day,
-                           "max_session_age": secs(&p.max_session_age),
-                           "travel_action": p.travel_action().as_str_name(),
-                           "cookie_name": p.cookie_name});
-            print_record(json, &v);
+            print_record(
+                json,
+                &policy_json(&r.policy.unwrap_or_default(), r.is_default),
+            );
+        }
+        Command::Policy {
+            command: PolicyCommand::Set(changes),
+        } => {
+            let mut client = policies(&conn);
+            let mut policy = client
+                .get_policy(pb::GetPolicyRequest {
+                    tenant_id: changes.tenant.clone(),
+                })
+                .await?
+                .into_inner()
+                .policy
+                .unwrap_or_default();
+            policy.tenant_id = changes.tenant.clone();
+            changes.apply(&mut policy);
+            let stored = client
+                .set_policy(pb::SetPolicyRequest {
+                    policy: Some(policy),
+                })
+                .await?
+                .into_inner()
+                .policy
+                .unwrap_or_default();
+            print_record(json, &policy_json(&stored, false));
         }
     }
     Ok(())
+}
+
+fn policies(c: &(Channel, Key)) -> PolicyServiceClient<Authed> {
+    PolicyServiceClient::with_interceptor(c.0.clone(), c.1.clone())
+}
+
+fn policy_json(p: &pb::Policy, is_default: bool) -> Value {
+    let secs = |d: &Option<prost_types::Duration>| {
+        d.as_ref()
+            .map_or(String::new(), |d| format!("{}s", d.seconds))
+    };
+    json!({"tenant_id": p.tenant_id, "is_default": is_default,
+           "idle_timeout": secs(&p.idle_timeout), "absolute_timeout": secs(&p.absolute_timeout),
+           "remember_me_allowed": p.remember_me_allowed,
+           "remember_me_idle_timeout": secs(&p.remember_me_idle_timeout),
+           "remember_me_absolute_timeout": secs(&p.remember_me_absolute_timeout),
+           "max_sessions_per_user": p.max_sessions_per_user,
+           "limit_action": p.limit_action().as_str_name(),
+           "max_creations_per_day": p.max_creations_per_day,
+           "max_session_age": secs(&p.max_session_age),
+           "travel_action": p.travel_action().as_str_name(),
+           "travel_max_speed_kmh": p.travel_max_speed_kmh,
+           "cookie_name": p.cookie_name})
+}
+
+/// Lists the matching sessions a page at a time and revokes each page with one call, so a long
+/// revocation shows progress (on a terminal) and can be interrupted between pages. Returns how
+/// many this run ended and the last revoke event's sequence.
+async fn revoke_in_pages(
+    conn: &(Channel, Key),
+    tenant: String,
+    user: String,
+    filter: pb::SessionFilter,
+    reason: Reason,
+    batch_size: u32,
+    expected: u64,
+) -> Result<(u64, Option<u64>), Failure> {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(expected),
+        indicatif::ProgressDrawTarget::stderr(),
+    )
+    .with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} revoked ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut client = sessions(conn);
+    let (mut revoked, mut sequence) = (0u64, None);
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_sessions(pb::ListSessionsRequest {
+                tenant_id: tenant.clone(),
+                user_id: user.clone(),
+                page_size: batch_size,
+                page_token,
+                filter: Some(filter.clone()),
+            })
+            .await?
+            .into_inner();
+        if !page.sessions.is_empty() {
+            let r = client
+                .revoke_sessions(pb::RevokeSessionsRequest {
+                    session_ids: page.sessions.into_iter().map(|s| s.session_id).collect(),
+                    reason: reason.proto(),
+                })
+                .await?
+                .into_inner();
+            revoked += r.revoked_session_ids.len() as u64;
+            sequence = Some(r.sequence);
+            if revoked > bar.length().unwrap_or(0) {
+                // Sessions that began to match after the count.
+                bar.set_length(revoked);
+            }
+            bar.set_position(revoked);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    bar.finish_and_clear();
+    Ok((revoked, sequence))
 }

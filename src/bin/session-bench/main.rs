@@ -9,6 +9,7 @@
 //! cargo build --release
 //! target/release/session-bench health validate create --callers 64 --connections 4 --seconds 10
 //! target/release/session-bench fanout --subscribers 1,100,1000 --revokes 200
+//! target/release/session-bench cache --seconds 5
 //! target/release/session-bench overload
 //! target/release/session-bench soak --minutes 30
 //! ```
@@ -22,6 +23,8 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
+
+mod cache;
 
 use clap::{Parser, ValueEnum};
 use session_authority::proto::v1::{
@@ -83,6 +86,8 @@ enum Scenario {
     Create,
     /// Revoke latency to N event subscribers.
     Fanout,
+    /// The Rust client's CachedValidator: hits per second on one core, revoke-to-eviction.
+    Cache,
     /// Normal load, then ten times as many callers, then normal again: shedding and recovery.
     Overload,
     /// Sessions created and expiring for a long time: RSS and disk must stay flat.
@@ -164,6 +169,9 @@ async fn main() -> Result<(), Error> {
                 for &n in &args.subscribers {
                     fanout(addr, &channels[0], n, args.revokes).await?;
                 }
+            }
+            Scenario::Cache => {
+                cache::run(addr, &channels, args.pool, args.seconds, args.revokes).await?;
             }
             Scenario::Overload | Scenario::Soak => {}
         }
