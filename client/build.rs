@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
 const SECRET_MESSAGES: &[&str] = &[
     ".session_authority.v1.CreateSessionResponse",
     ".session_authority.v1.ValidateSessionRequest",
+    ".session_authority.v1.ValidateSessionsRequest",
     ".session_authority.v1.RotateSessionRequest",
     ".session_authority.v1.RotateSessionResponse",
 ];

@@ -821,3 +821,82 @@ fn timestamp_after(seconds: u64) -> prost_types::Timestamp {
         nanos: ((ms % 1000) * 1_000_000) as i32,
     }
 }
+
+#[tokio::test]
+async fn validate_sessions_answers_each_token_in_order() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let a = create(&mut client, "t", "a").await;
+    let b = create(&mut client, "t", "b").await;
+    let revoked = create(&mut client, "t", "c").await;
+    client
+        .revoke_session(pb::RevokeSessionRequest {
+            session_id: revoked
+                .session
+                .as_ref()
+                .expect("session")
+                .session_id
+                .clone(),
+            reason: 0,
+        })
+        .await
+        .expect("revoke");
+    let tokens = vec![
+        b.token.clone(),
+        "sat_garbage".to_string(),
+        a.token.clone(),
+        revoked.token.clone(),
+        b.token.clone(),
+    ];
+    let results = client
+        .validate_sessions(pb::ValidateSessionsRequest {
+            tokens: tokens.clone(),
+            touch: Some(false),
+        })
+        .await
+        .expect("batch")
+        .into_inner()
+        .results;
+    let ids: Vec<Option<String>> = results
+        .iter()
+        .map(|r| r.session.as_ref().map(|s| s.session_id.clone()))
+        .collect();
+    let id =
+        |c: &pb::CreateSessionResponse| Some(c.session.as_ref().expect("s").session_id.clone());
+    assert_eq!(ids, vec![id(&b), None, id(&a), None, id(&b)]);
+    // Debug never shows the tokens.
+    let shown = format!(
+        "{:?}",
+        pb::ValidateSessionsRequest {
+            tokens,
+            touch: None
+        }
+    );
+    assert!(
+        !shown.contains(&a.token) && shown.contains("5 redacted"),
+        "{shown}"
+    );
+    // Sizes outside 1-500 name the field.
+    for n in [0, 501] {
+        let err = client
+            .validate_sessions(pb::ValidateSessionsRequest {
+                tokens: vec![a.token.clone(); n],
+                touch: None,
+            })
+            .await
+            .expect_err("bad size");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with("tokens:"), "{}", err.message());
+    }
+    // 500 is accepted (and fits the request size limit).
+    let results = client
+        .validate_sessions(pb::ValidateSessionsRequest {
+            tokens: vec![a.token.clone(); 500],
+            touch: None,
+        })
+        .await
+        .expect("500 tokens")
+        .into_inner()
+        .results;
+    assert!(results.iter().all(|r| r.session.is_some()) && results.len() == 500);
+}

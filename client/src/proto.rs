@@ -32,6 +32,15 @@ impl fmt::Debug for v1::ValidateSessionRequest {
     }
 }
 
+impl fmt::Debug for v1::ValidateSessionsRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValidateSessionsRequest")
+            .field("tokens", &format_args!("<{} redacted>", self.tokens.len()))
+            .field("touch", &self.touch)
+            .finish()
+    }
+}
+
 impl fmt::Debug for v1::RotateSessionRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RotateSessionRequest")

@@ -32,6 +32,10 @@ pub const METHODS: &[(&str, Access)] = &[
         Access::Roles(READERS),
     ),
     (
+        "/session_authority.v1.SessionService/ValidateSessions",
+        Access::Roles(READERS),
+    ),
+    (
         "/session_authority.v1.SessionService/RotateSession",
         Access::Roles(DATA_PLANE),
     ),

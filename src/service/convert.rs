@@ -242,6 +242,18 @@ pub fn revoke_reason(value: i32, default: RevokeReason) -> Result<RevokeReason> 
     })
 }
 
+/// ValidateSessions takes 1 to `MAX_VALIDATE_TOKENS` tokens.
+pub fn validate_tokens_count(n: usize) -> Result<()> {
+    match n {
+        0 => Err(Error::invalid("tokens", "at least one token is required")),
+        n if n > limits::MAX_VALIDATE_TOKENS => Err(Error::invalid(
+            "tokens",
+            format!("at most {} tokens per call", limits::MAX_VALIDATE_TOKENS),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Decodes RevokeSessions' ids: 1-1000 valid ids, limited to `tenant` if the caller is bound.
 pub fn revoke_ids(ids: Vec<String>, tenant: Option<String>) -> Result<RevokeTarget> {
     if ids.is_empty() {

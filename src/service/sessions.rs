@@ -10,7 +10,8 @@ use crate::{
 };
 
 use super::convert::{
-    self, cookie_to_proto, id_field, revoke_ids, revoke_reason, session_id_field, validate_location,
+    self, cookie_to_proto, id_field, revoke_ids, revoke_reason, session_id_field,
+    validate_location, validate_tokens_count,
 };
 use crate::{
     proto::v1::{self as pb, session_service_server::SessionService},
@@ -138,6 +139,30 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         Ok(Response::new(pb::ValidateSessionResponse {
             session: Some((&session).into()),
         }))
+    }
+
+    async fn validate_sessions(
+        &self,
+        request: Request<pb::ValidateSessionsRequest>,
+    ) -> Result<Response<pb::ValidateSessionsResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        validate_tokens_count(r.tokens.len())?;
+        self.throttle.check(&caller.name, None)?;
+        let touch = r.touch.unwrap_or(true);
+        let mut results = Vec::with_capacity(r.tokens.len());
+        for token in &r.tokens {
+            let session = match self.sessions.validate(token, touch, None).await {
+                Ok(s) if caller.may_access(&s.tenant_id) => Some((&s).into()),
+                Ok(_) | Err(Error::SessionNotValid) => {
+                    self.throttle.record_failure(&caller.name, None, token);
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
+            results.push(pb::ValidationResult { session });
+        }
+        Ok(Response::new(pb::ValidateSessionsResponse { results }))
     }
 
     async fn rotate_session(

@@ -32,6 +32,8 @@ pub mod limits {
     pub const DEFAULT_PAGE_SIZE: usize = 100;
     /// Most ids in one RevokeSessions call.
     pub const MAX_REVOKE_IDS: usize = 1000;
+    /// Most tokens in one ValidateSessions call (500 tokens fit the 64 KiB request limit).
+    pub const MAX_VALIDATE_TOKENS: usize = 500;
 }
 
 /// A validated request to start a session.
