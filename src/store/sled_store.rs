@@ -783,13 +783,37 @@ fn read_session(tree: &sled::Tree, id: &SessionId) -> Result<Option<Session>> {
 
 // === the writer ===
 
+/// Most creations applied as one sled batch. sled's cost is mostly per batch (its log
+/// reservation and page updates), so queued creations share one.
+const MAX_CREATE_GROUP: usize = 64;
+
 fn writer_loop(
     shared: &Shared,
     mut commands: mpsc::Receiver<Command>,
     pending: std_mpsc::Sender<Pending>,
     mut head: u64,
 ) {
-    while let Some(Command { op, reply }) = commands.blocking_recv() {
+    let mut carried = None;
+    loop {
+        let Some(first) = carried.take().or_else(|| commands.blocking_recv()) else {
+            break;
+        };
+        let group = if is_create(&first.op) {
+            let (group, next) = create_group(first, &mut commands);
+            carried = next;
+            group
+        } else {
+            vec![first]
+        };
+        if group.len() > 1 {
+            if !apply_group(shared, group, &pending, &mut head) {
+                break;
+            }
+            continue;
+        }
+        let Some(Command { op, reply }) = group.into_iter().next() else {
+            continue;
+        };
         if matches!(op, Op::Close) {
             // Answered by the flusher after a final flush of everything before it.
             let _ = pending.send(Pending {
@@ -801,11 +825,7 @@ fn writer_loop(
             break;
         }
         if !shared.healthy.load(Ordering::Acquire) {
-            if let Some(reply) = reply {
-                let _ = reply.send(Err(Error::Storage(
-                    "store failed earlier; restart the service".into(),
-                )));
-            }
+            refuse(reply);
             continue;
         }
         let touched = match &op {
@@ -841,6 +861,98 @@ fn writer_loop(
         }
     }
     // Commands still queued are dropped here; their callers see ShuttingDown, with nothing applied.
+}
+
+fn is_create(op: &Op) -> bool {
+    matches!(op, Op::Create { .. })
+}
+
+fn create_user(op: &Op) -> Option<(&str, &str)> {
+    match op {
+        Op::Create { session, .. } => Some((&session.tenant_id, &session.user_id)),
+        _ => None,
+    }
+}
+
+/// `first` (a creation) and the creations queued right behind it, for distinct users, up to
+/// `MAX_CREATE_GROUP`. Each creation reads only its own user's keys (and its fresh random id), so
+/// for distinct users, applying them one after another in one batch reads exactly what applying
+/// them in separate batches would. The first command that does not fit is handed back.
+fn create_group(
+    first: Command,
+    commands: &mut mpsc::Receiver<Command>,
+) -> (Vec<Command>, Option<Command>) {
+    let mut users: HashSet<(String, String)> = HashSet::new();
+    if let Some((t, u)) = create_user(&first.op) {
+        users.insert((t.to_owned(), u.to_owned()));
+    }
+    let mut group = vec![first];
+    while group.len() < MAX_CREATE_GROUP {
+        let Ok(next) = commands.try_recv() else {
+            break;
+        };
+        let fits =
+            create_user(&next.op).is_some_and(|(t, u)| users.insert((t.to_owned(), u.to_owned())));
+        if !fits {
+            return (group, Some(next));
+        }
+        group.push(next);
+    }
+    (group, None)
+}
+
+/// Applies a group of creations as one batch; each keeps its own outcome. False once the flusher
+/// is gone.
+fn apply_group(
+    shared: &Shared,
+    group: Vec<Command>,
+    pending: &std_mpsc::Sender<Pending>,
+    head: &mut u64,
+) -> bool {
+    if !shared.healthy.load(Ordering::Acquire) {
+        group.into_iter().for_each(|c| refuse(c.reply));
+        return true;
+    }
+    let mut tx = Tx::new(&shared.tree, *head, shared.tombstone_retention);
+    let mut results = Vec::with_capacity(group.len());
+    for Command { op, reply } in group {
+        // Sessions ended by one creation are that creation's own (its user's).
+        tx.ended.clear();
+        results.push((reply, tx.run(op)));
+    }
+    let (committed, mut events) = match tx.commit() {
+        Ok((new_head, events)) => {
+            *head = new_head;
+            (Ok(()), events)
+        }
+        Err(e) => (Err(e), Vec::new()),
+    };
+    for (reply, result) in results {
+        let outcome = match &committed {
+            Ok(()) => result,
+            Err(e) => Err(Error::Storage(e.to_string())),
+        };
+        // The group's events travel with its first reply; the flusher publishes them all before
+        // it answers any.
+        let sent = pending.send(Pending {
+            reply,
+            outcome,
+            events: std::mem::take(&mut events),
+            head: *head,
+        });
+        if sent.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+fn refuse(reply: Option<Reply>) {
+    if let Some(reply) = reply {
+        let _ = reply.send(Err(Error::Storage(
+            "store failed earlier; restart the service".into(),
+        )));
+    }
 }
 
 fn flusher_loop(shared: &Shared, pending: std_mpsc::Receiver<Pending>) {

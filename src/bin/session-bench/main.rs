@@ -25,6 +25,8 @@ use std::{
 };
 
 mod cache;
+mod redis;
+mod scale;
 
 use clap::{Parser, ValueEnum};
 use session_authority::proto::v1::{
@@ -74,6 +76,19 @@ struct Args {
     /// Sessions created per second in `soak`.
     #[arg(long, default_value_t = 500)]
     rate: u32,
+    /// Tokens per ValidateSessions call in `batch`.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Also run `validate` and `create` against Redis and print the service/Redis ratio. Starts
+    /// redis-server (from apt) on a loopback port unless --redis-addr is given.
+    #[arg(long)]
+    redis: bool,
+    /// A running Redis to compare against (loopback only).
+    #[arg(long)]
+    redis_addr: Option<SocketAddr>,
+    /// Session counts for `scale`, comma-separated: the first is the baseline.
+    #[arg(long, value_delimiter = ',', default_value = "10000,10000000")]
+    sessions: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -84,6 +99,10 @@ enum Scenario {
     Validate,
     /// Durable CreateSession.
     Create,
+    /// 90% validate, 8% create, 2% revoke (of sessions this scenario created).
+    Mixed,
+    /// ValidateSessions with --batch-size tokens per call.
+    Batch,
     /// Revoke latency to N event subscribers.
     Fanout,
     /// The Rust client's CachedValidator: hits per second on one core, revoke-to-eviction.
@@ -92,6 +111,8 @@ enum Scenario {
     Overload,
     /// Sessions created and expiring for a long time: RSS and disk must stay flat.
     Soak,
+    /// Validate p99, RSS, disk and restart time at each of --sessions (preloaded offline).
+    Scale,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -106,6 +127,20 @@ async fn main() -> Result<(), Error> {
     if args.scenarios.contains(&Scenario::Overload) {
         return overload(&args).await;
     }
+    if args.scenarios.contains(&Scenario::Scale) {
+        return scale::run(&args).await;
+    }
+    let redis = match (args.redis, args.redis_addr) {
+        (_, Some(addr)) if !addr.ip().is_loopback() => {
+            return Err(format!("{addr} is not a loopback address").into())
+        }
+        (_, Some(addr)) => Some((addr, None)),
+        (true, None) => {
+            let own = redis::OwnRedis::start().await?;
+            Some((own.addr, Some(own)))
+        }
+        (false, None) => None,
+    };
     let (addr, _server) = match args.addr {
         Some(addr) if !addr.ip().is_loopback() => {
             return Err(
@@ -150,6 +185,18 @@ async fn main() -> Result<(), Error> {
                 })
                 .await;
                 r.print("validate", health_rate);
+                if let Some((redis_addr, _)) = &redis {
+                    let conns = redis::connections(*redis_addr, args.connections.max(1)).await?;
+                    let mut first = conns[0].clone();
+                    let keys = Arc::new(redis::preload(&mut first, args.pool).await?);
+                    let rr = closed_loop(&args, &conns, move |mut c, i| {
+                        let keys = keys.clone();
+                        async move { redis::validate(&mut c, &keys[i % keys.len()]).await }
+                    })
+                    .await;
+                    rr.print("redis-validate", health_rate);
+                    print_vs("validate", &r, &rr);
+                }
             }
             Scenario::Create => {
                 let r = closed_loop(&args, &channels, |ch, i| async move {
@@ -164,6 +211,55 @@ async fn main() -> Result<(), Error> {
                 })
                 .await;
                 r.print("create", health_rate);
+                if let Some((redis_addr, _)) = &redis {
+                    let conns = redis::connections(*redis_addr, args.connections.max(1)).await?;
+                    let rr = closed_loop(&args, &conns, |mut c, i| async move {
+                        redis::create(&mut c, i).await
+                    })
+                    .await;
+                    rr.print("redis-create", health_rate);
+                    print_vs("create", &r, &rr);
+                }
+            }
+            Scenario::Mixed => {
+                let tokens = Arc::new(make_pool(&channels, args.pool).await?);
+                let created = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+                let r = closed_loop(&args, &channels, move |ch, i| {
+                    let (tokens, created) = (tokens.clone(), created.clone());
+                    async move { mixed_call(ch, i, &tokens, &created).await }
+                })
+                .await;
+                r.print("mixed", health_rate);
+            }
+            Scenario::Batch => {
+                let tokens = Arc::new(make_pool(&channels, args.pool).await?);
+                let size = args.batch_size.clamp(1, 500);
+                let r = closed_loop(&args, &channels, move |ch, i| {
+                    let tokens = tokens.clone();
+                    async move {
+                        let batch = (0..size)
+                            .map(|k| tokens[(i * size + k) % tokens.len()].clone())
+                            .collect();
+                        let results = SessionServiceClient::new(ch)
+                            .validate_sessions(pb::ValidateSessionsRequest {
+                                tokens: batch,
+                                touch: None,
+                            })
+                            .await?
+                            .into_inner()
+                            .results;
+                        if results.iter().any(|r| r.session.is_none()) {
+                            return Err(tonic::Status::internal("a pool token did not validate"));
+                        }
+                        Ok(())
+                    }
+                })
+                .await;
+                r.print(&format!("batch{size}"), health_rate);
+                println!(
+                    "scenario=batch{size} validations_per_sec={:.0}",
+                    r.rate * size as f64
+                );
             }
             Scenario::Fanout => {
                 for &n in &args.subscribers {
@@ -173,7 +269,7 @@ async fn main() -> Result<(), Error> {
             Scenario::Cache => {
                 cache::run(addr, &channels, args.pool, args.seconds, args.revokes).await?;
             }
-            Scenario::Overload | Scenario::Soak => {}
+            Scenario::Overload | Scenario::Soak | Scenario::Scale => {}
         }
     }
     Ok(())
@@ -210,6 +306,82 @@ impl Report {
     }
 }
 
+/// The service's rate over Redis's for the same operation, callers and connections.
+fn print_vs(what: &str, service: &Report, redis: &Report) {
+    let ratio = if redis.rate > 0.0 {
+        format!("{:.2}", service.rate / redis.rate)
+    } else {
+        "n/a".into()
+    };
+    println!(
+        "compare={what} callers={} service_per_sec={:.0} redis_per_sec={:.0} service_to_redis={ratio}",
+        service.callers, service.rate, redis.rate
+    );
+}
+
+/// One call of the mixed load: by the counter, 90% validate a pool token, 8% create, 2% revoke
+/// one of the sessions this load created (a validate while there is none yet).
+async fn mixed_call(
+    ch: Channel,
+    i: usize,
+    tokens: &[String],
+    created: &std::sync::Mutex<Vec<String>>,
+) -> Result<(), tonic::Status> {
+    let mut client = SessionServiceClient::new(ch);
+    let victim = || {
+        created
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+    };
+    // A multiplicative hash of the counter spreads the kinds evenly over callers and time.
+    let roll = ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 100;
+    match roll {
+        90..=97 => {
+            let r = client
+                .create_session(pb::CreateSessionRequest {
+                    tenant_id: "bench".into(),
+                    user_id: format!("mixed-{i}"),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            if let Some(s) = r.session {
+                created
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(s.session_id);
+            }
+            Ok(())
+        }
+        98..=99 => match victim() {
+            Some(session_id) => client
+                .revoke_session(pb::RevokeSessionRequest {
+                    session_id,
+                    reason: pb::RevokeReason::Admin as i32,
+                })
+                .await
+                .map(drop),
+            None => validate_one(&mut client, &tokens[i % tokens.len()]).await,
+        },
+        _ => validate_one(&mut client, &tokens[i % tokens.len()]).await,
+    }
+}
+
+async fn validate_one(
+    client: &mut SessionServiceClient<Channel>,
+    token: &str,
+) -> Result<(), tonic::Status> {
+    client
+        .validate_session(pb::ValidateSessionRequest {
+            token: token.to_owned(),
+            touch: None,
+            device: None,
+        })
+        .await
+        .map(drop)
+}
+
 fn fmt_ms(d: Duration) -> String {
     format!("{:.2}ms", d.as_secs_f64() * 1000.0)
 }
@@ -225,10 +397,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs `call` from `args.callers` tasks for `args.seconds`; each task waits for its reply before
 /// the next call. The second argument is a per-call counter (distinct per task).
-async fn closed_loop<F, Fut>(args: &Args, channels: &[Channel], call: F) -> Report
+async fn closed_loop<C, F, Fut, E>(args: &Args, channels: &[C], call: F) -> Report
 where
-    F: Fn(Channel, usize) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+    C: Clone + Send + 'static,
+    F: Fn(C, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
+    E: Send + 'static,
 {
     let duration = Duration::from_secs_f64(args.seconds);
     let start = Instant::now();
@@ -418,6 +592,8 @@ struct OwnServer {
     addr: SocketAddr,
     child: tokio::process::Child,
     dir: tempfile::TempDir,
+    bin: PathBuf,
+    extra: Vec<String>,
 }
 
 impl OwnServer {
@@ -434,11 +610,29 @@ impl OwnServer {
             .local_addr()?
             .port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = tokio::process::Command::new(&bin)
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let child = Self::spawn(&bin, addr, dir.path(), &extra).await?;
+        Ok(Self {
+            addr,
+            child,
+            dir,
+            bin,
+            extra,
+        })
+    }
+
+    /// Starts the binary and waits until it answers health checks.
+    async fn spawn(
+        bin: &std::path::Path,
+        addr: SocketAddr,
+        dir: &std::path::Path,
+        extra: &[String],
+    ) -> Result<tokio::process::Child, Error> {
+        let child = tokio::process::Command::new(bin)
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .arg("--max-sessions-per-user")
             .arg("10000")
             .args(extra)
@@ -448,7 +642,7 @@ impl OwnServer {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Ok(ch) = Channel::from_shared(format!("http://{addr}"))?
                 .connect()
@@ -459,15 +653,23 @@ impl OwnServer {
                     .await
                     .is_ok()
                 {
-                    break;
+                    return Ok(child);
                 }
             }
             if Instant::now() > deadline {
-                return Err("server did not become healthy within 20 s".into());
+                return Err("server did not become healthy within 120 s".into());
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(Self { addr, child, dir })
+    }
+
+    /// Kills the server (SIGKILL, as a crash) and starts it again on the same directory and
+    /// port; the time until it answered a health check again.
+    async fn crash_and_restart(&mut self) -> Result<Duration, Error> {
+        self.child.kill().await?;
+        let started = Instant::now();
+        self.child = Self::spawn(&self.bin, self.addr, self.dir.path(), &self.extra).await?;
+        Ok(started.elapsed())
     }
 
     /// Resident memory of the server process, in MiB.

@@ -1,0 +1,155 @@
+//! `scale`: one server grows through each of `--sessions` (created through the API, durably, as
+//! users would); at each size, validate throughput and latency over tokens spread across every
+//! session loaded, the server's RSS and disk use, and the time a crashed server (SIGKILL) takes
+//! to answer again.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    time::{Duration, Instant},
+};
+
+use session_authority::proto::v1::{self as pb, session_service_client::SessionServiceClient};
+use tonic::transport::Channel;
+
+use crate::{closed_loop, connect, fmt_ms, percentile, Args, Error, OwnServer};
+
+/// Tokens kept to validate: enough to spread over the whole store, few enough to hold.
+const SAMPLE: usize = 100_000;
+/// Concurrent creators while loading.
+const LOADERS: usize = 256;
+
+pub async fn run(args: &Args) -> Result<(), Error> {
+    let mut sizes = args.sessions.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let largest = sizes.last().copied().ok_or("--sessions is empty")?;
+    let stride = (largest / SAMPLE).max(1);
+    let mut server = OwnServer::start(args.server_bin.clone(), &[]).await?;
+    let mut channels = connect(server.addr, args.connections.max(1)).await?;
+    let sample = Arc::new(Mutex::new(Vec::new()));
+    let mut loaded = 0;
+    let mut baseline_p99 = None;
+    for n in sizes {
+        let started = Instant::now();
+        load(&channels, loaded, n, stride, &sample).await?;
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "scale: loaded {n} sessions ({:.0} creates/s)",
+            (n - loaded) as f64 / secs
+        );
+        loaded = n;
+        let tokens = Arc::new(
+            sample
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        );
+        let validate = {
+            let tokens = tokens.clone();
+            closed_loop(args, &channels, move |ch, i| {
+                let token = tokens[i % tokens.len()].clone();
+                async move {
+                    SessionServiceClient::new(ch)
+                        .validate_session(pb::ValidateSessionRequest {
+                            token,
+                            touch: None,
+                            device: None,
+                        })
+                        .await
+                        .map(drop)
+                }
+            })
+            .await
+        };
+        let (rss, disk) = (server.rss_mib(), server.disk_mib());
+        let restart = server.crash_and_restart().await?;
+        channels = connect(server.addr, args.connections.max(1)).await?;
+        // Still there after the crash.
+        SessionServiceClient::new(channels[0].clone())
+            .validate_session(pb::ValidateSessionRequest {
+                token: tokens[tokens.len() - 1].clone(),
+                touch: Some(false),
+                device: None,
+            })
+            .await?;
+        let p99 = percentile(&validate.latencies, 0.99);
+        let base = *baseline_p99.get_or_insert(p99);
+        println!(
+            "scenario=scale sessions={n} validate_per_sec={:.0} p50={} p99={} p999={} errors={} p99_vs_smallest={:.2} server_rss_mib={rss:.0} disk_mib={disk:.0} restart_secs={:.2} load_creates_per_sec={:.0}",
+            validate.rate,
+            fmt_ms(percentile(&validate.latencies, 0.50)),
+            fmt_ms(p99),
+            fmt_ms(percentile(&validate.latencies, 0.999)),
+            validate.errors,
+            p99.as_secs_f64() / base.as_secs_f64().max(1e-9),
+            restart.as_secs_f64(),
+            (n as f64) / secs.max(1e-9),
+        );
+    }
+    Ok(())
+}
+
+/// Creates sessions `from..to` with `LOADERS` concurrent callers (one user each, so no per-user
+/// limit applies), keeping every `stride`-th token.
+async fn load(
+    channels: &[Channel],
+    from: usize,
+    to: usize,
+    stride: usize,
+    sample: &Arc<Mutex<Vec<String>>>,
+) -> Result<(), Error> {
+    let next = Arc::new(AtomicUsize::new(from));
+    let mut tasks = Vec::new();
+    for t in 0..LOADERS {
+        let mut client = SessionServiceClient::new(channels[t % channels.len()].clone());
+        let (next, sample) = (next.clone(), sample.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= to {
+                    return Ok::<_, tonic::Status>(());
+                }
+                let r = create_retrying(&mut client, i).await?;
+                if i % stride == 0 {
+                    sample
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(r.token);
+                }
+                if i % 1_000_000 == 0 && i > 0 {
+                    eprintln!("scale: {i} sessions");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// Creates one session, waiting out load shedding (RESOURCE_EXHAUSTED) rather than failing.
+async fn create_retrying(
+    client: &mut SessionServiceClient<Channel>,
+    i: usize,
+) -> Result<pb::CreateSessionResponse, tonic::Status> {
+    loop {
+        let r = client
+            .create_session(pb::CreateSessionRequest {
+                tenant_id: "scale".into(),
+                user_id: format!("user-{i}"),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
