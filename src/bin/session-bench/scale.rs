@@ -35,11 +35,8 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     for n in sizes {
         let started = Instant::now();
         load(&channels, loaded, n, stride, &sample).await?;
-        let secs = started.elapsed().as_secs_f64();
-        eprintln!(
-            "scale: loaded {n} sessions ({:.0} creates/s)",
-            (n - loaded) as f64 / secs
-        );
+        let load_rate = (n - loaded) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        eprintln!("scale: loaded {n} sessions ({load_rate:.0} creates/s)");
         loaded = n;
         let tokens = Arc::new(
             sample
@@ -86,7 +83,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
             validate.errors,
             p99.as_secs_f64() / base.as_secs_f64().max(1e-9),
             restart.as_secs_f64(),
-            (n as f64) / secs.max(1e-9),
+            load_rate,
         );
     }
     Ok(())
