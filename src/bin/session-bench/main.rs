@@ -76,6 +76,9 @@ struct Args {
     /// Sessions created per second in `soak`.
     #[arg(long, default_value_t = 500)]
     rate: u32,
+    /// Repeat the closed-loop scenarios this many times and finish with their medians.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
     /// Tokens per ValidateSessions call in `batch`.
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
@@ -154,6 +157,25 @@ async fn main() -> Result<(), Error> {
         }
     };
     let channels = connect(addr, args.connections.max(1)).await?;
+    for run in 1..=args.runs.max(1) {
+        if args.runs > 1 {
+            println!("run={run}");
+        }
+        run_once(&args, addr, &channels, &redis).await?;
+    }
+    if args.runs > 1 {
+        print_medians();
+    }
+    Ok(())
+}
+
+/// Every scenario of `args` once, in order.
+async fn run_once(
+    args: &Args,
+    addr: SocketAddr,
+    channels: &[Channel],
+    redis: &Option<(SocketAddr, Option<redis::OwnRedis>)>,
+) -> Result<(), Error> {
     let mut health_rate = None;
     for scenario in &args.scenarios {
         match scenario {
@@ -256,10 +278,9 @@ async fn main() -> Result<(), Error> {
                 })
                 .await;
                 r.print(&format!("batch{size}"), health_rate);
-                println!(
-                    "scenario=batch{size} validations_per_sec={:.0}",
-                    r.rate * size as f64
-                );
+                let validations = r.rate * size as f64;
+                record(format!("batch{size}.validations_per_sec"), validations);
+                println!("scenario=batch{size} validations_per_sec={validations:.0}");
             }
             Scenario::Fanout => {
                 for &n in &args.subscribers {
@@ -286,12 +307,54 @@ struct Report {
     connections: usize,
 }
 
+/// Every figure printed, by name, for the medians of `--runs`.
+static RESULTS: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
+
+fn record(name: String, value: f64) {
+    RESULTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push((name, value));
+}
+
+/// One line per figure: the median over the runs, and the runs' values.
+fn print_medians() {
+    let results = RESULTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut names: Vec<&String> = Vec::new();
+    for (name, _) in results.iter() {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    for name in names {
+        let mut values: Vec<f64> = results
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .collect();
+        values.sort_by(f64::total_cmp);
+        let median = values[values.len() / 2];
+        let all: Vec<String> = values.iter().map(|v| format!("{v:.3}")).collect();
+        println!("median {name}={median:.3} runs=[{}]", all.join(","));
+    }
+}
+
 impl Report {
     fn print(&self, name: &str, health_rate: Option<f64>) {
         let ratio = match health_rate {
             Some(h) if h > 0.0 => format!("{:.2}", self.rate / h),
             _ => "n/a".into(),
         };
+        record(format!("{name}.calls_per_sec"), self.rate);
+        record(
+            format!("{name}.p99_ms"),
+            percentile(&self.latencies, 0.99).as_secs_f64() * 1000.0,
+        );
+        if let Some(h) = health_rate.filter(|h| *h > 0.0) {
+            record(format!("{name}.ratio_to_health"), self.rate / h);
+        }
         println!(
             "scenario={name} callers={} connections={} seconds={:.1} calls_per_sec={:.0} p50={} p99={} p999={} errors={} ratio_to_health={ratio}",
             self.callers,
@@ -309,6 +372,10 @@ impl Report {
 /// The service's rate over Redis's for the same operation, callers and connections.
 fn print_vs(what: &str, service: &Report, redis: &Report) {
     let ratio = if redis.rate > 0.0 {
+        record(
+            format!("{what}.service_to_redis"),
+            service.rate / redis.rate,
+        );
         format!("{:.2}", service.rate / redis.rate)
     } else {
         "n/a".into()
