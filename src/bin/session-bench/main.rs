@@ -86,6 +86,10 @@ struct Args {
     /// redis-server (from apt) on a loopback port unless --redis-addr is given.
     #[arg(long)]
     redis: bool,
+    /// Connections to Redis (default: --connections). Each multiplexes (pipelines) its callers'
+    /// commands; set it to --callers for a connection per caller, as with a connection pool.
+    #[arg(long)]
+    redis_connections: Option<usize>,
     /// A running Redis to compare against (loopback only).
     #[arg(long)]
     redis_addr: Option<SocketAddr>,
@@ -208,7 +212,7 @@ async fn run_once(
                 .await;
                 r.print("validate", health_rate);
                 if let Some((redis_addr, _)) = &redis {
-                    let conns = redis::connections(*redis_addr, args.connections.max(1)).await?;
+                    let conns = redis::connections(*redis_addr, redis_conns(args)).await?;
                     let mut first = conns[0].clone();
                     let keys = Arc::new(redis::preload(&mut first, args.pool).await?);
                     let rr = closed_loop(&args, &conns, move |mut c, i| {
@@ -234,7 +238,7 @@ async fn run_once(
                 .await;
                 r.print("create", health_rate);
                 if let Some((redis_addr, _)) = &redis {
-                    let conns = redis::connections(*redis_addr, args.connections.max(1)).await?;
+                    let conns = redis::connections(*redis_addr, redis_conns(args)).await?;
                     let rr = closed_loop(&args, &conns, |mut c, i| async move {
                         redis::create(&mut c, i).await
                     })
@@ -369,6 +373,10 @@ impl Report {
     }
 }
 
+fn redis_conns(args: &Args) -> usize {
+    args.redis_connections.unwrap_or(args.connections).max(1)
+}
+
 /// The service's rate over Redis's for the same operation, callers and connections.
 fn print_vs(what: &str, service: &Report, redis: &Report) {
     let ratio = if redis.rate > 0.0 {
@@ -381,8 +389,8 @@ fn print_vs(what: &str, service: &Report, redis: &Report) {
         "n/a".into()
     };
     println!(
-        "compare={what} callers={} service_per_sec={:.0} redis_per_sec={:.0} service_to_redis={ratio}",
-        service.callers, service.rate, redis.rate
+        "compare={what} callers={} redis_connections={} service_per_sec={:.0} redis_per_sec={:.0} service_to_redis={ratio}",
+        service.callers, redis.connections, service.rate, redis.rate
     );
 }
 
