@@ -900,3 +900,46 @@ async fn validate_sessions_answers_each_token_in_order() {
         .results;
     assert!(results.iter().all(|r| r.session.is_some()) && results.len() == 500);
 }
+
+/// Validates run concurrently with revocations (and refill the server's session cache while
+/// the writer changes sessions); once a revoke has replied, its token never validates again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_session_never_validates_after_the_reply_under_concurrent_reads() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut created = Vec::new();
+    for i in 0..60 {
+        created.push(create(&mut client, "t", &format!("u{i}")).await);
+    }
+    let tokens: std::sync::Arc<Vec<String>> =
+        std::sync::Arc::new(created.iter().map(|c| c.token.clone()).collect());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for r in 0..6 {
+        let (mut client, tokens, stop) = (client.clone(), tokens.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut i = r;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = validate(&mut client, &tokens[i % tokens.len()]).await;
+                i += 1;
+            }
+        }));
+    }
+    for c in &created {
+        let id = c.session.as_ref().expect("session").session_id.clone();
+        client
+            .revoke_session(pb::RevokeSessionRequest {
+                session_id: id,
+                reason: 0,
+            })
+            .await
+            .expect("revoke");
+        for _ in 0..3 {
+            assert_not_valid(validate(&mut client, &c.token).await);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.expect("reader");
+    }
+}

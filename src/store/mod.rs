@@ -8,6 +8,7 @@
 
 mod keys;
 mod records;
+mod session_cache;
 mod sled_store;
 
 use std::{future::Future, sync::Arc};

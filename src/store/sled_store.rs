@@ -41,8 +41,8 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    keys, records, CreateOutcome, CreateRules, ListPage, ListScope, LogBounds, RevokeOutcome,
-    RevokeTarget, RotateOutcome, SessionStore,
+    keys, records, session_cache::SessionCache, CreateOutcome, CreateRules, ListPage, ListScope,
+    LogBounds, RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
 };
 use crate::{
     audit::AuditEntry,
@@ -69,6 +69,8 @@ impl From<sled::Error> for Error {
 /// Writes queued for the writer before callers wait for room. Large enough to absorb bursts,
 /// small enough that a stalled disk pushes back instead of growing memory.
 const COMMAND_QUEUE: usize = 16_384;
+/// Decoded sessions kept for reads: at roughly 0.5 KiB each, at most about 64 MiB.
+const SESSION_CACHE_ENTRIES: usize = 131_072;
 /// Most events one prune command deletes, so one command never holds the writer for long.
 const PRUNE_CHUNK: usize = 10_000;
 
@@ -96,6 +98,8 @@ struct Shared {
     /// A read-write lock: every validate reads it, while touches (at most one per session per
     /// `touch_interval`) rarely write it.
     queued_touches: RwLock<HashMap<SessionId, Timestamp>>,
+    /// Decoded sessions for reads; the writer drops what it changes (see `session_cache`).
+    cache: SessionCache,
 }
 
 impl Shared {
@@ -109,7 +113,17 @@ impl Shared {
 
     /// A session as stored, with any queued touch applied.
     fn read_session(&self, id: &SessionId) -> Result<Option<Session>> {
-        let mut session = read_session(&self.tree, id)?;
+        let mut session = match self.cache.get(id) {
+            Some(cached) => Some(Session::clone(&cached)),
+            None => {
+                let ticket = self.cache.before_read();
+                let read = read_session(&self.tree, id)?;
+                if let (Some(ticket), Some(s)) = (ticket, &read) {
+                    self.cache.fill(ticket, *id, Arc::new(s.clone()));
+                }
+                read
+            }
+        };
         if let Some(s) = session.as_mut().filter(|s| s.is_active()) {
             let touches = self
                 .queued_touches
@@ -232,6 +246,7 @@ impl SledStore {
             secret,
             tombstone_retention,
             queued_touches: RwLock::new(HashMap::new()),
+            cache: SessionCache::new(SESSION_CACHE_ENTRIES),
         });
 
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -832,7 +847,7 @@ fn writer_loop(
             Op::Touch { id, now } => Some((*id, *now)),
             _ => None,
         };
-        let mut tx = Tx::new(&shared.tree, head, shared.tombstone_retention);
+        let mut tx = Tx::new(shared, head);
         let result = tx.run(op);
         let (outcome, events) = match tx.commit() {
             Ok((new_head, events)) => {
@@ -913,7 +928,7 @@ fn apply_group(
         group.into_iter().for_each(|c| refuse(c.reply));
         return true;
     }
-    let mut tx = Tx::new(&shared.tree, *head, shared.tombstone_retention);
+    let mut tx = Tx::new(shared, *head);
     let mut results = Vec::with_capacity(group.len());
     for Command { op, reply } in group {
         // Sessions ended by one creation are that creation's own (its user's).
@@ -1000,6 +1015,9 @@ fn flusher_loop(shared: &Shared, pending: std_mpsc::Receiver<Pending>) {
 /// One command's changes, gathered into one atomic batch.
 struct Tx<'a> {
     tree: &'a sled::Tree,
+    cache: &'a SessionCache,
+    /// Sessions whose records this batch writes, to drop from the cache.
+    changed: Vec<SessionId>,
     batch: sled::Batch,
     events: Vec<Event>,
     head: u64,
@@ -1011,15 +1029,17 @@ struct Tx<'a> {
 }
 
 impl<'a> Tx<'a> {
-    fn new(tree: &'a sled::Tree, head: u64, tombstone_retention: std::time::Duration) -> Self {
+    fn new(shared: &'a Shared, head: u64) -> Self {
         Self {
-            tree,
+            tree: &shared.tree,
+            cache: &shared.cache,
+            changed: Vec::new(),
             batch: sled::Batch::default(),
             events: Vec::new(),
             head,
             dirty: false,
             ended: HashSet::new(),
-            tombstone_retention,
+            tombstone_retention: shared.tombstone_retention,
         }
     }
 
@@ -1028,7 +1048,10 @@ impl<'a> Tx<'a> {
         // which may delete that key, records it (see `prune`). One key fewer per write matters:
         // sled's cost is per key.
         if self.dirty {
-            self.tree.apply_batch(self.batch)?;
+            self.cache.write_begins();
+            let applied = self.tree.apply_batch(self.batch);
+            self.cache.write_ends(&self.changed);
+            applied?;
         }
         Ok((self.head, self.events))
     }
@@ -1077,6 +1100,7 @@ impl<'a> Tx<'a> {
     /// Writes `new` in place of `old`, moving index entries: the user index holds active sessions
     /// only, the deadline index every session under its next deadline. `None` deletes.
     fn put(&mut self, old: Option<&Session>, new: Option<&Session>) {
+        self.changed.extend(old.or(new).map(|s| s.id));
         if let Some(old) = old {
             self.batch
                 .remove(&keys::deadline(old.next_deadline(), &old.id)[..]);
