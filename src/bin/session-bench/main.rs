@@ -184,7 +184,7 @@ async fn run_once(
     for scenario in &args.scenarios {
         match scenario {
             Scenario::Health => {
-                let r = closed_loop(&args, &channels, |ch, _| async move {
+                let r = closed_loop(args, channels, |ch, _| async move {
                     HealthClient::new(ch)
                         .check(HealthCheckRequest::default())
                         .await
@@ -195,8 +195,8 @@ async fn run_once(
                 r.print("health", health_rate);
             }
             Scenario::Validate => {
-                let tokens = Arc::new(make_pool(&channels, args.pool).await?);
-                let r = closed_loop(&args, &channels, move |ch, i| {
+                let tokens = Arc::new(make_pool(channels, args.pool).await?);
+                let r = closed_loop(args, channels, move |ch, i| {
                     let token = tokens[i % tokens.len()].clone();
                     async move {
                         SessionServiceClient::new(ch)
@@ -215,7 +215,7 @@ async fn run_once(
                     let conns = redis::connections(*redis_addr, redis_conns(args)).await?;
                     let mut first = conns[0].clone();
                     let keys = Arc::new(redis::preload(&mut first, args.pool).await?);
-                    let rr = closed_loop(&args, &conns, move |mut c, i| {
+                    let rr = closed_loop(args, &conns, move |mut c, i| {
                         let keys = keys.clone();
                         async move { redis::validate(&mut c, &keys[i % keys.len()]).await }
                     })
@@ -225,7 +225,7 @@ async fn run_once(
                 }
             }
             Scenario::Create => {
-                let r = closed_loop(&args, &channels, |ch, i| async move {
+                let r = closed_loop(args, channels, |ch, i| async move {
                     SessionServiceClient::new(ch)
                         .create_session(pb::CreateSessionRequest {
                             tenant_id: "bench".into(),
@@ -239,7 +239,7 @@ async fn run_once(
                 r.print("create", health_rate);
                 if let Some((redis_addr, _)) = &redis {
                     let conns = redis::connections(*redis_addr, redis_conns(args)).await?;
-                    let rr = closed_loop(&args, &conns, |mut c, i| async move {
+                    let rr = closed_loop(args, &conns, |mut c, i| async move {
                         redis::create(&mut c, i).await
                     })
                     .await;
@@ -248,9 +248,9 @@ async fn run_once(
                 }
             }
             Scenario::Mixed => {
-                let tokens = Arc::new(make_pool(&channels, args.pool).await?);
+                let tokens = Arc::new(make_pool(channels, args.pool).await?);
                 let created = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-                let r = closed_loop(&args, &channels, move |ch, i| {
+                let r = closed_loop(args, channels, move |ch, i| {
                     let (tokens, created) = (tokens.clone(), created.clone());
                     async move { mixed_call(ch, i, &tokens, &created).await }
                 })
@@ -258,9 +258,9 @@ async fn run_once(
                 r.print("mixed", health_rate);
             }
             Scenario::Batch => {
-                let tokens = Arc::new(make_pool(&channels, args.pool).await?);
+                let tokens = Arc::new(make_pool(channels, args.pool).await?);
                 let size = args.batch_size.clamp(1, 500);
-                let r = closed_loop(&args, &channels, move |ch, i| {
+                let r = closed_loop(args, channels, move |ch, i| {
                     let tokens = tokens.clone();
                     async move {
                         let batch = (0..size)
@@ -292,7 +292,7 @@ async fn run_once(
                 }
             }
             Scenario::Cache => {
-                cache::run(addr, &channels, args.pool, args.seconds, args.revokes).await?;
+                cache::run(addr, channels, args.pool, args.seconds, args.revokes).await?;
             }
             Scenario::Overload | Scenario::Soak | Scenario::Scale => {}
         }
