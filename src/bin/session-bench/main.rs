@@ -67,6 +67,9 @@ struct Args {
     /// Revokes measured per subscriber count in `fanout`.
     #[arg(long, default_value_t = 200)]
     revokes: usize,
+    /// Extra arguments for the server the bench starts (repeat for each), e.g. --server-arg=--cache-mib=128.
+    #[arg(long, allow_hyphen_values = true)]
+    server_arg: Vec<String>,
     /// The server binary to start when no --addr is given.
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -156,7 +159,7 @@ async fn main() -> Result<(), Error> {
         }
         Some(addr) => (addr, None),
         None => {
-            let server = OwnServer::start(args.server_bin.clone(), &[]).await?;
+            let server = OwnServer::start(args.server_bin.clone(), &server_args(&args)).await?;
             (server.addr, Some(server))
         }
     };
@@ -371,6 +374,10 @@ impl Report {
             self.errors,
         );
     }
+}
+
+fn server_args(args: &Args) -> Vec<&str> {
+    args.server_arg.iter().map(String::as_str).collect()
 }
 
 fn redis_conns(args: &Args) -> usize {

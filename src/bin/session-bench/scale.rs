@@ -27,7 +27,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     sizes.dedup();
     let largest = sizes.last().copied().ok_or("--sessions is empty")?;
     let stride = (largest / SAMPLE).max(1);
-    let mut server = OwnServer::start(args.server_bin.clone(), &[]).await?;
+    let mut server = OwnServer::start(args.server_bin.clone(), &crate::server_args(args)).await?;
     let mut channels = connect(server.addr, args.connections.max(1)).await?;
     let sample = Arc::new(Mutex::new(Vec::new()));
     let mut loaded = 0;
