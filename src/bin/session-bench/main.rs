@@ -199,20 +199,7 @@ async fn run_once(
             }
             Scenario::Validate => {
                 let tokens = Arc::new(make_pool(channels, args.pool).await?);
-                let r = closed_loop(args, channels, move |ch, i| {
-                    let token = tokens[i % tokens.len()].clone();
-                    async move {
-                        SessionServiceClient::new(ch)
-                            .validate_session(pb::ValidateSessionRequest {
-                                token,
-                                touch: None,
-                                device: None,
-                            })
-                            .await
-                            .map(drop)
-                    }
-                })
-                .await;
+                let r = validate_loop(args, channels, tokens.clone()).await;
                 r.print("validate", health_rate);
                 if let Some((redis_addr, _)) = &redis {
                     let conns = redis::connections(*redis_addr, redis_conns(args)).await?;
@@ -448,6 +435,15 @@ async fn mixed_call(
         },
         _ => validate_one(&mut client, &tokens[i % tokens.len()]).await,
     }
+}
+
+/// ValidateSession over `tokens` (touch on) from every caller of `args`.
+async fn validate_loop(args: &Args, channels: &[Channel], tokens: Arc<Vec<String>>) -> Report {
+    closed_loop(args, channels, move |ch, i| {
+        let token = tokens[i % tokens.len()].clone();
+        async move { validate_one(&mut SessionServiceClient::new(ch), &token).await }
+    })
+    .await
 }
 
 async fn validate_one(

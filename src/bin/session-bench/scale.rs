@@ -14,7 +14,7 @@ use std::{
 use session_authority::proto::v1::{self as pb, session_service_client::SessionServiceClient};
 use tonic::transport::Channel;
 
-use crate::{closed_loop, connect, fmt_ms, percentile, Args, Error, OwnServer};
+use crate::{connect, fmt_ms, percentile, validate_loop, Args, Error, OwnServer};
 
 /// Tokens kept to validate: enough to spread over the whole store, few enough to hold.
 const SAMPLE: usize = 100_000;
@@ -44,23 +44,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
         );
-        let validate = {
-            let tokens = tokens.clone();
-            closed_loop(args, &channels, move |ch, i| {
-                let token = tokens[i % tokens.len()].clone();
-                async move {
-                    SessionServiceClient::new(ch)
-                        .validate_session(pb::ValidateSessionRequest {
-                            token,
-                            touch: None,
-                            device: None,
-                        })
-                        .await
-                        .map(drop)
-                }
-            })
-            .await
-        };
+        let validate = validate_loop(args, &channels, tokens.clone()).await;
         let (rss, disk) = (server.rss_mib(), server.disk_mib());
         let restart = server.crash_and_restart().await?;
         channels = connect(server.addr, args.connections.max(1)).await?;
