@@ -48,9 +48,13 @@ function stopServer(child) {
   return new Promise((resolve) => { child.on('exit', resolve); child.kill('SIGTERM'); });
 }
 
+// waitForReady: right after a restart the channel may still be backing off from the outage.
 function call(client, method, request) {
+  const metadata = new grpc.Metadata();
+  metadata.setOptions({ waitForReady: true });
+  const options = { deadline: Date.now() + 10000 };
   return new Promise((resolve, reject) =>
-    client[method](request, (err, r) => (err ? reject(err) : resolve(r))));
+    client[method](request, metadata, options, (err, r) => (err ? reject(err) : resolve(r))));
 }
 
 async function main() {
@@ -100,6 +104,13 @@ async function main() {
   check(cache.byToken.has(c.token), 'carol is cached before the restart');
   const before = cache.lastSequence;
   await stopServer(server);
+  for (let i = 0; i < 100 && cache.live; i += 1) await sleep(20);
+  try {
+    await cache.validate(c.token);
+    check(false, 'no answer from memory while the stream is down');
+  } catch (err) {
+    check(err.code !== grpc.status.UNAUTHENTICATED, 'during the outage the cache misses instead of answering from memory');
+  }
   server = await startServer(port, path.join(dataDir, 'data'));
   const missedSeen = cache.waitFor((e) => e.revoked && e.session_id === c.session.session_id);
   await call(sessions, 'RevokeSession', { session_id: c.session.session_id });

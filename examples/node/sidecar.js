@@ -1,7 +1,9 @@
 // A sidecar cache for session-authority: validates tokens through the service on a miss, answers
 // repeats from memory, and drops an entry as soon as the event stream says its session was
 // revoked, expired or rotated. It remembers the last sequence it applied and resumes from there
-// when the stream breaks (a restart, a deploy); on OUT_OF_RANGE it drops everything.
+// when the stream breaks (a restart, a deploy); on OUT_OF_RANGE it drops everything. It answers
+// from memory only while the stream is live: from the `announce_live` heartbeat (sent once the
+// replay of what it missed is done) until the stream breaks. An outage makes it miss, never lie.
 'use strict';
 
 const path = require('path');
@@ -25,18 +27,19 @@ class SessionCache {
     this.events = new pkg.EventService(address, grpc.credentials.createInsecure());
     this.byToken = new Map(); // token -> session
     this.lastSequence = null; // null: not yet connected
+    this.live = false; // true while connected and caught up
     this.serverCalls = 0;
     this.listeners = [];
   }
 
   /** Resolves with the session if the token is valid; from memory when cached. */
   async validate(token) {
-    const cached = this.byToken.get(token);
+    const cached = this.live && this.byToken.get(token);
     if (cached) return cached;
     this.serverCalls += 1;
     const reply = await new Promise((resolve, reject) =>
       this.sessions.ValidateSession({ token }, (err, r) => (err ? reject(err) : resolve(r))));
-    this.byToken.set(token, reply.session);
+    if (this.live) this.byToken.set(token, reply.session);
     return reply.session;
   }
 
@@ -60,6 +63,7 @@ class SessionCache {
   watch() {
     if (this.stopped) return;
     const request = this.lastSequence === null ? {} : { after_sequence: this.lastSequence };
+    request.announce_live = true;
     this.call = this.events.WatchEvents(request);
     this.call.on('data', (item) => {
       if (item.event) {
@@ -69,10 +73,12 @@ class SessionCache {
         this.listeners.forEach((f) => f(e));
       } else if (item.heartbeat) {
         this.lastSequence = item.heartbeat.delivered_through;
+        this.live = true; // the first heartbeat comes once the replay has caught up
       }
     });
     this.call.on('error', (err) => {
-      if (err.code === grpc.status.OUT_OF_RANGE) {
+      this.live = false;
+      if (err.code === grpc.status.OUT_OF_RANGE || this.lastSequence === null) {
         // Events were missed: nothing cached can be trusted. Start again from the head.
         this.byToken.clear();
         this.lastSequence = null;
@@ -80,6 +86,7 @@ class SessionCache {
       if (!this.stopped) setTimeout(() => this.watch(), 100);
     });
     this.call.on('end', () => {
+      this.live = false;
       if (!this.stopped) setTimeout(() => this.watch(), 100);
     });
   }
