@@ -23,15 +23,12 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use session_authority::proto::v1::{
-    self as pb, event_service_client::EventServiceClient,
-    policy_service_client::PolicyServiceClient, session_event::Body,
-    session_service_client::SessionServiceClient, watch_events_response::Message,
+    self as pb, session_event::Body, watch_events_response::Message,
 };
+use session_authority_client::Client;
 use tonic::{
-    metadata::MetadataValue,
-    service::interceptor::InterceptedService,
     transport::{Certificate, Channel, ClientTlsConfig},
-    Code, Request, Status,
+    Code, Status,
 };
 
 #[derive(Parser)]
@@ -272,21 +269,6 @@ impl Reason {
     }
 }
 
-/// Adds the API key to every call.
-#[derive(Clone)]
-struct Key(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Key {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-type Authed = InterceptedService<Channel, Key>;
-
 /// Why the command failed, and so its exit code.
 enum Failure {
     Status(Status),
@@ -332,7 +314,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(cli: &Cli) -> Result<(Channel, Key), Failure> {
+async fn connect(cli: &Cli) -> Result<Client, Failure> {
     let mut endpoint =
         Channel::from_shared(cli.server.clone()).map_err(|e| Failure::Other(e.to_string()))?;
     if let Some(ca) = &cli.ca {
@@ -346,17 +328,9 @@ async fn connect(cli: &Cli) -> Result<(Channel, Key), Failure> {
         .connect()
         .await
         .map_err(|e| Failure::Other(format!("connecting to {}: {e}", cli.server)))?;
-    let key = match std::env::var("SESSION_AUTHORITY_API_KEY") {
-        Ok(k) => Some(format!("Bearer {k}").parse().map_err(|_| {
-            Failure::Other("SESSION_AUTHORITY_API_KEY is not printable ASCII".into())
-        })?),
-        Err(_) => None,
-    };
-    Ok((channel, Key(key)))
-}
-
-fn sessions(c: &(Channel, Key)) -> SessionServiceClient<Authed> {
-    SessionServiceClient::with_interceptor(c.0.clone(), c.1.clone())
+    let key = std::env::var("SESSION_AUTHORITY_API_KEY").ok();
+    Client::from_channel(channel, key.as_deref())
+        .map_err(|_| Failure::Other("SESSION_AUTHORITY_API_KEY is not printable ASCII".into()))
 }
 
 fn time(t: &Option<prost_types::Timestamp>) -> String {
@@ -458,7 +432,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             country,
             limit,
         } => {
-            let mut client = sessions(&conn);
+            let mut client = conn.sessions();
             let mut rows = Vec::new();
             let mut page_token = String::new();
             loop {
@@ -499,7 +473,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             );
         }
         Command::Show { session_id } => {
-            let s = sessions(&conn)
+            let s = conn
+                .sessions()
                 .get_session(pb::GetSessionRequest { session_id })
                 .await?
                 .into_inner()
@@ -509,7 +484,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_record(json, &v);
         }
         Command::Revoke { session_id, reason } => {
-            let r = sessions(&conn)
+            let r = conn
+                .sessions()
                 .revoke_session(pb::RevokeSessionRequest {
                     session_id: session_id.clone(),
                     reason: reason.proto(),
@@ -528,7 +504,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             except,
             reason,
         } => {
-            let r = sessions(&conn)
+            let r = conn
+                .sessions()
                 .revoke_user_sessions(pb::RevokeUserSessionsRequest {
                     tenant_id: tenant,
                     user_id: user,
@@ -566,7 +543,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             let user = user.unwrap_or_default();
             // The count and sample (and the server's check that the filter is not empty) first.
-            let r = sessions(&conn)
+            let r = conn
+                .sessions()
                 .revoke_sessions_matching(pb::RevokeSessionsMatchingRequest {
                     tenant_id: tenant.clone(),
                     user_id: user.clone(),
@@ -613,7 +591,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             from,
             count,
         } => {
-            let mut stream = EventServiceClient::with_interceptor(conn.0.clone(), conn.1.clone())
+            let mut stream = conn
+                .events()
                 .watch_events(pb::WatchEventsRequest {
                     announce_live: false,
                     after_sequence: from,
@@ -684,7 +663,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Stats { tenant } => {
-            let s = sessions(&conn)
+            let s = conn
+                .sessions()
                 .get_session_stats(pb::GetSessionStatsRequest {
                     tenant_id: tenant.clone(),
                 })
@@ -699,7 +679,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Policy {
             command: PolicyCommand::Get { tenant },
         } => {
-            let r = policies(&conn)
+            let r = conn
+                .policies()
                 .get_policy(pb::GetPolicyRequest { tenant_id: tenant })
                 .await?
                 .into_inner();
@@ -711,7 +692,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Policy {
             command: PolicyCommand::Set(changes),
         } => {
-            let mut client = policies(&conn);
+            let mut client = conn.policies();
             let mut policy = client
                 .get_policy(pb::GetPolicyRequest {
                     tenant_id: changes.tenant.clone(),
@@ -734,10 +715,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-fn policies(c: &(Channel, Key)) -> PolicyServiceClient<Authed> {
-    PolicyServiceClient::with_interceptor(c.0.clone(), c.1.clone())
 }
 
 fn policy_json(p: &pb::Policy, is_default: bool) -> Value {
@@ -763,7 +740,7 @@ fn policy_json(p: &pb::Policy, is_default: bool) -> Value {
 /// revocation shows progress (on a terminal) and can be interrupted between pages. Returns how
 /// many this run ended and the last revoke event's sequence.
 async fn revoke_in_pages(
-    conn: &(Channel, Key),
+    conn: &Client,
     tenant: String,
     user: String,
     filter: pb::SessionFilter,
@@ -781,7 +758,7 @@ async fn revoke_in_pages(
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let mut client = sessions(conn);
+    let mut client = conn.sessions();
     let (mut revoked, mut sequence) = (0u64, None);
     let mut page_token = String::new();
     loop {
