@@ -126,6 +126,9 @@ struct Inner {
 impl CachedValidator {
     /// Starts following the event stream (on the current tokio runtime). Until it is live, every
     /// validation goes to the service; [`CachedValidator::ready`] waits for it.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, as `tokio::spawn` does.
     pub fn start(client: Client, config: CacheConfig) -> Self {
         Self::start_with_clock(client, config, Arc::new(SystemTime::now))
     }
