@@ -486,6 +486,9 @@ where
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
+    // Caller c makes calls c, c + callers, c + 2 * callers, ...: every counter is distinct, and
+    // a pool indexed by `i % len` is walked evenly rather than one entry per caller.
+    let step = args.callers;
     for caller in 0..args.callers {
         let channel = channels[caller % channels.len()].clone();
         let call = call.clone();
@@ -499,7 +502,7 @@ where
                     Ok(()) => latencies.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }
-                i += 1_000_000;
+                i += step;
             }
             (latencies, errors)
         }));

@@ -16,8 +16,10 @@ use tonic::transport::Channel;
 
 use crate::{connect, fmt_ms, percentile, validate_loop, Args, Error, OwnServer};
 
-/// Tokens kept to validate: enough to spread over the whole store, few enough to hold.
-const SAMPLE: usize = 100_000;
+/// Tokens kept to validate: enough to spread over the whole store and to exceed the server's
+/// in-memory session cache (131,072 entries), so that at scale most validations read sled; few
+/// enough to hold.
+const SAMPLE: usize = 1_000_000;
 /// Concurrent creators while loading.
 const LOADERS: usize = 256;
 
