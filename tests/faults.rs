@@ -30,7 +30,9 @@ async fn store_with_data(dir: &Path) -> String {
 }
 
 async fn start_on(dir: &Path) -> session_authority::error::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    // 127.0.0.2: this short-lived server must never take the 127.0.0.1 port that a concurrent
+    // test picked for a child server (free_loopback_addr) before the child binds it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0")
         .await
         .expect("bind");
     let config = Config {

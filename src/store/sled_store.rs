@@ -223,11 +223,7 @@ impl SledStore {
     ) -> Result<Self> {
         check_dir(dir)?;
         let marker = read_marker(dir)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|e| Error::DataDir(format!("{}: {e}", dir.display())))?;
+        let db = open_sled(dir, cache_bytes)?;
         let tree = db.open_tree("authority")?;
         check_format(&db, &tree, dir, marker.is_some())?;
         check_identity(&db, &tree, dir, marker)?;
@@ -786,6 +782,35 @@ fn read_last_seen(tree: &sled::Tree, tenant: &str, user: &str) -> Result<Option<
     match tree.get(keys::per_user(keys::LAST_SEEN, tenant, user))? {
         None => Ok(None),
         Some(bytes) => records::decode_last_seen(&bytes).map(Some),
+    }
+}
+
+/// Opens sled in `dir`. A store that was dropped a moment ago in this process (one refused after
+/// opening, say) keeps its file lock until sled's background thread winds down, up to its 500 ms
+/// flush tick; wait that out rather than refuse. Another process holding the lock is still an
+/// error, after the wait.
+fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(Error::DataDir(format!(
+                    "{}: {e} (is another server running on this directory?)",
+                    dir.display()
+                )))
+            }
+            other => return other.map_err(|e| Error::DataDir(format!("{}: {e}", dir.display()))),
+        }
     }
 }
 

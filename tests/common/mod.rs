@@ -60,7 +60,9 @@ impl TestServer {
 
     /// Starts on an existing directory and clock, e.g. to test a restart.
     pub async fn start_in(dir: Arc<TempDir>, clock: Arc<ManualClock>, config: Config) -> Self {
-        Self::start_at("127.0.0.1:0".parse().expect("addr"), dir, clock, config).await
+        // 127.0.0.2 (still loopback): an in-process server never takes the 127.0.0.1 port that a
+        // concurrent test picked with `free_loopback_addr` for a child server.
+        Self::start_at("127.0.0.2:0".parse().expect("addr"), dir, clock, config).await
     }
 
     /// As `start_in`, listening on `addr`.
