@@ -67,6 +67,34 @@ impl<S: SessionStore> SessionApi<S> {
         Ok(())
     }
 
+    /// Validates one token for `caller`, for ValidateSession and ValidateSessions alike: another
+    /// tenant's session is as invalid as an unknown one, and every invalid token counts against
+    /// the caller (and the client's IP, if known) in the throttle.
+    async fn validate_for(
+        &self,
+        caller: &Caller,
+        token: &str,
+        touch: bool,
+        location: Option<crate::sessions::model::Location>,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Result<crate::sessions::model::Session, Error> {
+        let validated = self
+            .sessions
+            .validate(token, touch, location)
+            .await
+            .and_then(|s| {
+                if caller.may_access(&s.tenant_id) {
+                    Ok(s)
+                } else {
+                    Err(Error::SessionNotValid)
+                }
+            });
+        if matches!(validated, Err(Error::SessionNotValid)) {
+            self.throttle.record_failure(&caller.name, client_ip, token);
+        }
+        validated
+    }
+
     /// A session the caller may see; another tenant's is NOT_FOUND, as if it did not exist.
     fn visible(
         &self,
@@ -116,26 +144,10 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
             .and_then(|d| d.ip.parse::<std::net::IpAddr>().ok());
         self.throttle.check(&caller.name, client_ip)?;
         let location = validate_location(r.device)?;
-        let validated = self
-            .sessions
-            .validate(&r.token, r.touch.unwrap_or(true), location)
-            .await
-            .and_then(|s| {
-                // Another tenant's session is as invalid as an unknown one.
-                if caller.may_access(&s.tenant_id) {
-                    Ok(s)
-                } else {
-                    Err(Error::SessionNotValid)
-                }
-            });
-        let session = match validated {
-            Err(Error::SessionNotValid) => {
-                self.throttle
-                    .record_failure(&caller.name, client_ip, &r.token);
-                return Err(Error::SessionNotValid.into());
-            }
-            other => other?,
-        };
+        let touch = r.touch.unwrap_or(true);
+        let session = self
+            .validate_for(&caller, &r.token, touch, location, client_ip)
+            .await?;
         Ok(Response::new(pb::ValidateSessionResponse {
             session: Some((&session).into()),
         }))
@@ -152,12 +164,9 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let touch = r.touch.unwrap_or(true);
         let mut results = Vec::with_capacity(r.tokens.len());
         for token in &r.tokens {
-            let session = match self.sessions.validate(token, touch, None).await {
-                Ok(s) if caller.may_access(&s.tenant_id) => Some((&s).into()),
-                Ok(_) | Err(Error::SessionNotValid) => {
-                    self.throttle.record_failure(&caller.name, None, token);
-                    None
-                }
+            let session = match self.validate_for(&caller, token, touch, None, None).await {
+                Ok(s) => Some((&s).into()),
+                Err(Error::SessionNotValid) => None,
                 Err(e) => return Err(e.into()),
             };
             results.push(pb::ValidationResult { session });
