@@ -114,10 +114,12 @@ pub struct Config {
     pub max_concurrent_streams: u32,
     /// Event streams one caller may hold open at once.
     pub max_subscribers_per_caller: usize,
-    /// Failed validations allowed per client IP (as given in the request) per minute, after a
-    /// burst of as many; beyond it validations from that IP get RESOURCE_EXHAUSTED.
+    /// Failed validations allowed per client IP (as given in the request's `device.ip`; IPv6
+    /// per /64) per minute, after a burst of as many; beyond it that IP's invalid tokens get
+    /// RESOURCE_EXHAUSTED. Its valid tokens are always answered.
     pub failed_validations_per_ip_per_minute: u32,
-    /// Failed validations allowed per caller per minute, after a burst of as many.
+    /// Failed validations per caller per minute, after a burst of as many, beyond which the
+    /// caller is reported (a metric and a warn line), never refused.
     pub failed_validations_per_caller_per_minute: u32,
 }
 

@@ -11,6 +11,8 @@
 //! | `session_authority_store_flush_seconds` | histogram | | the group committer (flush + fdatasync) |
 //! | `session_authority_store_group_size` | histogram | | the group committer |
 //! | `session_authority_store_bytes` | gauge | | the health loop, every few seconds |
+//! | `session_authority_failed_validations_total` | counter | caller | the throttle, per invalid token |
+//! | `session_authority_failed_validations_over_limit_total` | counter | caller | the throttle, per invalid token beyond the caller's limit |
 
 use std::net::SocketAddr;
 
@@ -83,4 +85,17 @@ pub fn flush(seconds: f64, group: usize) {
 
 pub fn store_bytes(bytes: u64) {
     metrics::gauge!("session_authority_store_bytes").set(bytes as f64);
+}
+
+pub fn failed_validation(caller: &str) {
+    metrics::counter!("session_authority_failed_validations_total", "caller" => caller.to_string())
+        .increment(1);
+}
+
+pub fn failed_validations_over_limit(caller: &str) {
+    metrics::counter!(
+        "session_authority_failed_validations_over_limit_total",
+        "caller" => caller.to_string()
+    )
+    .increment(1);
 }

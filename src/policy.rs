@@ -355,6 +355,9 @@ pub struct Policies<S> {
     store: Arc<S>,
     default: Arc<Policy>,
     tenants: RwLock<BTreeMap<String, Arc<Policy>>>,
+    /// Held from a policy's durable write until the map shows it, so that concurrent writes
+    /// reach the map in the order they reached the store (memory and disk never disagree).
+    writes: tokio::sync::Mutex<()>,
 }
 
 impl<S: SessionStore> Policies<S> {
@@ -369,6 +372,7 @@ impl<S: SessionStore> Policies<S> {
             store,
             default: Arc::new(default),
             tenants: RwLock::new(tenants),
+            writes: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -392,6 +396,7 @@ impl<S: SessionStore> Policies<S> {
     /// Stores a tenant's policy (durably) and puts it in force.
     pub async fn set(&self, tenant_id: String, policy: Policy) -> Result<Arc<Policy>> {
         policy.validate()?;
+        let _serial = self.writes.lock().await;
         self.store
             .put_policy(tenant_id.clone(), Some(policy.clone()))
             .await?;
@@ -405,6 +410,7 @@ impl<S: SessionStore> Policies<S> {
 
     /// Deletes a tenant's policy; true if it had one.
     pub async fn delete(&self, tenant_id: &str) -> Result<bool> {
+        let _serial = self.writes.lock().await;
         let existed = self.store.put_policy(tenant_id.to_string(), None).await?;
         self.tenants
             .write()

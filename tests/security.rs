@@ -18,9 +18,8 @@ use session_authority::{
     token::TokenGenerator,
 };
 use tonic::{
-    metadata::MetadataValue,
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
-    Code, Request, Status,
+    Code, Request,
 };
 
 // === certificates ===
@@ -223,27 +222,6 @@ fn keyed_config() -> Config {
         failed_validations_per_caller_per_minute: 300,
         ..test_config()
     }
-}
-
-/// Adds `authorization: Bearer <secret>` to every request.
-#[derive(Clone)]
-struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-fn bearer(secret: &str) -> Bearer {
-    Bearer(format!("Bearer {secret}").parse().expect("ascii"))
-}
-
-type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
-
-async fn sessions_as(server: &TestServer, secret: &str) -> SessionServiceClient<Authed> {
-    SessionServiceClient::with_interceptor(server.channel().await, bearer(secret))
 }
 
 /// Calls any method with an empty request (valid protobuf for every message), streaming or not,

@@ -64,8 +64,9 @@ pub struct Client {
     key: ApiKey,
 }
 
-/// A new session and the token to hand to the user agent.
-#[derive(Debug, Clone)]
+/// A new session and the token to hand to the user agent. Its `Debug` redacts the token, so
+/// `tracing::debug!(?created)` is safe.
+#[derive(Clone)]
 pub struct Created {
     pub session: pb::Session,
     /// The secret. Set it as the cookie value; never log it.
@@ -74,6 +75,17 @@ pub struct Created {
     pub evicted_session_ids: Vec<String>,
     /// The event that records the creation.
     pub sequence: u64,
+}
+
+impl std::fmt::Debug for Created {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Created")
+            .field("session", &self.session)
+            .field("token", &"<redacted>")
+            .field("evicted_session_ids", &self.evicted_session_ids)
+            .field("sequence", &self.sequence)
+            .finish()
+    }
 }
 
 impl Client {
@@ -193,5 +205,71 @@ impl Client {
             .await?
             .into_inner()
             .revoked_session_ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every public type of this crate that holds a token, printed with `{:?}`.
+    #[test]
+    fn no_public_type_prints_a_token() {
+        let token = "sat_THIS-IS-THE-SECRET-TOKEN-VALUE".to_string();
+        let session = pb::Session {
+            session_id: "id".into(),
+            ..Default::default()
+        };
+        let printed = [
+            format!(
+                "{:?}",
+                Created {
+                    session: session.clone(),
+                    token: token.clone(),
+                    evicted_session_ids: vec![],
+                    sequence: 1,
+                }
+            ),
+            format!(
+                "{:?}",
+                pb::CreateSessionResponse {
+                    session: Some(session.clone()),
+                    token: token.clone(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                pb::ValidateSessionRequest {
+                    token: token.clone(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                pb::ValidateSessionsRequest {
+                    tokens: vec![token.clone(), token.clone()],
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                pb::RotateSessionRequest {
+                    token: token.clone()
+                }
+            ),
+            format!(
+                "{:?}",
+                pb::RotateSessionResponse {
+                    session: Some(session),
+                    token: token.clone(),
+                    ..Default::default()
+                }
+            ),
+        ];
+        for text in &printed {
+            assert!(!text.contains("SECRET"), "a token was printed: {text}");
+            assert!(text.contains("redacted"), "{text}");
+        }
     }
 }

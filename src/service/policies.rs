@@ -28,6 +28,21 @@ impl<S> PolicyApi<S> {
     }
 }
 
+/// Open sessions follow a tightened policy at once on every read; storing it on them (and ending
+/// those already past it, with their events, so caches hear of it) runs in the background.
+fn spawn_enforcement<S: SessionStore>(sessions: Arc<Sessions<S>>, tenant: String) {
+    tokio::spawn(async move {
+        match sessions.enforce_policy(&tenant).await {
+            Ok(changed) => {
+                tracing::info!(tenant_id = %tenant, changed, "policy applied to open sessions")
+            }
+            Err(e) => {
+                tracing::warn!(tenant_id = %tenant, error = %e, "applying a policy to open sessions failed; reads still apply it")
+            }
+        }
+    });
+}
+
 #[tonic::async_trait]
 impl<S: SessionStore> PolicyService for PolicyApi<S> {
     async fn get_policy(
@@ -60,6 +75,8 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         let policies = self.sessions.policies();
         let stored = policies.set(tenant_id.clone(), policy).await?;
         tracing::info!(tenant_id = %tenant_id, "policy set");
+        // In force from here, whatever happens to the audit write below.
+        spawn_enforcement(self.sessions.clone(), tenant_id.clone());
         let detail = serde_json::to_string(&*stored).unwrap_or_default();
         self.sessions
             .audit(
@@ -70,20 +87,6 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
                 detail,
             )
             .await?;
-        // Open sessions follow a tightened policy at once on every read; storing it on them (and
-        // ending those already past it, with their events) runs in the background.
-        let sessions = self.sessions.clone();
-        let tenant = tenant_id.clone();
-        tokio::spawn(async move {
-            match sessions.enforce_policy(&tenant).await {
-                Ok(changed) => {
-                    tracing::info!(tenant_id = %tenant, changed, "policy applied to open sessions")
-                }
-                Err(e) => {
-                    tracing::warn!(tenant_id = %tenant, error = %e, "applying a policy to open sessions failed; reads still apply it")
-                }
-            }
-        });
         let cookie_name = policies.cookie_name(&tenant_id, &stored);
         Ok(Response::new(pb::SetPolicyResponse {
             policy: Some(policy_to_proto(&tenant_id, &stored, cookie_name)),
@@ -150,6 +153,10 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         let tenant_id = id_field("tenant_id", request.into_inner().tenant_id)?;
         check_tenant(&caller, &tenant_id)?;
         let deleted = self.sessions.policies().delete(&tenant_id).await?;
+        if deleted {
+            // The default may be stricter than the policy it replaces.
+            spawn_enforcement(self.sessions.clone(), tenant_id.clone());
+        }
         self.sessions
             .audit(
                 &caller.name,

@@ -69,7 +69,8 @@ impl<S: SessionStore> SessionApi<S> {
 
     /// Validates one token for `caller`, for ValidateSession and ValidateSessions alike: another
     /// tenant's session is as invalid as an unknown one, and every invalid token counts against
-    /// the caller (and the client's IP, if known) in the throttle.
+    /// the caller (and the client's IP, if known) in the throttle. A valid token is always
+    /// answered; an invalid one from a client IP over its limit gets RESOURCE_EXHAUSTED.
     async fn validate_for(
         &self,
         caller: &Caller,
@@ -80,17 +81,15 @@ impl<S: SessionStore> SessionApi<S> {
     ) -> Result<crate::sessions::model::Session, Error> {
         let validated = self
             .sessions
-            .validate(token, touch, location)
-            .await
-            .and_then(|s| {
-                if caller.may_access(&s.tenant_id) {
-                    Ok(s)
-                } else {
-                    Err(Error::SessionNotValid)
-                }
-            });
+            .validate(token, touch, location, caller.tenant.as_deref())
+            .await;
         if matches!(validated, Err(Error::SessionNotValid)) {
             self.throttle.record_failure(&caller.name, client_ip, token);
+            if self.throttle.ip_blocked(client_ip) {
+                return Err(Error::ResourceExhausted(
+                    "too many failed validations from this client; retry later".into(),
+                ));
+            }
         }
         validated
     }
@@ -142,7 +141,6 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
             .device
             .as_ref()
             .and_then(|d| d.ip.parse::<std::net::IpAddr>().ok());
-        self.throttle.check(&caller.name, client_ip)?;
         let location = validate_location(r.device)?;
         let touch = r.touch.unwrap_or(true);
         let session = self
@@ -160,7 +158,6 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         validate_tokens_count(r.tokens.len())?;
-        self.throttle.check(&caller.name, None)?;
         let touch = r.touch.unwrap_or(true);
         let mut results = Vec::with_capacity(r.tokens.len());
         for token in &r.tokens {
@@ -179,7 +176,6 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         request: Request<pb::RotateSessionRequest>,
     ) -> Result<Response<pb::RotateSessionResponse>, Status> {
         let caller = caller(&request)?;
-        self.throttle.check(&caller.name, None)?;
         let token = request.into_inner().token;
         let rotated = match self.sessions.rotate(&token, caller.tenant.as_deref()).await {
             Err(Error::SessionNotValid) => {
@@ -235,7 +231,12 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
             tenant: caller.tenant.clone(),
         };
         let outcome = self.sessions.revoke(target, reason).await?;
-        let session = self.visible(&caller, &id)?;
+        // The session as the revoke left it: with no tombstones kept it is gone from the store.
+        let session = outcome
+            .sessions
+            .into_iter()
+            .next()
+            .ok_or(Error::SessionNotFound(id))?;
         let detail = format!("session_id={id} revoked={}", !outcome.revoked.is_empty());
         self.audit_revoke(
             &caller,

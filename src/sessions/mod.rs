@@ -149,6 +149,8 @@ pub struct Page {
 #[derive(Debug)]
 pub struct Revoked {
     pub revoked: Vec<SessionId>,
+    /// The targeted sessions as the revoke left them, in the order asked.
+    pub sessions: Vec<Session>,
     pub sequence: u64,
 }
 
@@ -192,20 +194,8 @@ impl<S: SessionStore> Sessions<S> {
         }
         let mut session = stored;
         session.tighten(&policy);
-        match session.ending_at(now) {
-            Some(model::Ending::Expired(kind)) => {
-                session.state = SessionState::Expired {
-                    at: session.deadline_of(kind),
-                    kind,
-                };
-            }
-            Some(model::Ending::TooOld) => {
-                session.state = SessionState::Revoked {
-                    at: session.max_age_at.unwrap_or(now),
-                    reason: RevokeReason::Policy,
-                };
-            }
-            None => {}
+        if let Some(ending) = session.ending_at(now) {
+            session.state = session.ended_by(ending, now);
         }
         (session, policy)
     }
@@ -264,6 +254,7 @@ impl<S: SessionStore> Sessions<S> {
             purge_at: None,
         };
         let rules = CreateRules {
+            policy: policy.clone(),
             max_sessions_per_user: usize::try_from(policy.max_sessions_per_user)
                 .unwrap_or(usize::MAX),
             limit_action: policy.limit_action,
@@ -291,16 +282,25 @@ impl<S: SessionStore> Sessions<S> {
 
     /// The live session a token belongs to. Every failure is the same `SessionNotValid`.
     /// `location`, the caller's view of where the client is now, is checked for impossible
-    /// travel.
+    /// travel. A caller bound to `tenant` gets `SessionNotValid` for another tenant's session,
+    /// decided before anything else happens: its validate must not touch, observe or end a
+    /// session it may not see.
     pub async fn validate(
         &self,
         token: &str,
         touch: bool,
         location: Option<Location>,
+        tenant: Option<&str>,
     ) -> Result<Session> {
         let parsed = token::parse(token).ok_or(Error::SessionNotValid)?;
         let stored = match self.store.get(&parsed.session_id)? {
-            Some(s) if s.is_active() && s.token_hash.matches(&parsed.hash) => s,
+            Some(s)
+                if s.is_active()
+                    && s.token_hash.matches(&parsed.hash)
+                    && tenant.is_none_or(|t| t == s.tenant_id) =>
+            {
+                s
+            }
             _ => return Err(Error::SessionNotValid),
         };
         let now = self.clock.now();
@@ -322,11 +322,18 @@ impl<S: SessionStore> Sessions<S> {
                 session.tighten(&policy);
             }
         }
-        if touch && now.since(session.last_seen_at) >= self.touch_interval {
+        if touch && now.since(session.last_seen_at) >= self.touch_every(&session) {
             self.store.touch(session.id, now);
             session.last_seen_at = now;
         }
         Ok(session)
+    }
+
+    /// How stale a session's stored last use may get before a validate writes a new one: the
+    /// configured `touch_interval`, but at most a quarter of the session's idle timeout, so that
+    /// a tenant's short idle timeout never ends a session that is used more often than that.
+    fn touch_every(&self, session: &Session) -> Duration {
+        self.touch_interval.min(session.idle_timeout / 4)
     }
 
     /// Whether a validate's location must be recorded: it is new, far from the last one, or the
@@ -354,12 +361,13 @@ impl<S: SessionStore> Sessions<S> {
     /// bound to `tenant` cannot rotate another tenant's session.
     pub async fn rotate(&self, token: &str, tenant: Option<&str>) -> Result<Rotated> {
         let parsed = token::parse(token).ok_or(Error::SessionNotValid)?;
-        if let Some(tenant) = tenant {
-            match self.store.get(&parsed.session_id)? {
-                Some(s) if s.tenant_id == tenant => {}
-                _ => return Err(Error::SessionNotValid),
-            }
-        }
+        // Its tenant: for the caller's binding, and for the policy it is judged by (a tightened
+        // policy must not let a rotation revive a session that validate already refuses).
+        let tenant_id = match self.store.get(&parsed.session_id)? {
+            Some(s) if tenant.is_none_or(|t| t == s.tenant_id) => s.tenant_id,
+            _ => return Err(Error::SessionNotValid),
+        };
+        let policy = self.policies.for_tenant(&tenant_id);
         let issued = self.tokens.issue(&parsed.session_id);
         let outcome = self
             .store
@@ -367,6 +375,7 @@ impl<S: SessionStore> Sessions<S> {
                 parsed.session_id,
                 parsed.hash,
                 issued.hash,
+                policy,
                 self.clock.now(),
             )
             .await?;
@@ -419,8 +428,14 @@ impl<S: SessionStore> Sessions<S> {
         if !outcome.revoked.is_empty() {
             tracing::info!(count = outcome.revoked.len(), ?reason, "sessions revoked");
         }
+        let now = self.clock.now();
         Ok(Revoked {
             revoked: outcome.revoked,
+            sessions: outcome
+                .sessions
+                .into_iter()
+                .map(|s| self.current(s, now).0)
+                .collect(),
             sequence: outcome.sequence,
         })
     }

@@ -152,6 +152,22 @@ impl Session {
         }
     }
 
+    /// The state of this session once `ending` ends it, noticed at `now`. The one rule for how
+    /// an ended session looks, whether a read computes it or a write stores it: the ending is
+    /// dated at the deadline that passed, not at when somebody noticed.
+    pub fn ended_by(&self, ending: Ending, now: Timestamp) -> SessionState {
+        match ending {
+            Ending::Expired(kind) => SessionState::Expired {
+                at: self.deadline_of(kind),
+                kind,
+            },
+            Ending::TooOld => SessionState::Revoked {
+                at: self.max_age_at.unwrap_or(now),
+                reason: RevokeReason::Policy,
+            },
+        }
+    }
+
     /// When an ended session's tombstone is deleted (never, for a live one).
     pub fn purge_at(&self) -> Timestamp {
         self.purge_at.unwrap_or(Timestamp::from_millis(u64::MAX))

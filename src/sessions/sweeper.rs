@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 
 use super::Sessions;
-use crate::store::SessionStore;
+use crate::store::{PolicyOf, SessionStore};
 
 /// Sessions handled per store command, so a backlog never holds the writer for long.
 const SWEEP_BATCH: usize = 512;
@@ -49,13 +49,15 @@ pub async fn sweep_once<S: SessionStore>(
 ) -> crate::error::Result<()> {
     let store = sessions.store();
     let now = sessions.clock().now();
+    let policies = sessions.policies().clone();
+    let policy_of: PolicyOf = Arc::new(move |tenant: &str| policies.for_tenant(tenant));
     loop {
         let due = store.due(now, SWEEP_BATCH)?;
         let full = due.len() == SWEEP_BATCH;
         if due.is_empty() {
             break;
         }
-        let expired = store.sweep(due, now).await?;
+        let expired = store.sweep(due, policy_of.clone(), now).await?;
         if expired > 0 {
             tracing::debug!(expired, "sweeper expired sessions");
         }

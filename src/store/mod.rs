@@ -25,9 +25,16 @@ use crate::{
     token::{SessionId, TokenHash},
 };
 
+/// The tenant's current policy, by tenant id, for writes that judge sessions of several tenants
+/// (the sweep): stored deadlines may predate a tightened policy.
+pub type PolicyOf = Arc<dyn Fn(&str) -> Arc<Policy> + Send + Sync>;
+
 /// The tenant policy's rules a create must follow, atomically with the create.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CreateRules {
+    /// The tenant's policy in force: the user's sessions are judged by it, not by the deadlines
+    /// they were stored with, when counting them against the limit.
+    pub policy: Arc<Policy>,
     pub max_sessions_per_user: usize,
     pub limit_action: LimitAction,
     /// 0: no quota.
@@ -69,6 +76,9 @@ pub struct CreateOutcome {
 pub struct RevokeOutcome {
     /// Sessions this call ended (in the order asked, or by creation time for a user).
     pub revoked: Vec<SessionId>,
+    /// Every targeted session as this call left it (ended, or as it already was), in the order
+    /// asked. A reply can show it even when no tombstone is kept.
+    pub sessions: Vec<Session>,
     /// Sequence of the last event written, or the head if none was.
     pub sequence: u64,
 }
@@ -194,13 +204,15 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Audit entries with `id > after`, oldest first, at most `limit`.
     fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>>;
 
-    /// Replaces the token hash of session `id` if its current hash is `current` and it is live.
-    /// `SessionNotValid` otherwise.
+    /// Replaces the token hash of session `id` if its current hash is `current` and it is live
+    /// under `policy` (its tenant's, in force now). `SessionNotValid` otherwise; a session found
+    /// past a deadline is ended.
     fn rotate(
         &self,
         id: SessionId,
         current: TokenHash,
         replacement: TokenHash,
+        policy: Arc<Policy>,
         now: Timestamp,
     ) -> impl Future<Output = Result<RotateOutcome>> + Send;
 
@@ -213,11 +225,13 @@ pub trait SessionStore: Send + Sync + 'static {
         now: Timestamp,
     ) -> impl Future<Output = Result<RevokeOutcome>> + Send;
 
-    /// Ends each listed session that is past a deadline (one `Expired` event each), purges
+    /// Ends each listed session that is past a deadline under its tenant's policy in force
+    /// (`policy_of`; one event each), purges
     /// tombstones past their absolute deadline, and re-files the rest. Returns how many expired.
     fn sweep(
         &self,
         ids: Vec<SessionId>,
+        policy_of: PolicyOf,
         now: Timestamp,
     ) -> impl Future<Output = Result<usize>> + Send;
 

@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     keys, records, session_cache::SessionCache, CreateOutcome, CreateRules, ListPage, ListScope,
-    LogBounds, RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
+    LogBounds, PolicyOf, RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
 };
 use crate::{
     audit::AuditEntry,
@@ -53,8 +53,7 @@ use crate::{
         impossible_travel, LastSeen, LimitAction, Policy, TravelAction, TravelFlag, TravelRules,
     },
     sessions::model::{
-        sessions_to_evict, Ending, ExpiryKind, Location, RevokeReason, Session, SessionState,
-        MAX_FLAGS,
+        sessions_to_evict, Ending, Location, RevokeReason, Session, SessionState, MAX_FLAGS,
     },
     token::{SessionId, TokenHash},
 };
@@ -164,6 +163,7 @@ enum Op {
         id: SessionId,
         current: TokenHash,
         replacement: TokenHash,
+        policy: Arc<Policy>,
         now: Timestamp,
     },
     Revoke {
@@ -173,6 +173,7 @@ enum Op {
     },
     Sweep {
         ids: Vec<SessionId>,
+        policy_of: PolicyOf,
         now: Timestamp,
     },
     Prune {
@@ -536,12 +537,14 @@ impl SessionStore for SledStore {
         id: SessionId,
         current: TokenHash,
         replacement: TokenHash,
+        policy: Arc<Policy>,
         now: Timestamp,
     ) -> Result<RotateOutcome> {
         let op = Op::Rotate {
             id,
             current,
             replacement,
+            policy,
             now,
         };
         expect_outcome!(self.submit(op).await, Rotated).map(|b| *b)
@@ -561,8 +564,21 @@ impl SessionStore for SledStore {
         expect_outcome!(self.submit(op).await, Revoked)
     }
 
-    async fn sweep(&self, ids: Vec<SessionId>, now: Timestamp) -> Result<usize> {
-        expect_outcome!(self.submit(Op::Sweep { ids, now }).await, Count)
+    async fn sweep(
+        &self,
+        ids: Vec<SessionId>,
+        policy_of: PolicyOf,
+        now: Timestamp,
+    ) -> Result<usize> {
+        expect_outcome!(
+            self.submit(Op::Sweep {
+                ids,
+                policy_of,
+                now
+            })
+            .await,
+            Count
+        )
     }
 
     async fn prune_events(&self, older_than: Timestamp, keep: u64) -> Result<usize> {
@@ -1102,16 +1118,21 @@ impl<'a> Tx<'a> {
                 id,
                 current,
                 replacement,
+                policy,
                 now,
             } => self
-                .rotate(id, current, replacement, now)
+                .rotate(id, current, replacement, &policy, now)
                 .map(|r| Outcome::Rotated(Box::new(r))),
             Op::Revoke {
                 target,
                 reason,
                 now,
             } => self.revoke(target, reason, now).map(Outcome::Revoked),
-            Op::Sweep { ids, now } => self.sweep(ids, now).map(Outcome::Count),
+            Op::Sweep {
+                ids,
+                policy_of,
+                now,
+            } => self.sweep(ids, &policy_of, now).map(Outcome::Count),
             Op::Prune { older_than, keep } => self.prune(older_than, keep).map(Outcome::Count),
             Op::Touch { id, now } => self.touch(id, now).map(|()| Outcome::Nothing),
             Op::Close => Ok(Outcome::Nothing),
@@ -1173,59 +1194,69 @@ impl<'a> Tx<'a> {
         self.head
     }
 
+    /// Active session `s` as `policy` (its tenant's, in force now) sees it: a tightened policy
+    /// applies to open sessions. Stored that way if it changed, so the deadline index follows
+    /// the deadlines in force (later writes in this command start from the returned session).
+    fn tightened(&mut self, s: Session, policy: &Policy) -> Session {
+        let mut tightened = s.clone();
+        tightened.tighten(policy);
+        if tightened != s {
+            self.put(Some(&s), Some(&tightened));
+        }
+        tightened
+    }
+
     /// Writes `ended` as the tombstone of `s`, or drops the session if tombstones are not kept.
-    fn bury(&mut self, s: &Session, mut ended: Session, now: Timestamp) {
+    fn bury(&mut self, s: &Session, ended: &mut Session, now: Timestamp) {
         if self.tombstone_retention.is_zero() {
             self.put(Some(s), None);
         } else {
             ended.purge_at = Some(now.saturating_add(self.tombstone_retention));
-            self.put(Some(s), Some(&ended));
+            self.put(Some(s), Some(ended));
         }
     }
 
-    /// Ends an active session that passed a deadline.
-    fn expire(&mut self, s: &Session, kind: ExpiryKind, now: Timestamp) {
+    /// Ends active session `s` in `state`, with its event; returns the session as ended.
+    fn finish(
+        &mut self,
+        s: &Session,
+        state: SessionState,
+        now: Timestamp,
+        kind: EventKind,
+    ) -> Session {
         self.ended.insert(s.id);
         let mut ended = s.clone();
-        ended.state = SessionState::Expired {
-            at: s.deadline_of(kind),
-            kind,
-        };
-        self.bury(s, ended, now);
-        self.emit(s, now, EventKind::Expired { kind });
+        ended.state = state;
+        self.bury(s, &mut ended, now);
+        self.emit(s, now, kind);
+        ended
     }
 
     /// Ends an active session that passed a deadline, the way that deadline ends it.
-    fn end(&mut self, s: &Session, ending: Ending, now: Timestamp) {
-        match ending {
-            Ending::Expired(kind) => self.expire(s, kind, now),
-            Ending::TooOld => self.end_by_revoke(s, RevokeReason::Policy, now),
-        }
+    fn end(&mut self, s: &Session, ending: Ending, now: Timestamp) -> Session {
+        let kind = match ending {
+            Ending::Expired(kind) => EventKind::Expired { kind },
+            Ending::TooOld => EventKind::Revoked {
+                reason: RevokeReason::Policy,
+            },
+        };
+        self.finish(s, s.ended_by(ending, now), now, kind)
     }
 
-    fn end_by_revoke(&mut self, s: &Session, reason: RevokeReason, now: Timestamp) {
-        self.ended.insert(s.id);
-        let mut ended = s.clone();
-        ended.state = SessionState::Revoked { at: now, reason };
-        self.bury(s, ended, now);
-        self.emit(s, now, EventKind::Revoked { reason });
+    fn end_by_revoke(&mut self, s: &Session, reason: RevokeReason, now: Timestamp) -> Session {
+        let state = SessionState::Revoked { at: now, reason };
+        self.finish(s, state, now, EventKind::Revoked { reason })
     }
 
-    /// Revokes `s` if it is live, ends it the deadline's way if it is past one; true if it was
-    /// revoked by this call.
-    fn revoke_one(&mut self, s: &Session, reason: RevokeReason, now: Timestamp) -> bool {
+    /// Revokes `s` if it is live, ends it the deadline's way if it is past one. Returns whether
+    /// this call revoked it, and the session as this call left it.
+    fn revoke_one(&mut self, s: &Session, reason: RevokeReason, now: Timestamp) -> (bool, Session) {
         if !s.is_active() || self.ended.contains(&s.id) {
-            return false;
+            return (false, s.clone());
         }
         match s.ending_at(now) {
-            Some(ending) => {
-                self.end(s, ending, now);
-                false
-            }
-            None => {
-                self.end_by_revoke(s, reason, now);
-                true
-            }
+            Some(ending) => (false, self.end(s, ending, now)),
+            None => (true, self.end_by_revoke(s, reason, now)),
         }
     }
 
@@ -1272,8 +1303,11 @@ impl<'a> Tx<'a> {
         // The per-user limit. Sessions past a deadline end here, whatever happens next.
         let mut live = Vec::new();
         for s in self.user_sessions(&tenant, &user)? {
+            let s = self.tightened(s, &rules.policy);
             match s.ending_at(now) {
-                Some(ending) => self.end(&s, ending, now),
+                Some(ending) => {
+                    self.end(&s, ending, now);
+                }
                 None => live.push(s),
             }
         }
@@ -1474,12 +1508,14 @@ impl<'a> Tx<'a> {
         id: SessionId,
         current: TokenHash,
         replacement: TokenHash,
+        policy: &Policy,
         now: Timestamp,
     ) -> Result<RotateOutcome> {
         let s = match self.get(&id)? {
             Some(s) if s.is_active() && s.token_hash.matches(&current) => s,
             _ => return Err(Error::SessionNotValid),
         };
+        let s = self.tightened(s, policy);
         if let Some(ending) = s.ending_at(now) {
             self.end(&s, ending, now);
             return Err(Error::SessionNotValid);
@@ -1535,22 +1571,37 @@ impl<'a> Tx<'a> {
                 .collect(),
         };
         let mut revoked = Vec::new();
+        let mut after = Vec::with_capacity(sessions.len());
         for s in &sessions {
-            if self.revoke_one(s, reason, now) {
+            let (ended_here, session) = self.revoke_one(s, reason, now);
+            if ended_here {
                 revoked.push(s.id);
             }
+            after.push(session);
         }
         Ok(RevokeOutcome {
             revoked,
+            sessions: after,
             sequence: self.head,
         })
     }
 
-    fn sweep(&mut self, ids: Vec<SessionId>, now: Timestamp) -> Result<usize> {
+    fn sweep(
+        &mut self,
+        ids: Vec<SessionId>,
+        policy_of: &PolicyOf,
+        now: Timestamp,
+    ) -> Result<usize> {
         let mut expired = 0;
         let mut seen = HashSet::new();
         for id in ids.into_iter().filter(|id| seen.insert(*id)) {
             let Some(s) = self.get(&id)? else { continue };
+            let s = if s.is_active() {
+                let policy = policy_of(&s.tenant_id);
+                self.tightened(s, &policy)
+            } else {
+                s
+            };
             match (s.is_active(), s.ending_at(now)) {
                 (true, Some(ending)) => {
                     self.end(&s, ending, now);

@@ -302,3 +302,27 @@ pub fn free_loopback_addr() -> SocketAddr {
         .local_addr()
         .expect("addr")
 }
+
+// === API keys on the client side ===
+
+/// Adds `authorization: Bearer <secret>` to every request.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub fn bearer(secret: &str) -> Bearer {
+    Bearer(format!("Bearer {secret}").parse().expect("ascii"))
+}
+
+pub type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// A SessionService client presenting the API key `secret`.
+pub async fn sessions_as(server: &TestServer, secret: &str) -> SessionServiceClient<Authed> {
+    SessionServiceClient::with_interceptor(server.channel().await, bearer(secret))
+}

@@ -1,0 +1,506 @@
+//! Defects a security review found (issue 12), each as the behaviour a user relies on: tenant
+//! isolation of validate's side effects, a throttle that never refuses a valid token, policies
+//! that every liveness judgement applies, and the smaller promises around them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use session_authority::{
+    config::{Config, Role},
+    proto::v1::{
+        self as pb, event_service_client::EventServiceClient,
+        policy_service_client::PolicyServiceClient, watch_events_response::Message,
+    },
+};
+use tonic::Code;
+
+const LONDON: (f64, f64) = (51.51, -0.13);
+const BANGKOK: (f64, f64) = (13.76, 100.50);
+
+fn device_at(place: (f64, f64)) -> Option<pb::Device> {
+    Some(pb::Device {
+        location: Some(pb::Location {
+            latitude: Some(place.0),
+            longitude: Some(place.1),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+fn tenants_config() -> Config {
+    Config {
+        api_keys: vec![
+            api_key("ops", "admin-secret", Role::Admin, None),
+            api_key("acme-web", "acme-secret", Role::Service, Some("acme")),
+        ],
+        // Only the validate under test may end a session early: no sweep during the test.
+        sweep_interval: Duration::from_secs(3600),
+        ..test_config()
+    }
+}
+
+/// The first message of a stream that replays from `after` and announces when it is live: an
+/// event if one was written after `after`, else the heartbeat at the head.
+async fn first_after(server: &TestServer, after: u64) -> Message {
+    let mut events =
+        EventServiceClient::with_interceptor(server.channel().await, bearer("admin-secret"));
+    let mut stream = events
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: Some(after),
+            filter: None,
+            announce_live: true,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("ok")
+        .expect("open")
+        .message
+        .expect("message")
+}
+
+#[tokio::test]
+async fn a_cross_tenant_validate_changes_nothing() {
+    let server = TestServer::start_with(tenants_config()).await;
+    let mut ops = sessions_as(&server, "admin-secret").await;
+    let mut acme = sessions_as(&server, "acme-secret").await;
+    let mut policies =
+        PolicyServiceClient::with_interceptor(server.channel().await, bearer("admin-secret"));
+    let mut policy = policies
+        .get_policy(pb::GetPolicyRequest {
+            tenant_id: "globex".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .policy
+        .expect("policy");
+    policy.travel_action = pb::TravelAction::Revoke as i32;
+    policy.travel_max_speed_kmh = 1000.0;
+    policy.travel_tolerance_km = 100.0;
+    policies
+        .set_policy(pb::SetPolicyRequest {
+            policy: Some(policy),
+        })
+        .await
+        .expect("set");
+
+    let mut request = create_request("globex", "u");
+    request.device = device_at(LONDON);
+    let first = ops
+        .create_session(request.clone())
+        .await
+        .expect("create")
+        .into_inner();
+    let second = ops
+        .create_session(request)
+        .await
+        .expect("create")
+        .into_inner();
+    let before: Vec<pb::Session> = [&first, &second]
+        .iter()
+        .map(|c| c.session.clone().expect("session"))
+        .collect();
+    let head = second.sequence;
+
+    // Past the touch interval: a validate would now touch; Bangkok is impossible from London.
+    server.advance(Duration::from_secs(60));
+    let err = acme
+        .validate_session(pb::ValidateSessionRequest {
+            token: first.token.clone(),
+            touch: Some(true),
+            device: device_at(BANGKOK),
+        })
+        .await
+        .expect_err("another tenant's token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let batch = acme
+        .validate_sessions(pb::ValidateSessionsRequest {
+            tokens: vec![first.token.clone(), second.token.clone()],
+            touch: Some(true),
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert!(batch.results.iter().all(|r| r.session.is_none()));
+
+    // Past the idle deadline: a validate would now end the session and emit its event.
+    server.advance(Duration::from_secs(600));
+    acme.validate_session(pb::ValidateSessionRequest {
+        token: second.token.clone(),
+        touch: Some(true),
+        device: None,
+    })
+    .await
+    .expect_err("another tenant's token");
+
+    for was in &before {
+        let now = ops
+            .get_session(pb::GetSessionRequest {
+                session_id: was.session_id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .session
+            .expect("session");
+        assert_eq!(now.last_seen_at, was.last_seen_at, "last seen unchanged");
+        assert_eq!(now.idle_expires_at, was.idle_expires_at, "idle deadline");
+        assert!(now.flags.is_empty(), "no flag");
+        assert_ne!(
+            now.state(),
+            pb::SessionState::Revoked,
+            "no revocation: {now:?}"
+        );
+    }
+    match first_after(&server, head).await {
+        Message::Heartbeat(h) => assert_eq!(h.head_sequence, head, "no event"),
+        Message::Event(e) => panic!("a cross-tenant validate wrote an event: {e:?}"),
+    }
+}
+
+#[tokio::test]
+async fn revoking_without_tombstones_answers_the_revoked_session_and_is_audited() {
+    let server = TestServer::start_with(Config {
+        tombstone_retention: Duration::ZERO,
+        ..test_config()
+    })
+    .await;
+    let mut client = server.client().await;
+    let created = create(&mut client, "t", "u").await;
+    let id = created.session.expect("session").session_id;
+    let reply = client
+        .revoke_session(pb::RevokeSessionRequest {
+            session_id: id.clone(),
+            reason: pb::RevokeReason::Admin as i32,
+        })
+        .await
+        .expect("a successful revoke answers OK")
+        .into_inner();
+    assert!(reply.revoked);
+    let session = reply.session.expect("the session as revoked");
+    assert_eq!(session.session_id, id);
+    assert_eq!(session.state(), pb::SessionState::Revoked);
+    assert_not_valid(validate(&mut client, &created.token).await);
+
+    let records = session_authority::proto::v1::audit_service_client::AuditServiceClient::new(
+        server.channel().await,
+    )
+    .list_audit_records(pb::ListAuditRecordsRequest {
+        tenant_id: "t".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("audit")
+    .into_inner()
+    .records;
+    assert!(
+        records
+            .iter()
+            .any(|r| r.action == "RevokeSession" && r.detail.contains(&id)),
+        "{records:?}"
+    );
+}
+
+async fn set_policy(server: &TestServer, tenant: &str, change: impl FnOnce(&mut pb::Policy)) {
+    let mut policies = PolicyServiceClient::new(server.channel().await);
+    let mut policy = policies
+        .get_policy(pb::GetPolicyRequest {
+            tenant_id: tenant.into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .policy
+        .expect("policy");
+    change(&mut policy);
+    policies
+        .set_policy(pb::SetPolicyRequest {
+            policy: Some(policy),
+        })
+        .await
+        .expect("set");
+}
+
+fn secs(s: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+#[tokio::test]
+async fn a_session_past_its_maximum_age_ends_at_that_age_before_and_after_the_sweep() {
+    let server = TestServer::start().await;
+    set_policy(&server, "t", |p| p.max_session_age = secs(60)).await;
+    let mut client = server.client().await;
+    let created = create(&mut client, "t", "u").await;
+    let session = created.session.expect("session");
+    let max_age_at = prost_types::Timestamp {
+        seconds: session.created_at.expect("created").seconds + 60,
+        nanos: session.created_at.expect("created").nanos,
+    };
+    server.advance(Duration::from_secs(90));
+    let before_sweep = get(&mut client, &session.session_id).await.expect("get");
+    assert_eq!(before_sweep.state(), pb::SessionState::Revoked);
+    assert_eq!(before_sweep.ended_at, Some(max_age_at));
+    // The sweeper (every 20 ms here) records the ending: its event is the sign.
+    let mut events = EventServiceClient::new(server.channel().await)
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: Some(created.sequence),
+            filter: None,
+            announce_live: false,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    loop {
+        if let Some(Message::Event(_)) = events.message().await.expect("ok").expect("open").message
+        {
+            break;
+        }
+    }
+    let after_sweep = get(&mut client, &session.session_id).await.expect("get");
+    assert_eq!(after_sweep.state(), pb::SessionState::Revoked);
+    assert_eq!(
+        after_sweep.ended_at,
+        Some(max_age_at),
+        "one rule for the date"
+    );
+}
+
+fn from_ip(token: &str, ip: &str) -> pb::ValidateSessionRequest {
+    pb::ValidateSessionRequest {
+        token: token.into(),
+        touch: None,
+        device: Some(pb::Device {
+            ip: ip.into(),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_garbage_storm_from_one_caller_never_refuses_its_valid_tokens() {
+    let server = TestServer::start_with(Config {
+        api_keys: vec![api_key("web", "web-secret", Role::Service, None)],
+        failed_validations_per_ip_per_minute: 5,
+        failed_validations_per_caller_per_minute: 100,
+        ..test_config()
+    })
+    .await;
+    let mut web = sessions_as(&server, "web-secret").await;
+    let real = web
+        .create_session(create_request("t", "u"))
+        .await
+        .expect("create")
+        .into_inner();
+    let generator = session_authority::token::TokenGenerator::from_os().expect("seed");
+    let garbage = || {
+        generator
+            .issue(&generator.session_id())
+            .token
+            .expose()
+            .to_string()
+    };
+
+    // Anonymous internet clients send random cookies through the web tier: 2,000 of them, each
+    // from its own IP, twenty times the caller's limit.
+    for i in 0..2000u32 {
+        let ip = format!("10.{}.{}.{}", i / 62_500, (i / 250) % 250, i % 250);
+        let err = web
+            .validate_session(from_ip(&garbage(), &ip))
+            .await
+            .expect_err("garbage");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    }
+    // ... and in batches, which count token by token.
+    let batch = web
+        .validate_sessions(pb::ValidateSessionsRequest {
+            tokens: (0..500).map(|_| garbage()).collect(),
+            touch: None,
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert!(batch.results.iter().all(|r| r.session.is_none()));
+
+    // The caller's valid tokens still pass: from a fresh IP, from none, in a batch.
+    web.validate_session(from_ip(&real.token, "198.51.100.1"))
+        .await
+        .expect("valid token from a fresh client");
+    web.validate_session(pb::ValidateSessionRequest {
+        token: real.token.clone(),
+        touch: None,
+        device: None,
+    })
+    .await
+    .expect("valid token without a client IP");
+    let batch = web
+        .validate_sessions(pb::ValidateSessionsRequest {
+            tokens: vec![garbage(), real.token.clone()],
+            touch: None,
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert!(batch.results[0].session.is_none());
+    assert!(batch.results[1].session.is_some(), "valid token in a batch");
+
+    // One client IP sending garbage is slowed: its invalid tokens get RESOURCE_EXHAUSTED (also
+    // from another address in the same IPv6 /64), its valid ones still pass.
+    let mut codes = Vec::new();
+    for i in 0..8 {
+        let ip = format!("2001:db8:7:7::{i}");
+        let err = web
+            .validate_session(from_ip(&garbage(), &ip))
+            .await
+            .expect_err("garbage");
+        codes.push(err.code());
+    }
+    assert_eq!(codes[0], Code::Unauthenticated);
+    assert_eq!(codes[7], Code::ResourceExhausted, "{codes:?}");
+    web.validate_session(from_ip(&real.token, "2001:db8:7:7::99"))
+        .await
+        .expect("a valid token from a slowed client is still answered");
+}
+
+#[tokio::test]
+async fn a_short_idle_timeout_never_ends_a_session_used_more_often() {
+    let server = TestServer::start_with(Config {
+        touch_interval: Duration::from_secs(60),
+        ..test_config()
+    })
+    .await;
+    set_policy(&server, "t", |p| p.idle_timeout = secs(60)).await;
+    let mut client = server.client().await;
+    let created = create(&mut client, "t", "u").await;
+    for step in 1..=10 {
+        server.advance(Duration::from_secs(50));
+        validate(&mut client, &created.token)
+            .await
+            .unwrap_or_else(|e| panic!("used every 50 s, dead after {}s: {e:?}", step * 50));
+    }
+    server.advance(Duration::from_secs(61));
+    assert_not_valid(validate(&mut client, &created.token).await);
+}
+
+/// A store written under a 30-minute idle timeout, reopened under a 10-minute one (a tightened
+/// default policy) with one session per user at most, refusals at the limit.
+async fn tightened_after_restart() -> (TestServer, pb::CreateSessionResponse) {
+    let loose = Config {
+        idle_timeout: Duration::from_secs(1800),
+        ..test_config()
+    };
+    let server = TestServer::start_with(loose).await;
+    let mut client = server.client().await;
+    let created = create(&mut client, "t", "u").await;
+    let (dir, clock) = server.stop().await;
+    let strict = Config {
+        idle_timeout: Duration::from_secs(600),
+        max_sessions_per_user: 1,
+        limit_action: session_authority::policy::LimitAction::Reject,
+        ..test_config()
+    };
+    let server = TestServer::start_in(dir, clock, strict).await;
+    server.advance(Duration::from_secs(1200));
+    (server, created)
+}
+
+#[tokio::test]
+async fn rotation_never_revives_a_session_the_current_policy_ended() {
+    let (server, created) = tightened_after_restart().await;
+    let mut client = server.client().await;
+    let err = client
+        .rotate_session(pb::RotateSessionRequest {
+            token: created.token.clone(),
+        })
+        .await
+        .expect_err("idle 20 minutes under a 10-minute policy");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_not_valid(validate(&mut client, &created.token).await);
+}
+
+#[tokio::test]
+async fn the_limit_counts_sessions_by_the_current_policy() {
+    let (server, created) = tightened_after_restart().await;
+    let mut client = server.client().await;
+    let fresh = client
+        .create_session(create_request("t", "u"))
+        .await
+        .expect("the old session is dead under the current policy, so it takes no place")
+        .into_inner();
+    validate(&mut client, &fresh.token).await.expect("fresh");
+    let old = get(&mut client, &created.session.expect("s").session_id)
+        .await
+        .expect("tombstone");
+    assert_eq!(old.state(), pb::SessionState::Expired);
+}
+
+#[tokio::test]
+async fn concurrent_policy_writes_leave_memory_and_disk_agreeing() {
+    let server = TestServer::start().await;
+    let base = {
+        let mut policies = PolicyServiceClient::new(server.channel().await);
+        policies
+            .get_policy(pb::GetPolicyRequest {
+                tenant_id: "t".into(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .policy
+            .expect("policy")
+    };
+    let channel = server.channel().await;
+    for round in 0..10u32 {
+        let writers: Vec<_> = (0..64u32)
+            .map(|i| {
+                let mut policies = PolicyServiceClient::new(channel.clone());
+                let mut policy = base.clone();
+                policy.max_sessions_per_user = 1 + round * 64 + i;
+                tokio::spawn(async move {
+                    if i % 4 == 3 {
+                        policies
+                            .delete_policy(pb::DeletePolicyRequest {
+                                tenant_id: "t".into(),
+                            })
+                            .await
+                            .map(drop)
+                    } else {
+                        policies
+                            .set_policy(pb::SetPolicyRequest {
+                                policy: Some(policy),
+                            })
+                            .await
+                            .map(drop)
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.expect("task").expect("write");
+        }
+    }
+    let in_memory = policy_of(&server, "t").await;
+    let server = server.restart().await;
+    let on_disk = policy_of(&server, "t").await;
+    assert_eq!(in_memory.is_default, on_disk.is_default);
+    assert_eq!(in_memory.policy, on_disk.policy);
+}
+
+async fn policy_of(server: &TestServer, tenant: &str) -> pb::GetPolicyResponse {
+    PolicyServiceClient::new(server.channel().await)
+        .get_policy(pb::GetPolicyRequest {
+            tenant_id: tenant.into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+}
