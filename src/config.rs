@@ -72,6 +72,15 @@ pub struct Config {
     /// How long a revoked or expired session stays visible (GetSession) before it is purged.
     #[serde(with = "humantime_serde")]
     pub tombstone_retention: Duration,
+    /// A user's last known place (for impossible travel) is forgotten when it is this old; the
+    /// next login is then not compared with it. Login-quota records go once they hold no
+    /// creation of the last day. Both are purged by the sweeper, so churning users never grow
+    /// the disk.
+    #[serde(with = "humantime_serde")]
+    pub user_state_retention: Duration,
+    /// Audit records older than this are purged by the sweeper.
+    #[serde(with = "humantime_serde")]
+    pub audit_retention: Duration,
     /// An idle event stream receives a heartbeat this often.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -191,6 +200,8 @@ impl Default for Config {
             event_retention_age: Duration::from_secs(7 * 86400),
             event_retention_count: 10_000_000,
             tombstone_retention: Duration::from_secs(86_400),
+            user_state_retention: Duration::from_secs(30 * 86_400),
+            audit_retention: Duration::from_secs(365 * 86_400),
             heartbeat_interval: Duration::from_secs(15),
             event_buffer: 4096,
             cache_mib: 512,
@@ -273,6 +284,16 @@ impl Config {
             self.tombstone_retention <= Duration::from_secs(365 * 86_400),
             "tombstone_retention",
             "must be at most 365d",
+        )?;
+        check(
+            self.user_state_retention >= Duration::from_secs(86_400),
+            "user_state_retention",
+            "must be at least 1d",
+        )?;
+        check(
+            self.audit_retention >= Duration::from_secs(86_400),
+            "audit_retention",
+            "must be at least 1d",
         )?;
         check(
             self.event_retention_count >= 1,
@@ -504,6 +525,14 @@ struct CliSettings {
     #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     tombstone_retention: Option<String>,
+    /// How long a user's last known place is kept [default: 30d]
+    #[arg(long, value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_state_retention: Option<String>,
+    /// How long audit records are kept [default: 365d]
+    #[arg(long, value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_retention: Option<String>,
     /// Heartbeat period of idle event streams [default: 15s]
     #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -58,6 +58,12 @@ pub enum Error {
     )]
     CursorOutOfRange { after: u64, oldest: u64, head: u64 },
 
+    /// An event cursor from another timeline of the log (the store was restored from a backup).
+    #[error(
+        "log_epoch {given} is not this log's epoch ({current}): the store was restored from a          backup, so sequence numbers after its head mean other events; drop every cached session          and watch again from the head"
+    )]
+    LogEpochChanged { given: u64, current: u64 },
+
     /// An event stream ended early (shutdown); the message says where to resume.
     #[error("{0}")]
     StreamEnded(String),
@@ -86,7 +92,7 @@ impl From<Error> for Status {
             | Error::DataDir(_)
             | Error::Server(_)
             | Error::StreamEnded(_) => Code::Unavailable,
-            Error::CursorOutOfRange { .. } => Code::OutOfRange,
+            Error::CursorOutOfRange { .. } | Error::LogEpochChanged { .. } => Code::OutOfRange,
         };
         if matches!(e, Error::Storage(_) | Error::DataDir(_) | Error::Server(_)) {
             tracing::warn!(error = %e, "request failed: service unavailable");

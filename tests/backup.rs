@@ -9,8 +9,98 @@ use common::*;
 use session_authority::{
     backup,
     config::{Config, Role},
-    proto::v1::{self as pb, policy_service_client::PolicyServiceClient},
+    proto::v1::{
+        self as pb, event_service_client::EventServiceClient,
+        policy_service_client::PolicyServiceClient, watch_events_response::Message,
+    },
 };
+use tonic::Code;
+
+/// The first heartbeat of a stream that starts at the head: the log's epoch and head.
+async fn epoch_and_head(server: &TestServer) -> (u64, u64) {
+    let mut stream = EventServiceClient::new(server.channel().await)
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: None,
+            filter: None,
+            announce_live: true,
+            log_epoch: None,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    match stream.message().await.expect("ok").expect("open").message {
+        Some(Message::Heartbeat(h)) => (h.log_epoch, h.head_sequence),
+        other => panic!("expected the live heartbeat, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_cursor_from_before_a_restore_is_out_of_range() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    create(&mut client, "t", "before-backup").await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = files.path().join("backup.sab");
+    backup::fetch(server.channel().await, None, &file)
+        .await
+        .expect("backup");
+    // The original goes on: a cache following it holds a cursor past the backup's head.
+    for user in ["a", "b", "c"] {
+        create(&mut client, "t", user).await;
+    }
+    let (old_epoch, old_cursor) = epoch_and_head(&server).await;
+    assert_ne!(old_epoch, 0);
+
+    let restored = Arc::new(tempfile::tempdir().expect("tempdir"));
+    backup::restore(&file, &restored.path().join("data"), false).expect("restore");
+    let copy = TestServer::start_in(restored, server.clock.clone(), test_config()).await;
+    let mut c = copy.client().await;
+    // The restored timeline reuses the numbers the old one handed out after the backup.
+    for user in ["x", "y", "z", "w"] {
+        create(&mut c, "t", user).await;
+    }
+    let (new_epoch, new_head) = epoch_and_head(&copy).await;
+    assert_ne!(new_epoch, old_epoch, "a restore starts a new epoch");
+    assert!(new_head >= old_cursor);
+
+    let err = EventServiceClient::new(copy.channel().await)
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: Some(old_cursor),
+            filter: None,
+            announce_live: true,
+            log_epoch: Some(old_epoch),
+        })
+        .await
+        .expect_err("a cursor of the old timeline");
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(err.message().starts_with("log_epoch"), "{}", err.message());
+    // A subscriber that sends no epoch is told by every message which epoch it is reading.
+    let mut legacy = EventServiceClient::new(copy.channel().await)
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: Some(old_cursor),
+            filter: None,
+            announce_live: true,
+            log_epoch: None,
+        })
+        .await
+        .expect("accepted without an epoch")
+        .into_inner();
+    match legacy.message().await.expect("ok").expect("open").message {
+        Some(Message::Event(e)) => assert_eq!(e.log_epoch, new_epoch),
+        Some(Message::Heartbeat(h)) => assert_eq!(h.log_epoch, new_epoch),
+        None => panic!("empty message"),
+    }
+    // The copy's own cursors resume as usual.
+    EventServiceClient::new(copy.channel().await)
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: Some(new_head),
+            filter: None,
+            announce_live: true,
+            log_epoch: Some(new_epoch),
+        })
+        .await
+        .expect("same epoch");
+}
 
 #[tokio::test]
 async fn a_backup_restores_into_a_server_with_everything_acknowledged() {
@@ -69,7 +159,8 @@ async fn a_backup_restores_into_a_server_with_everything_acknowledged() {
         .expect("get")
         .into_inner();
     assert!(!p.is_default && p.policy.expect("p").max_sessions_per_user == 4);
-    // The event log came along, and its sequence continues from the backup's head.
+    // The event log came along, and its sequence continues from the backup's head (under a new
+    // log epoch: see `a_cursor_from_before_a_restore_is_out_of_range`).
     assert_eq!(create(&mut c, "acme", "dave").await.sequence, head + 1);
     assert!(list_all(&mut c, "acme", "after-backup", 10)
         .await

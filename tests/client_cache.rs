@@ -255,6 +255,7 @@ async fn history_lost_beyond_resuming_drops_everything() {
                     after_sequence: Some(head - 10),
                     filter: None,
                     announce_live: false,
+                    log_epoch: None,
                 })
                 .await
                 .is_err()

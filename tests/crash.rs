@@ -299,6 +299,7 @@ async fn whole_log(channel: Channel) -> (Vec<pb::SessionEvent>, u64) {
     let mut stream = EventServiceClient::new(channel)
         .watch_events(pb::WatchEventsRequest {
             announce_live: false,
+            log_epoch: None,
             after_sequence: Some(0),
             filter: None,
         })

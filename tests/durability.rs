@@ -229,6 +229,7 @@ async fn concurrent_creations_keep_their_own_outcomes_limits_and_events() {
             after_sequence: Some(0),
             filter: None,
             announce_live: true,
+            log_epoch: None,
         })
         .await
         .expect("watch")

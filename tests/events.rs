@@ -29,6 +29,7 @@ async fn watch(
     client
         .watch_events(pb::WatchEventsRequest {
             announce_live: false,
+            log_epoch: None,
             after_sequence: after,
             filter: Some(filter),
         })
@@ -262,6 +263,7 @@ async fn filters_select_by_tenant_user_and_type() {
         let err = client
             .watch_events(pb::WatchEventsRequest {
                 announce_live: false,
+                log_epoch: None,
                 after_sequence: None,
                 filter: Some(filter),
             })
@@ -378,6 +380,7 @@ async fn cursors_outside_the_kept_log_get_out_of_range_with_the_oldest_sequence(
             client
                 .watch_events(pb::WatchEventsRequest {
                     announce_live: false,
+                    log_epoch: None,
                     after_sequence: Some(14),
                     filter: None,
                 })
@@ -389,6 +392,7 @@ async fn cursors_outside_the_kept_log_get_out_of_range_with_the_oldest_sequence(
     let err = client
         .watch_events(pb::WatchEventsRequest {
             announce_live: false,
+            log_epoch: None,
             after_sequence: Some(3),
             filter: None,
         })
@@ -416,6 +420,7 @@ async fn cursors_outside_the_kept_log_get_out_of_range_with_the_oldest_sequence(
     let err = client
         .watch_events(pb::WatchEventsRequest {
             announce_live: false,
+            log_epoch: None,
             after_sequence: Some(1000),
             filter: None,
         })
@@ -551,6 +556,7 @@ async fn events_older_than_the_retention_age_are_pruned() {
             client
                 .watch_events(pb::WatchEventsRequest {
                     announce_live: false,
+                    log_epoch: None,
                     after_sequence: Some(0),
                     filter: None,
                 })
@@ -562,6 +568,7 @@ async fn events_older_than_the_retention_age_are_pruned() {
     let err = client
         .watch_events(pb::WatchEventsRequest {
             announce_live: false,
+            log_epoch: None,
             after_sequence: Some(0),
             filter: None,
         })
@@ -605,6 +612,7 @@ async fn the_sequence_continues_after_pruning_empties_the_log_and_a_restart() {
             match client
                 .watch_events(pb::WatchEventsRequest {
                     announce_live: false,
+                    log_epoch: None,
                     after_sequence: Some(0),
                     filter: None,
                 })
@@ -657,6 +665,7 @@ async fn announce_live_heartbeats_once_the_replay_reaches_the_head() {
         after_sequence: after,
         filter: None,
         announce_live: true,
+        log_epoch: None,
     };
     // Replay first, then the announcement with the cursor at the head.
     let mut stream = client

@@ -348,6 +348,7 @@ async fn a_tightened_policy_ends_open_sessions_with_their_events() {
     let mut events = EventServiceClient::new(server.channel().await)
         .watch_events(pb::WatchEventsRequest {
             announce_live: false,
+            log_epoch: None,
             after_sequence: None,
             filter: None,
         })
@@ -532,6 +533,7 @@ async fn bangkok_then_london_five_minutes_apart_is_flagged_london_then_paris_is_
                 ..Default::default()
             }),
             announce_live: false,
+            log_epoch: None,
         })
         .await
         .expect("watch")

@@ -399,6 +399,7 @@ async fn a_tenant_bound_caller_cannot_see_or_touch_another_tenant() {
     let mut stream = events
         .watch_events(pb::WatchEventsRequest {
             announce_live: false,
+            log_epoch: None,
             after_sequence: Some(0),
             filter: None,
         })
@@ -420,6 +421,7 @@ async fn a_tenant_bound_caller_cannot_see_or_touch_another_tenant() {
                 ..Default::default()
             }),
             announce_live: false,
+            log_epoch: None,
         })
         .await
         .expect_err("other tenant's events");

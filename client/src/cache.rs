@@ -14,7 +14,9 @@
 //!   a clock margin), nor older than `max_age`. Deadlines come from the service; the comparison
 //!   uses this host's clock, which must be synchronised (NTP) within the margin.
 //! - If the stream is lost and cannot be resumed (OUT_OF_RANGE: the log no longer holds what was
-//!   missed, or no cursor was ever received), everything cached is dropped.
+//!   missed, or was restored from a backup so the cursor belongs to another timeline; or no
+//!   cursor was ever received), everything cached is dropped. So is everything when any message
+//!   carries a `log_epoch` other than the one the cache has followed so far.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -217,7 +219,25 @@ impl Inner {
         self.live.send_replace(live);
     }
 
+    /// Notes the epoch of a message; if the log changed timelines under the cache (a restore),
+    /// nothing cached can be trusted, whatever the server accepted as a cursor.
+    fn follow_epoch(&self, epoch: u64) {
+        let reset = self.lock().follow_epoch(epoch);
+        if let Some(entries) = reset {
+            let _ = self.evictions.send(Eviction::All { entries });
+        }
+    }
+
     fn apply(&self, item: pb::WatchEventsResponse) {
+        let epoch = match &item.message {
+            Some(Message::Heartbeat(h)) => h.log_epoch,
+            Some(Message::Event(e)) => e.log_epoch,
+            None => 0,
+        };
+        // 0: a server from before epochs existed.
+        if epoch != 0 {
+            self.follow_epoch(epoch);
+        }
         match item.message {
             Some(Message::Heartbeat(h)) => {
                 self.lock().cursor = Some(h.delivered_through);
@@ -257,6 +277,7 @@ impl Inner {
         state.live = false;
         if status.code() == Code::OutOfRange || state.cursor.is_none() {
             state.cursor = None;
+            state.epoch = None;
             let entries = state.clear();
             drop(state);
             let _ = self.evictions.send(Eviction::All { entries });
@@ -271,8 +292,13 @@ impl Inner {
 async fn follow(inner: Arc<Inner>) {
     let mut delay = inner.config.reconnect_delay;
     loop {
+        let (after_sequence, log_epoch) = {
+            let state = inner.lock();
+            (state.cursor, state.cursor.and(state.epoch))
+        };
         let request = pb::WatchEventsRequest {
-            after_sequence: inner.lock().cursor,
+            after_sequence,
+            log_epoch,
             filter: Some(pb::EventFilter {
                 event_types: vec![
                     EventType::Revoked as i32,
@@ -347,6 +373,8 @@ struct State {
     by_session: HashMap<String, Vec<TokenKey>>,
     live: bool,
     cursor: Option<u64>,
+    /// The log epoch `cursor` belongs to: sent with it, and compared with every message's.
+    epoch: Option<u64>,
     /// Bumped by every reset.
     generation: u64,
     /// How many session drops have been applied; `recent` holds the latest with their numbers.
@@ -446,6 +474,17 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Notes the log epoch of a message. A change of epoch means a restored log whose sequence
+    /// numbers repeat: everything is dropped (returns how many entries were).
+    fn follow_epoch(&mut self, epoch: u64) -> Option<usize> {
+        let changed = self.epoch.is_some_and(|known| known != epoch);
+        self.epoch = Some(epoch);
+        changed.then(|| {
+            self.cursor = None;
+            self.clear()
+        })
     }
 
     fn clear(&mut self) -> usize {
@@ -561,6 +600,22 @@ mod tests {
         assert_eq!(s.clear(), 1);
         assert!(!s.admit(t2, k2, session("b"), later(10), 10));
         assert!(matches!(s.lookup(&k1, later(1)), Lookup::Miss(_)));
+    }
+
+    #[test]
+    fn a_new_log_epoch_drops_everything_and_spoils_answers_in_flight() {
+        let mut s = live_state();
+        assert_eq!(s.follow_epoch(7), None, "the first epoch seen");
+        let key = TokenKey::of("t1");
+        let t = ticket(&mut s, &key);
+        assert!(s.admit(t, key, session("a"), later(10), 10));
+        let in_flight = ticket(&mut s, &TokenKey::of("t2"));
+        s.cursor = Some(42);
+        assert_eq!(s.follow_epoch(7), None, "same epoch");
+        assert_eq!(s.follow_epoch(8), Some(1), "a restored log");
+        assert!(s.entries.is_empty());
+        assert_eq!(s.cursor, None, "the old cursor means nothing now");
+        assert!(!s.admit(in_flight, TokenKey::of("t2"), session("b"), later(10), 10));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 // A sidecar cache for session-authority: validates tokens through the service on a miss, answers
 // repeats from memory, and drops an entry as soon as the event stream says its session was
 // revoked, expired or rotated. It remembers the last sequence it applied and resumes from there
-// when the stream breaks (a restart, a deploy); on OUT_OF_RANGE it drops everything. It answers
+// when the stream breaks (a restart, a deploy), with the log epoch that sequence belongs to; on
+// OUT_OF_RANGE, or a message of another log epoch (the store was restored from a backup, so the
+// numbers repeat), it drops everything. It answers
 // from memory only while the stream is live: from the `announce_live` heartbeat (sent once the
 // replay of what it missed is done) until the stream breaks. An outage makes it miss, never lie.
 'use strict';
@@ -27,6 +29,7 @@ class SessionCache {
     this.events = new pkg.EventService(address, grpc.credentials.createInsecure());
     this.byToken = new Map(); // token -> session
     this.lastSequence = null; // null: not yet connected
+    this.epoch = null; // the log epoch lastSequence belongs to
     this.live = false; // true while connected and caught up
     this.serverCalls = 0;
     this.listeners = [];
@@ -62,10 +65,21 @@ class SessionCache {
 
   watch() {
     if (this.stopped) return;
-    const request = this.lastSequence === null ? {} : { after_sequence: this.lastSequence };
+    const request = this.lastSequence === null
+      ? {}
+      : { after_sequence: this.lastSequence, log_epoch: this.epoch };
     request.announce_live = true;
     this.call = this.events.WatchEvents(request);
     this.call.on('data', (item) => {
+      const epoch = (item.event || item.heartbeat || {}).log_epoch;
+      if (epoch && epoch !== '0') {
+        if (this.epoch !== null && epoch !== this.epoch) {
+          // A restored log: its sequence numbers mean other events. Trust nothing cached.
+          this.byToken.clear();
+          this.lastSequence = null;
+        }
+        this.epoch = epoch;
+      }
       if (item.event) {
         const e = item.event;
         if (e.revoked || e.expired || e.rotated) this.drop(e.session_id);
@@ -82,6 +96,7 @@ class SessionCache {
         // Events were missed: nothing cached can be trusted. Start again from the head.
         this.byToken.clear();
         this.lastSequence = null;
+        this.epoch = null;
       }
       if (!this.stopped) setTimeout(() => this.watch(), 100);
     });

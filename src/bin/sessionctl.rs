@@ -595,6 +595,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .events()
                 .watch_events(pb::WatchEventsRequest {
                     announce_live: false,
+                    log_epoch: None,
                     after_sequence: from,
                     filter: Some(pb::EventFilter {
                         tenant_id: tenant.unwrap_or_default(),

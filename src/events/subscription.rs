@@ -68,14 +68,30 @@ pub struct WatchSettings {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Starts a subscription. Fails at once (before any item) if `after` is outside the log.
+/// Where a subscription starts: the live head, or after a sequence of a log epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct Cursor {
+    pub after: Option<u64>,
+    /// The epoch `after` came from, if the subscriber knows it.
+    pub log_epoch: Option<u64>,
+}
+
+/// Starts a subscription. Fails at once (before any item) if `after` is outside the log or from
+/// another epoch of it.
 pub fn watch<S: SessionStore>(
     store: Arc<S>,
-    after: Option<u64>,
+    cursor: Cursor,
     filter: Filter,
     announce_live: bool,
     settings: WatchSettings,
 ) -> Result<mpsc::Receiver<Result<WatchItem>>> {
+    if let Some(given) = cursor.log_epoch.filter(|e| *e != store.log_epoch()) {
+        return Err(Error::LogEpochChanged {
+            given,
+            current: store.log_epoch(),
+        });
+    }
+    let after = cursor.after;
     let bus = store.events();
     // Subscribe before reading the head: every event past the head is then in `live`.
     let live = bus.subscribe();

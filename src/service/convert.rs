@@ -643,7 +643,8 @@ pub fn page_token(cursor: Option<Vec<u8>>) -> String {
         .unwrap_or_default()
 }
 
-pub fn event_to_proto(e: &Event) -> pb::SessionEvent {
+/// An event of the log whose epoch is `log_epoch`.
+pub fn event_to_proto(e: &Event, log_epoch: u64) -> pb::SessionEvent {
     use pb::session_event::Body;
     let body = match &e.kind {
         EventKind::Created {
@@ -672,6 +673,7 @@ pub fn event_to_proto(e: &Event) -> pb::SessionEvent {
         tenant_id: e.tenant_id.clone(),
         user_id: e.user_id.clone(),
         session_id: e.session_id.to_string(),
+        log_epoch,
         body: Some(body),
     }
 }

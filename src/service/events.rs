@@ -76,10 +76,10 @@ impl Drop for StreamSlot {
     }
 }
 
-fn encode(item: WatchItem) -> pb::WatchEventsResponse {
+fn encode(item: WatchItem, log_epoch: u64) -> pb::WatchEventsResponse {
     let message = match item {
         WatchItem::Event(event) => {
-            pb::watch_events_response::Message::Event(event_to_proto(&event))
+            pb::watch_events_response::Message::Event(event_to_proto(&event, log_epoch))
         }
         WatchItem::Heartbeat {
             head,
@@ -89,6 +89,7 @@ fn encode(item: WatchItem) -> pb::WatchEventsResponse {
             head_sequence: head,
             delivered_through,
             sent_at: Some(timestamp(sent_at)),
+            log_epoch,
         }),
     };
     pb::WatchEventsResponse {
@@ -125,17 +126,22 @@ impl<S: SessionStore> EventService for EventApi<S> {
                     self.max_per_caller
                 ))
             })?;
+        let cursor = subscription::Cursor {
+            after: r.after_sequence,
+            log_epoch: r.log_epoch,
+        };
         let items = subscription::watch(
             self.store.clone(),
-            r.after_sequence,
+            cursor,
             filter,
             r.announce_live,
             self.settings.clone(),
         )?;
+        let log_epoch = self.store.log_epoch();
         let stream = ReceiverStream::new(items).map(move |item| {
             // The slot lives as long as the stream.
             let _slot = &slot;
-            item.map(encode).map_err(Status::from)
+            item.map(|i| encode(i, log_epoch)).map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))
     }

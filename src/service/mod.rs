@@ -91,6 +91,8 @@ pub async fn run(
         Retention {
             age: config.event_retention_age,
             count: config.event_retention_count,
+            user_state: config.user_state_retention,
+            audit: config.audit_retention,
         },
         stopped.clone(),
     ));

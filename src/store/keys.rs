@@ -47,6 +47,11 @@ pub const META_HEAD: &[u8] = b"mhead";
 pub const META_STORE_ID: &[u8] = b"mstoreid";
 /// 32 random bytes made when the store is created: keys the tenants' generated cookie names.
 pub const META_SECRET: &[u8] = b"msecret";
+/// The event log's epoch: a random `u64` made when the store is created, and again by every
+/// restore, whose log continues from the backup's head and so repeats sequence numbers.
+pub const META_LOG_EPOCH: &[u8] = b"mlogepoch";
+/// The newest audit id at the last audit prune, so ids never repeat once the oldest are gone.
+pub const META_AUDIT_HEAD: &[u8] = b"maudithead";
 
 pub fn policy(tenant: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + tenant.len());

@@ -193,6 +193,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// 32 random bytes made with the store: keys values that must be stable and unguessable.
     fn installation_secret(&self) -> [u8; 32];
 
+    /// The identity of the event log's timeline: sequence numbers are comparable only within
+    /// one epoch. Changes when the store is restored from a backup.
+    fn log_epoch(&self) -> u64;
+
     /// Appends an entry to the audit trail, durably; its `id` is assigned here and returned.
     fn append_audit(&self, entry: AuditEntry) -> impl Future<Output = Result<u64>> + Send;
 
@@ -240,6 +244,26 @@ pub trait SessionStore: Send + Sync + 'static {
         &self,
         older_than: Timestamp,
         keep: u64,
+    ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Deletes per-user records nobody needs any more, looking at no more than `limit` of them
+    /// after `cursor` (so each call is short): last known places seen before `older_than`, and
+    /// login-quota records with no creation in the day before `now`. Returns how many it deleted
+    /// and where to go on from (`None` at the end: start again from the beginning).
+    fn purge_user_state(
+        &self,
+        older_than: Timestamp,
+        now: Timestamp,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    ) -> impl Future<Output = Result<(usize, Option<Vec<u8>>)>> + Send;
+
+    /// Deletes audit records from before `older_than`, oldest first, at most `limit`. Ids are
+    /// never reused afterwards. Returns how many.
+    fn prune_audit(
+        &self,
+        older_than: Timestamp,
+        limit: usize,
     ) -> impl Future<Output = Result<usize>> + Send;
 
     /// Records a use of a live session, best effort and without waiting: it becomes durable with

@@ -89,6 +89,8 @@ struct Shared {
     healthy: AtomicBool,
     /// See [`SessionStore::installation_secret`].
     secret: [u8; 32],
+    /// See [`SessionStore::log_epoch`].
+    log_epoch: u64,
     /// How long an ended session's tombstone is kept.
     tombstone_retention: std::time::Duration,
     /// Touches queued for the writer but not applied yet. Reads apply them on top of the tree, so
@@ -184,6 +186,16 @@ enum Op {
         id: SessionId,
         now: Timestamp,
     },
+    PurgeUserState {
+        older_than: Timestamp,
+        now: Timestamp,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    },
+    PruneAudit {
+        older_than: Timestamp,
+        limit: usize,
+    },
     /// Stop after everything queued before it is durable.
     Close,
 }
@@ -195,6 +207,7 @@ enum Outcome {
     Rotated(Box<RotateOutcome>),
     Revoked(RevokeOutcome),
     Count(usize),
+    Purged(usize, Option<Vec<u8>>),
     Nothing,
 }
 
@@ -229,6 +242,7 @@ impl SledStore {
         check_format(&db, &tree, dir, marker.is_some())?;
         check_identity(&db, &tree, dir, marker)?;
         let secret = read_or_make_secret(&db, &tree)?;
+        let log_epoch = read_or_make_log_epoch(&db, &tree)?;
         let head = read_head(&tree)?;
         let data_file = std::fs::File::open(dir.join("db")).map_err(|e| {
             Error::DataDir(format!("{}: cannot open the data file: {e}", dir.display()))
@@ -241,6 +255,7 @@ impl SledStore {
             bus,
             healthy: AtomicBool::new(true),
             secret,
+            log_epoch,
             tombstone_retention,
             queued_touches: RwLock::new(HashMap::new()),
             cache: SessionCache::new(SESSION_CACHE_ENTRIES),
@@ -290,6 +305,9 @@ impl SledStore {
             }
             tree.apply_batch(batch)?;
         }
+        // A new timeline: the log continues from the backup's head, so its sequence numbers
+        // repeat ones that the original store may have handed out after the backup.
+        tree.insert(keys::META_LOG_EPOCH, &new_log_epoch()?.to_be_bytes())?;
         db.flush()?;
         let id = tree
             .get(keys::META_STORE_ID)?
@@ -510,6 +528,10 @@ impl SessionStore for SledStore {
         self.shared.secret
     }
 
+    fn log_epoch(&self) -> u64 {
+        self.shared.log_epoch
+    }
+
     async fn snapshot(&self, path: std::path::PathBuf) -> Result<u64> {
         expect_outcome!(self.submit(Op::Snapshot(path)).await, Count).map(|n| n as u64)
     }
@@ -583,6 +605,32 @@ impl SessionStore for SledStore {
 
     async fn prune_events(&self, older_than: Timestamp, keep: u64) -> Result<usize> {
         expect_outcome!(self.submit(Op::Prune { older_than, keep }).await, Count)
+    }
+
+    async fn purge_user_state(
+        &self,
+        older_than: Timestamp,
+        now: Timestamp,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(usize, Option<Vec<u8>>)> {
+        let op = Op::PurgeUserState {
+            older_than,
+            now,
+            cursor,
+            limit,
+        };
+        match self.submit(op).await? {
+            Outcome::Purged(n, next) => Ok((n, next)),
+            _ => Err(Error::Storage("unexpected reply from the writer".into())),
+        }
+    }
+
+    async fn prune_audit(&self, older_than: Timestamp, limit: usize) -> Result<usize> {
+        expect_outcome!(
+            self.submit(Op::PruneAudit { older_than, limit }).await,
+            Count
+        )
     }
 
     fn touch(&self, id: SessionId, now: Timestamp) {
@@ -765,6 +813,26 @@ fn read_or_make_secret(db: &sled::Db, tree: &sled::Tree) -> Result<[u8; 32]> {
     tree.insert(keys::META_SECRET, &secret[..])?;
     db.flush()?;
     Ok(secret)
+}
+
+/// A new log epoch: random, never 0 (which a client reads as "none").
+fn new_log_epoch() -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| Error::Storage(format!("no randomness from the OS: {e}")))?;
+    Ok(u64::from_be_bytes(bytes).max(1))
+}
+
+/// The log epoch; made on first open (also of a store written before epochs existed).
+fn read_or_make_log_epoch(db: &sled::Db, tree: &sled::Tree) -> Result<u64> {
+    let stored = read_u64(tree, keys::META_LOG_EPOCH)?;
+    if stored != 0 {
+        return Ok(stored);
+    }
+    let epoch = new_log_epoch()?;
+    tree.insert(keys::META_LOG_EPOCH, &epoch.to_be_bytes())?;
+    db.flush()?;
+    Ok(epoch)
 }
 
 /// The newest sequence ever assigned: the last event's, or the one recorded by the last prune
@@ -1135,6 +1203,17 @@ impl<'a> Tx<'a> {
             } => self.sweep(ids, &policy_of, now).map(Outcome::Count),
             Op::Prune { older_than, keep } => self.prune(older_than, keep).map(Outcome::Count),
             Op::Touch { id, now } => self.touch(id, now).map(|()| Outcome::Nothing),
+            Op::PurgeUserState {
+                older_than,
+                now,
+                cursor,
+                limit,
+            } => self
+                .purge_user_state(older_than, now, cursor, limit)
+                .map(|(n, next)| Outcome::Purged(n, next)),
+            Op::PruneAudit { older_than, limit } => {
+                self.prune_audit(older_than, limit).map(Outcome::Count)
+            }
             Op::Close => Ok(Outcome::Nothing),
         }
     }
@@ -1472,19 +1551,14 @@ impl<'a> Tx<'a> {
         out.finish().map_err(io)
     }
 
-    /// Appends to the audit trail: the id follows the last one stored.
+    /// Appends to the audit trail: the id follows the last one ever stored (the newest kept, or
+    /// the newest pruned if pruning emptied the trail).
     fn audit(&mut self, mut entry: AuditEntry) -> Result<u64> {
         let last = match self.tree.scan_prefix([keys::AUDIT]).next_back() {
-            Some(e) => {
-                let (key, _) = e?;
-                let bytes: [u8; 8] = key[1..]
-                    .try_into()
-                    .map_err(|_| Error::Storage("corrupt audit key".into()))?;
-                u64::from_be_bytes(bytes)
-            }
+            Some(e) => audit_id(&e?.0)?,
             None => 0,
         };
-        entry.id = last + 1;
+        entry.id = last.max(read_u64(self.tree, keys::META_AUDIT_HEAD)?) + 1;
         let value = serde_json::to_vec(&entry)
             .map_err(|e| Error::Storage(format!("encoding an audit record: {e}")))?;
         self.batch.insert(&keys::audit(entry.id)[..], value);
@@ -1644,6 +1718,67 @@ impl<'a> Tx<'a> {
         Ok(pruned)
     }
 
+    fn purge_user_state(
+        &mut self,
+        older_than: Timestamp,
+        now: Timestamp,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(usize, Option<Vec<u8>>)> {
+        // Last places ('l') and quota records ('q') sort together, with only the few meta and
+        // policy keys between them.
+        let start = cursor.unwrap_or_else(|| vec![keys::LAST_SEEN]);
+        let end = [keys::CREATIONS + 1];
+        let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
+        let mut purged = 0;
+        let mut last = None;
+        for entry in self
+            .tree
+            .range::<&[u8], _>((
+                std::ops::Bound::Excluded(start.as_slice()),
+                std::ops::Bound::Excluded(&end[..]),
+            ))
+            .take(limit)
+        {
+            let (key, value) = entry?;
+            let stale = match key.first() {
+                Some(&keys::LAST_SEEN) => records::decode_last_seen(&value)?.at < older_than,
+                Some(&keys::CREATIONS) => records::decode_creations(&value)
+                    .iter()
+                    .all(|t| *t <= day_ago),
+                _ => false,
+            };
+            if stale {
+                self.batch.remove(key.clone());
+                self.dirty = true;
+                purged += 1;
+            }
+            last = Some(key.to_vec());
+        }
+        Ok((purged, last))
+    }
+
+    fn prune_audit(&mut self, older_than: Timestamp, limit: usize) -> Result<usize> {
+        let mut pruned = 0;
+        let mut newest = None;
+        for entry in self.tree.scan_prefix([keys::AUDIT]).take(limit) {
+            let (key, value) = entry?;
+            let record: AuditEntry = serde_json::from_slice(&value)
+                .map_err(|_| Error::Storage("corrupt audit record".into()))?;
+            if record.at >= older_than {
+                break;
+            }
+            newest = Some(audit_id(&key)?);
+            self.batch.remove(key);
+            pruned += 1;
+        }
+        if let Some(id) = newest {
+            self.batch.insert(keys::META_AUDIT_HEAD, &id.to_be_bytes());
+            self.dirty = true;
+        }
+        Ok(pruned)
+    }
+
     fn touch(&mut self, id: SessionId, now: Timestamp) -> Result<()> {
         if let Some(s) = self.get(&id)? {
             if s.is_live_at(now) && now > s.last_seen_at {
@@ -1654,6 +1789,14 @@ impl<'a> Tx<'a> {
         }
         Ok(())
     }
+}
+
+fn audit_id(key: &[u8]) -> Result<u64> {
+    let bytes: [u8; 8] = key
+        .get(1..)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Error::Storage("corrupt audit key".into()))?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 fn travel_refusal(flag: &TravelFlag) -> Error {

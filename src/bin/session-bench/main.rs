@@ -580,6 +580,7 @@ async fn fanout(
                     ..Default::default()
                 }),
                 announce_live: false,
+                log_epoch: None,
             })
             .await?
             .into_inner();
