@@ -23,9 +23,10 @@ run health validate create mixed batch cache fanout \
 run overload --seconds 2 --callers 64 --pool 100
 run soak --minutes 0.1 --rate 50
 run scale --sessions 500,2000 --seconds 1 --callers 8
+run replay --log-events 3000 --replays 4 --pool 200 --seconds 1 --callers 8
 
 for s in health validate redis-validate create redis-create mixed batch50 cache-hit cache-eviction \
-         fanout overload soak scale; do
+         fanout overload soak scale replay; do
   grep -q "scenario=$s " "$out" || { echo "no line for scenario $s"; exit 1; }
 done
 grep -q "^compare=validate" "$out" && grep -q "^compare=create" "$out"

@@ -89,6 +89,10 @@ pub struct Config {
     pub event_buffer: usize,
     /// Memory for the store's page cache, in MiB.
     pub cache_mib: u64,
+    /// Memory for decoded sessions kept in front of the store (validate's hot path), in MiB. Bound
+    /// by bytes, not entries: a session with the largest allowed attributes and user agent is
+    /// about 8 KiB, a plain one a few hundred bytes. 0 turns the cache off.
+    pub session_cache_mib: u64,
     /// Log format: `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
     /// Where to serve Prometheus metrics over plain HTTP (`/metrics`); off when absent.
@@ -205,6 +209,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(15),
             event_buffer: 4096,
             cache_mib: 512,
+            session_cache_mib: 128,
             log_format: LogFormat::Text,
             metrics_listen: None,
             health_listen: None,
@@ -326,6 +331,7 @@ impl Config {
             "client_identities",
             "need tls_client_ca, or no client presents a certificate",
         )?;
+        let mut hashes = std::collections::HashSet::new();
         for key in &self.api_keys {
             let ok = key.sha256.len() == 64 && key.sha256.bytes().all(|b| b.is_ascii_hexdigit());
             check(
@@ -333,6 +339,16 @@ impl Config {
                 "api_keys",
                 "sha256 must be 64 hex characters (the key's SHA-256, never the key)",
             )?;
+            // One key, two entries: which role and tenant it gets would depend on their order.
+            if !hashes.insert(key.sha256.to_ascii_lowercase()) {
+                return Err(ConfigError::Invalid(
+                    "api_keys",
+                    format!(
+                        "\"{}\" has the same sha256 as an earlier key: one key must map to one caller",
+                        key.name
+                    ),
+                ));
+            }
         }
         check(
             self.max_in_flight >= 1,
@@ -545,6 +561,10 @@ struct CliSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     cache_mib: Option<u64>,
+    /// Decoded-session cache in MiB [default: 128]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_cache_mib: Option<u64>,
     /// What happens at the session limit [default: evict-least-recently-used]
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -692,6 +712,29 @@ mod tests {
         ])
         .expect_err("absolute < idle refused");
         assert!(err.to_string().contains("absolute_timeout"), "{err}");
+    }
+
+    #[test]
+    fn two_api_keys_with_the_same_hash_are_refused() {
+        let key = |name: &str, sha256: &str| ApiKeyConfig {
+            name: name.into(),
+            sha256: sha256.into(),
+            role: Role::Service,
+            tenant: None,
+        };
+        let hash = "ab".repeat(32);
+        let config = Config {
+            api_keys: vec![key("web", &hash), key("admin", &hash.to_ascii_uppercase())],
+            ..Config::default()
+        };
+        let err = config.validate().expect_err("duplicate refused");
+        assert!(err.to_string().contains("api_keys"), "{err}");
+        assert!(err.to_string().contains("admin"), "{err}");
+        let config = Config {
+            api_keys: vec![key("web", &hash), key("admin", &"cd".repeat(32))],
+            ..Config::default()
+        };
+        config.validate().expect("distinct keys");
     }
 
     #[test]

@@ -395,8 +395,19 @@ impl<S: SessionStore> Policies<S> {
 
     /// Stores a tenant's policy (durably) and puts it in force.
     pub async fn set(&self, tenant_id: String, policy: Policy) -> Result<Arc<Policy>> {
-        policy.validate()?;
+        self.update(tenant_id, |_| Ok(policy)).await
+    }
+
+    /// Stores the policy `change` makes of the tenant's current one (its own or the default),
+    /// with no other policy write in between, and puts it in force.
+    pub async fn update(
+        &self,
+        tenant_id: String,
+        change: impl FnOnce(&Policy) -> Result<Policy>,
+    ) -> Result<Arc<Policy>> {
         let _serial = self.writes.lock().await;
+        let policy = change(&self.for_tenant(&tenant_id))?;
+        policy.validate()?;
         self.store
             .put_policy(tenant_id.clone(), Some(policy.clone()))
             .await?;

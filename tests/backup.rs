@@ -127,7 +127,10 @@ async fn a_backup_restores_into_a_server_with_everything_acknowledged() {
         .expect("p");
     p.max_sessions_per_user = 4;
     policies
-        .set_policy(pb::SetPolicyRequest { policy: Some(p) })
+        .set_policy(pb::SetPolicyRequest {
+            policy: Some(p),
+            update_mask: None,
+        })
         .await
         .expect("set");
     let head = create(&mut client, "acme", "carol").await.sequence;

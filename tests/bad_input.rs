@@ -362,7 +362,10 @@ async fn extreme_durations_and_timestamps_are_refused_or_handled_never_overflow(
         .expect("p");
     p.absolute_timeout = Some(huge);
     let err = policies
-        .set_policy(pb::SetPolicyRequest { policy: Some(p) })
+        .set_policy(pb::SetPolicyRequest {
+            policy: Some(p),
+            update_mask: None,
+        })
         .await
         .expect_err("huge timeout");
     assert!(

@@ -88,6 +88,7 @@ async fn a_cross_tenant_validate_changes_nothing() {
     policies
         .set_policy(pb::SetPolicyRequest {
             policy: Some(policy),
+            update_mask: None,
         })
         .await
         .expect("set");
@@ -224,6 +225,7 @@ async fn set_policy(server: &TestServer, tenant: &str, change: impl FnOnce(&mut 
     policies
         .set_policy(pb::SetPolicyRequest {
             policy: Some(policy),
+            update_mask: None,
         })
         .await
         .expect("set");
@@ -479,6 +481,7 @@ async fn concurrent_policy_writes_leave_memory_and_disk_agreeing() {
                         policies
                             .set_policy(pb::SetPolicyRequest {
                                 policy: Some(policy),
+                                update_mask: None,
                             })
                             .await
                             .map(drop)
@@ -565,4 +568,174 @@ async fn churning_users_leave_no_records_behind() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("400 churned users left records behind: {last} entries, {baseline} before");
+}
+
+/// Creates `n` sessions (one event each), 32 at a time.
+async fn grow_log(server: &TestServer, n: usize) {
+    let channel = server.channel().await;
+    let tasks: Vec<_> = (0..32)
+        .map(|t| {
+            let mut client =
+                session_authority::proto::v1::session_service_client::SessionServiceClient::new(
+                    channel.clone(),
+                );
+            tokio::spawn(async move {
+                for i in 0..n.div_ceil(32) {
+                    client
+                        .create_session(create_request("busy", &format!("u{t}-{i}")))
+                        .await
+                        .expect("create");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+}
+
+/// On a one-thread runtime (this test's), anything that does not yield is seen at once: a
+/// replay that read and skipped the whole log in one go would finish before a health check
+/// that was asked for while it ran.
+#[tokio::test]
+async fn a_filtered_replay_of_a_long_log_leaves_the_workers_free() {
+    let server = TestServer::start().await;
+    grow_log(&server, 12_000).await;
+    let mut events = EventServiceClient::new(server.channel().await);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let mut replay = events
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: Some(0),
+            filter: Some(pb::EventFilter {
+                tenant_id: "quiet".into(),
+                ..Default::default()
+            }),
+            announce_live: true,
+            log_epoch: None,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let check = health.check(tonic_health::pb::HealthCheckRequest::default());
+    tokio::pin!(check);
+    let caught_up = replay.message();
+    tokio::pin!(caught_up);
+    tokio::select! {
+        biased;
+        answered = &mut check => {
+            answered.expect("health");
+        }
+        item = &mut caught_up => panic!(
+            "the whole 12,000-event replay ran before a health check could be answered: {item:?}"
+        ),
+    }
+    match caught_up.await.expect("ok").expect("open").message {
+        Some(Message::Heartbeat(h)) => assert!(h.head_sequence >= 12_000),
+        other => panic!("the quiet tenant has no events: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn set_policy_with_an_update_mask_changes_only_the_named_fields() {
+    let server = TestServer::start().await;
+    let mut policies = PolicyServiceClient::new(server.channel().await);
+    let before = policy_of(&server, "t").await.policy.expect("policy");
+    let stored = policies
+        .set_policy(pb::SetPolicyRequest {
+            policy: Some(pb::Policy {
+                tenant_id: "t".into(),
+                max_sessions_per_user: 3,
+                // Not in the mask: ignored, though invalid on its own.
+                idle_timeout: secs(1),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["max_sessions_per_user".into()],
+            }),
+        })
+        .await
+        .expect("partial update")
+        .into_inner()
+        .policy
+        .expect("policy");
+    assert_eq!(stored.max_sessions_per_user, 3);
+    assert_eq!(
+        pb::Policy {
+            max_sessions_per_user: before.max_sessions_per_user,
+            ..stored.clone()
+        },
+        before,
+        "every other field kept"
+    );
+    let now = policy_of(&server, "t").await;
+    assert!(!now.is_default);
+    assert_eq!(now.policy, Some(stored));
+
+    let err = policies
+        .set_policy(pb::SetPolicyRequest {
+            policy: Some(pb::Policy {
+                tenant_id: "t".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["max_sesions_per_user".into()],
+            }),
+        })
+        .await
+        .expect_err("unknown path");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("update_mask"),
+        "{}",
+        err.message()
+    );
+    // The merged policy is checked as a whole: idle longer than absolute is refused.
+    let err = policies
+        .set_policy(pb::SetPolicyRequest {
+            policy: Some(pb::Policy {
+                tenant_id: "t".into(),
+                idle_timeout: secs(30 * 86_400),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["idle_timeout".into()],
+            }),
+        })
+        .await
+        .expect_err("idle beyond absolute");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("timeout"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn one_backup_runs_at_a_time_and_each_is_complete() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    grow_log(&server, 2000).await;
+    create(&mut client, "t", "u").await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let channel = server.channel().await;
+    let fetches: Vec<_> = (0..4)
+        .map(|i| {
+            let channel = channel.clone();
+            let path = files.path().join(format!("b{i}"));
+            tokio::spawn(
+                async move { session_authority::backup::fetch(channel, None, &path).await },
+            )
+        })
+        .collect();
+    let mut done = 0;
+    for f in fetches {
+        match f.await.expect("task") {
+            Ok(entries) => {
+                assert!(entries > 2000);
+                done += 1;
+            }
+            Err(e) => assert!(
+                e.to_string().contains("already running"),
+                "a concurrent backup is refused, not broken: {e}"
+            ),
+        }
+    }
+    assert!(done >= 1);
 }

@@ -35,6 +35,7 @@ async fn set(client: &mut PolicyServiceClient<Channel>, policy: pb::Policy) -> p
     client
         .set_policy(pb::SetPolicyRequest {
             policy: Some(policy),
+            update_mask: None,
         })
         .await
         .expect("set policy")
@@ -257,7 +258,10 @@ async fn bad_policies_are_refused_naming_the_field() {
         let mut p = base.clone();
         change(&mut p);
         let err = client
-            .set_policy(pb::SetPolicyRequest { policy: Some(p) })
+            .set_policy(pb::SetPolicyRequest {
+                policy: Some(p),
+                update_mask: None,
+            })
             .await
             .expect_err(field);
         assert_eq!(err.code(), Code::InvalidArgument, "{field}");

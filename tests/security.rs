@@ -575,7 +575,10 @@ async fn administrative_actions_are_in_the_audit_trail() {
         .expect("p");
     p.max_sessions_per_user = 3;
     policies
-        .set_policy(pb::SetPolicyRequest { policy: Some(p) })
+        .set_policy(pb::SetPolicyRequest {
+            policy: Some(p),
+            update_mask: None,
+        })
         .await
         .expect("set");
 

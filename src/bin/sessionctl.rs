@@ -200,37 +200,59 @@ enum TravelAction {
 }
 
 impl PolicyChanges {
-    fn apply(self, p: &mut pb::Policy) {
-        let set = |slot: &mut Option<prost_types::Duration>, d: Option<Duration>| {
+    /// The changes as a policy carrying only them, and the update mask that names them: the
+    /// server applies them to the tenant's current policy atomically.
+    fn into_update(self) -> (pb::Policy, Vec<String>) {
+        let mut p = pb::Policy {
+            tenant_id: self.tenant,
+            ..Default::default()
+        };
+        let mut paths = Vec::new();
+        let mut set = |slot: &mut Option<prost_types::Duration>, d: Option<Duration>, path| {
             if let Some(d) = d {
                 *slot = Some(duration(d));
+                paths.push(path);
             }
         };
-        set(&mut p.idle_timeout, self.idle_timeout);
-        set(&mut p.absolute_timeout, self.absolute_timeout);
+        set(&mut p.idle_timeout, self.idle_timeout, "idle_timeout");
+        set(
+            &mut p.absolute_timeout,
+            self.absolute_timeout,
+            "absolute_timeout",
+        );
         set(
             &mut p.remember_me_idle_timeout,
             self.remember_me_idle_timeout,
+            "remember_me_idle_timeout",
         );
         set(
             &mut p.remember_me_absolute_timeout,
             self.remember_me_absolute_timeout,
+            "remember_me_absolute_timeout",
         );
-        set(&mut p.max_session_age, self.max_session_age);
+        set(
+            &mut p.max_session_age,
+            self.max_session_age,
+            "max_session_age",
+        );
         if let Some(v) = self.remember_me_allowed {
             p.remember_me_allowed = v;
+            paths.push("remember_me_allowed");
         }
         if let Some(v) = self.max_sessions_per_user {
             p.max_sessions_per_user = v;
+            paths.push("max_sessions_per_user");
         }
         if let Some(v) = self.max_creations_per_day {
             p.max_creations_per_day = v;
+            paths.push("max_creations_per_day");
         }
         if let Some(a) = self.limit_action {
             p.set_limit_action(match a {
                 LimitAction::EvictLeastRecentlyUsed => pb::LimitAction::EvictLeastRecentlyUsed,
                 LimitAction::Reject => pb::LimitAction::Reject,
             });
+            paths.push("limit_action");
         }
         if let Some(a) = self.travel_action {
             p.set_travel_action(match a {
@@ -238,13 +260,17 @@ impl PolicyChanges {
                 TravelAction::Flag => pb::TravelAction::Flag,
                 TravelAction::Revoke => pb::TravelAction::Revoke,
             });
+            paths.push("travel_action");
         }
         if let Some(v) = self.travel_max_speed_kmh {
             p.travel_max_speed_kmh = v;
+            paths.push("travel_max_speed_kmh");
         }
         if let Some(v) = self.cookie_name {
             p.cookie_name = v;
+            paths.push("cookie_name");
         }
+        (p, paths.into_iter().map(String::from).collect())
     }
 }
 
@@ -694,19 +720,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             command: PolicyCommand::Set(changes),
         } => {
             let mut client = conn.policies();
-            let mut policy = client
-                .get_policy(pb::GetPolicyRequest {
-                    tenant_id: changes.tenant.clone(),
-                })
-                .await?
-                .into_inner()
-                .policy
-                .unwrap_or_default();
-            policy.tenant_id = changes.tenant.clone();
-            changes.apply(&mut policy);
+            let (policy, paths) = changes.into_update();
+            if paths.is_empty() {
+                // Nothing to change: show the policy as it is (an empty mask would replace it).
+                let r = client
+                    .get_policy(pb::GetPolicyRequest {
+                        tenant_id: policy.tenant_id,
+                    })
+                    .await?
+                    .into_inner();
+                print_record(
+                    json,
+                    &policy_json(&r.policy.unwrap_or_default(), r.is_default),
+                );
+                return Ok(());
+            }
             let stored = client
                 .set_policy(pb::SetPolicyRequest {
                     policy: Some(policy),
+                    update_mask: Some(prost_types::FieldMask { paths }),
                 })
                 .await?
                 .into_inner()

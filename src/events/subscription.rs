@@ -23,7 +23,7 @@ use super::{Event, EventType};
 use crate::{
     clock::{Clock, Timestamp},
     error::{Error, Result},
-    store::SessionStore,
+    store::{self, SessionStore},
 };
 
 /// Events read from the log per store call while catching up.
@@ -105,7 +105,7 @@ pub fn watch<S: SessionStore>(
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let stream = Stream {
         store,
-        filter,
+        filter: Arc::new(filter),
         settings,
         tx,
         cursor,
@@ -129,9 +129,16 @@ fn check_cursor<S: SessionStore>(store: &S, after: u64) -> Result<()> {
     Ok(())
 }
 
+/// A page of the log read for a replay: its bounds, and the events the filter lets through.
+struct ReplayPage {
+    first: Option<u64>,
+    last: u64,
+    matching: Vec<Event>,
+}
+
 struct Stream<S> {
     store: Arc<S>,
-    filter: Filter,
+    filter: Arc<Filter>,
     settings: WatchSettings,
     tx: mpsc::Sender<Result<WatchItem>>,
     cursor: u64,
@@ -196,28 +203,37 @@ impl<S: SessionStore> Stream<S> {
         ))
     }
 
-    /// Reads the log until the cursor reaches the durable head.
+    /// Reads the log until the cursor reaches the durable head, a page at a time on a blocking
+    /// thread (see [`store::scan`]): a filter that matches nothing in a long log must not hold an
+    /// async worker, however many subscribers replay at once.
     async fn catch_up(&mut self) -> Result<(), Stop> {
         loop {
             let head = self.store.events().durable_head();
             if self.cursor >= head {
                 return Ok(());
             }
-            let batch = self
-                .store
-                .events_after(self.cursor, REPLAY_BATCH)
-                .map_err(Stop::Fail)?;
-            match batch.first() {
+            let (store, filter, after) = (self.store.clone(), self.filter.clone(), self.cursor);
+            let page = store::scan(move || {
+                let batch = store.events_after(after, REPLAY_BATCH)?;
+                Ok(ReplayPage {
+                    first: batch.first().map(|e| e.sequence),
+                    last: batch.last().map_or(after, |e| e.sequence),
+                    matching: batch.into_iter().filter(|e| filter.matches(e)).collect(),
+                })
+            })
+            .await
+            .map_err(Stop::Fail)?;
+            if page.first != Some(self.cursor + 1) {
                 // Retention pruned what this subscriber had not read yet.
-                Some(first) if first.sequence != self.cursor + 1 => {
-                    return Err(Stop::Fail(self.lost_events()));
-                }
-                None => return Err(Stop::Fail(self.lost_events())),
-                Some(_) => {}
+                return Err(Stop::Fail(self.lost_events()));
             }
-            for event in batch {
-                self.deliver(Arc::new(event)).await?;
+            for event in page.matching {
+                let sequence = event.sequence;
+                self.send(WatchItem::Event(Arc::new(event))).await?;
+                self.cursor = sequence;
             }
+            // Past the filtered-out events of the page too.
+            self.cursor = page.last;
         }
     }
 

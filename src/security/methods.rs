@@ -22,7 +22,9 @@ const READERS: &[Role] = &[Role::Admin, Role::Service, Role::Subscriber];
 /// Every method the server exposes, and who may call it.
 pub const METHODS: &[(&str, Access)] = &[
     ("/grpc.health.v1.Health/Check", Access::Open),
-    ("/grpc.health.v1.Health/Watch", Access::Open),
+    // A stream held open for good: open to anyone it would be an unbounded, never-shed way to
+    // tie up the server. Probes use Check (or the health-only port).
+    ("/grpc.health.v1.Health/Watch", Access::Roles(READERS)),
     (
         "/session_authority.v1.SessionService/CreateSession",
         Access::Roles(DATA_PLANE),

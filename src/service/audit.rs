@@ -24,6 +24,9 @@ impl<S> AuditApi<S> {
     }
 }
 
+/// Audit chunks (of 1024 records) read per call at most.
+const MAX_CHUNKS: usize = 16;
+
 #[tonic::async_trait]
 impl<S: SessionStore> AuditService for AuditApi<S> {
     async fn list_audit_records(
@@ -59,20 +62,23 @@ impl<S: SessionStore> AuditService for AuditApi<S> {
                 .parse()
                 .map_err(|_| Error::invalid("page_token", "is not a token from this service"))?
         };
-        // Filtering by tenant may skip many entries; read in chunks until the page is full.
+        // Filtering by tenant may skip many entries; read in chunks until the page is full, but
+        // no more than `MAX_CHUNKS` per call: a page may then come back short (even empty) with
+        // a token to go on from, so one call's work stays bounded however sparse the tenant.
         let mut records = Vec::new();
-        let mut more = false;
-        loop {
-            let chunk = self.store.audit_after(after, 1024)?;
-            let exhausted = chunk.len() < 1024;
+        let (mut full, mut exhausted) = (false, false);
+        for _ in 0..MAX_CHUNKS {
+            let store = self.store.clone();
+            let chunk = crate::store::scan(move || store.audit_after(after, 1024)).await?;
+            exhausted = chunk.len() < 1024;
             for e in chunk {
+                if records.len() == page_size {
+                    full = true;
+                    break;
+                }
                 after = e.id;
                 if tenant.is_some() && e.tenant_id != tenant {
                     continue;
-                }
-                if records.len() == page_size {
-                    more = true;
-                    break;
                 }
                 records.push(pb::AuditRecord {
                     id: e.id,
@@ -84,12 +90,13 @@ impl<S: SessionStore> AuditService for AuditApi<S> {
                     detail: e.detail,
                 });
             }
-            if more || exhausted {
+            if full || exhausted {
                 break;
             }
         }
-        let next_page_token = if more {
-            records.last().map(|r| r.id.to_string()).unwrap_or_default()
+        // Full: go on after the last record sent. Out of chunk budget: after the last one read.
+        let next_page_token = if full || !exhausted {
+            after.to_string()
         } else {
             String::new()
         };

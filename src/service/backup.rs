@@ -1,5 +1,7 @@
 //! `BackupService`: a consistent snapshot (taken by the store's writer to a local file), streamed
-//! to an unbound admin in chunks, then deleted.
+//! to an unbound admin in chunks, then deleted. One backup at a time; the snapshot is taken after
+//! the call has started, so a large store's copy is not cut short by `request_timeout` (which
+//! bounds only a stream's start).
 
 use std::{path::PathBuf, pin::Pin, sync::Arc};
 
@@ -24,6 +26,9 @@ pub struct BackupApi<S> {
     /// Where snapshots are written before they stream: the data directory, so the copy stays on
     /// the same disk.
     dir: PathBuf,
+    /// Held by the backup in progress: writes wait while a snapshot is copied, so two at once
+    /// would only make them wait twice as long.
+    running: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S> BackupApi<S> {
@@ -38,7 +43,11 @@ impl<S> BackupApi<S> {
                 }
             }
         }
-        Self { sessions, dir }
+        Self {
+            sessions,
+            dir,
+            running: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
     }
 }
 
@@ -65,54 +74,77 @@ impl<S: SessionStore> BackupService for BackupApi<S> {
                 "{caller} is bound to a tenant; a backup holds every tenant"
             )));
         }
+        let running = self.running.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted("a backup is already running; retry when it is done")
+        })?;
         let mut suffix = [0u8; 8];
         let _ = getrandom::fill(&mut suffix);
         let temp = TempFile(self.dir.join(format!("backup-{}.tmp", hex::encode(suffix))));
-        let entries = self
-            .sessions
-            .store()
-            .snapshot(temp.0.clone())
-            .await
-            .map_err(Status::from)?;
-        self.sessions
-            .audit(
-                &caller.name,
-                caller.role_name(),
-                "Backup",
-                None,
-                format!("entries={entries}"),
-            )
-            .await?;
-        tracing::info!(entries, caller = %caller, "backup taken");
-        let mut file = tokio::fs::File::open(&temp.0)
-            .await
-            .map_err(|e| Status::unavailable(format!("opening the snapshot: {e}")))?;
+        let sessions = self.sessions.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            let _temp = temp;
-            loop {
-                let mut data = vec![0u8; CHUNK];
-                match file.read(&mut data).await {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        data.truncate(n);
-                        if tx.send(Ok(pb::BackupChunk { data })).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(format!(
-                                "reading the snapshot: {e}"
-                            ))))
-                            .await;
-                        return;
-                    }
+            let _running = running;
+            let file = match snapshot(&sessions, &caller, &temp).await {
+                Ok(file) => file,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
                 }
-            }
+            };
+            stream_file(file, &tx).await;
+            drop(temp);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+/// Takes the snapshot into `temp`, audits it, and opens it for streaming.
+async fn snapshot<S: SessionStore>(
+    sessions: &Sessions<S>,
+    caller: &crate::security::Caller,
+    temp: &TempFile,
+) -> Result<tokio::fs::File, Status> {
+    let entries = sessions.store().snapshot(temp.0.clone()).await?;
+    sessions
+        .audit(
+            &caller.name,
+            caller.role_name(),
+            "Backup",
+            None,
+            format!("entries={entries}"),
+        )
+        .await?;
+    tracing::info!(entries, caller = %caller, "backup taken");
+    tokio::fs::File::open(&temp.0)
+        .await
+        .map_err(|e| Status::unavailable(format!("opening the snapshot: {e}")))
+}
+
+/// Sends the file in chunks until it ends, the reader goes away, or reading fails.
+async fn stream_file(
+    mut file: tokio::fs::File,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::BackupChunk, Status>>,
+) {
+    loop {
+        let mut data = vec![0u8; CHUNK];
+        match file.read(&mut data).await {
+            Ok(0) => return,
+            Ok(n) => {
+                data.truncate(n);
+                if tx.send(Ok(pb::BackupChunk { data })).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "reading the snapshot: {e}"
+                    ))))
+                    .await;
+                return;
+            }
+        }
     }
 }

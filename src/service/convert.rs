@@ -568,6 +568,44 @@ pub fn cookie_to_proto(c: &CookieAdvice) -> pb::CookieAdvice {
 }
 
 /// Encodes a policy; `cookie_name` is the effective name (the generated one if not set).
+/// Copies the fields of `from` that `paths` (an update mask) name into `into`.
+pub fn merge_policy_fields(
+    into: &mut pb::Policy,
+    from: pb::Policy,
+    paths: &[String],
+) -> Result<()> {
+    for path in paths {
+        match path.as_str() {
+            "idle_timeout" => into.idle_timeout = from.idle_timeout,
+            "absolute_timeout" => into.absolute_timeout = from.absolute_timeout,
+            "remember_me_allowed" => into.remember_me_allowed = from.remember_me_allowed,
+            "remember_me_idle_timeout" => {
+                into.remember_me_idle_timeout = from.remember_me_idle_timeout
+            }
+            "remember_me_absolute_timeout" => {
+                into.remember_me_absolute_timeout = from.remember_me_absolute_timeout
+            }
+            "max_sessions_per_user" => into.max_sessions_per_user = from.max_sessions_per_user,
+            "limit_action" => into.limit_action = from.limit_action,
+            "max_creations_per_day" => into.max_creations_per_day = from.max_creations_per_day,
+            "max_session_age" => into.max_session_age = from.max_session_age,
+            "travel_action" => into.travel_action = from.travel_action,
+            "travel_max_speed_kmh" => into.travel_max_speed_kmh = from.travel_max_speed_kmh,
+            "travel_tolerance_km" => into.travel_tolerance_km = from.travel_tolerance_km,
+            "cookie_name" => into.cookie_name = from.cookie_name.clone(),
+            "cookie_secure" => into.cookie_secure = from.cookie_secure,
+            "cookie_same_site" => into.cookie_same_site = from.cookie_same_site,
+            other => {
+                return Err(Error::invalid(
+                    "update_mask",
+                    format!("\"{other}\" is not a field of Policy that can be set"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn policy_to_proto(tenant_id: &str, p: &Policy, cookie_name: String) -> pb::Policy {
     pb::Policy {
         tenant_id: tenant_id.to_string(),

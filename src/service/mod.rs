@@ -71,6 +71,7 @@ pub async fn run(
     let store = Arc::new(SledStore::open(
         &config.data_dir,
         config.cache_mib.saturating_mul(1 << 20),
+        config.session_cache_mib.saturating_mul(1 << 20),
         config.event_buffer,
         config.tombstone_retention,
     )?);

@@ -6,7 +6,7 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use tonic::{Request, Response, Status};
 
 use super::{
-    convert::{id_field, policy_from_proto, policy_to_proto},
+    convert::{id_field, merge_policy_fields, policy_from_proto, policy_to_proto},
     sessions::check_tenant,
 };
 use crate::{
@@ -66,14 +66,31 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         request: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::SetPolicyResponse>, Status> {
         let caller = caller(&request)?;
-        let policy = request
-            .into_inner()
+        let r = request.into_inner();
+        let given = r
             .policy
             .ok_or_else(|| Error::invalid("policy", "is required"))?;
-        let (tenant_id, policy) = policy_from_proto(policy)?;
-        check_tenant(&caller, &tenant_id)?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let policies = self.sessions.policies();
-        let stored = policies.set(tenant_id.clone(), policy).await?;
+        let (tenant_id, stored) = if paths.is_empty() {
+            let (tenant_id, policy) = policy_from_proto(given)?;
+            check_tenant(&caller, &tenant_id)?;
+            let stored = policies.set(tenant_id.clone(), policy).await?;
+            (tenant_id, stored)
+        } else {
+            let tenant_id = id_field("policy.tenant_id", given.tenant_id.clone())?;
+            check_tenant(&caller, &tenant_id)?;
+            let stored = policies
+                .update(tenant_id.clone(), |current| {
+                    // The tenant's own cookie name, or none (the generated one is not stored).
+                    let own_cookie = current.cookie_name.clone().unwrap_or_default();
+                    let mut merged = policy_to_proto(&tenant_id, current, own_cookie);
+                    merge_policy_fields(&mut merged, given, &paths)?;
+                    Ok(policy_from_proto(merged)?.1)
+                })
+                .await?;
+            (tenant_id, stored)
+        };
         tracing::info!(tenant_id = %tenant_id, "policy set");
         // In force from here, whatever happens to the audit write below.
         spawn_enforcement(self.sessions.clone(), tenant_id.clone());

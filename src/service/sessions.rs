@@ -357,7 +357,7 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let caller = caller(&request)?;
         let tenant_id = id_field("tenant_id", request.into_inner().tenant_id)?;
         check_tenant(&caller, &tenant_id)?;
-        let stats = self.sessions.stats(&tenant_id)?;
+        let stats = self.sessions.stats(&tenant_id).await?;
         Ok(Response::new(pb::GetSessionStatsResponse {
             live_sessions: stats.live_sessions,
             distinct_users: stats.distinct_users,

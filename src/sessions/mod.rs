@@ -14,7 +14,7 @@ use crate::{
     clock::{Clock, Timestamp},
     error::{Error, Result},
     policy::{distance_km, CookieAdvice, Policies, Policy, TravelAction},
-    store::{CreateRules, ListScope, RevokeTarget, SessionStore},
+    store::{self, CreateRules, ListScope, RevokeTarget, SessionStore},
     token::{self, SessionId, SessionToken, TokenGenerator},
 };
 
@@ -473,7 +473,7 @@ impl<S: SessionStore> Sessions<S> {
         };
         let mut pages = self.pages(&scope);
         let mut changed = 0;
-        while let Some(batch) = pages.next()? {
+        while let Some(batch) = pages.next().await? {
             let ids = batch.iter().map(|s| s.id).collect();
             let policy = self.policies.for_tenant(tenant_id);
             changed += self.store.enforce(ids, policy, self.clock.now()).await?;
@@ -482,33 +482,33 @@ impl<S: SessionStore> Sessions<S> {
     }
 
     /// Walks the active sessions of `scope` a batch at a time.
-    fn pages<'a>(&'a self, scope: &'a ListScope) -> Pages<'a, S> {
+    fn pages(&self, scope: &ListScope) -> Pages<S> {
         Pages {
-            store: &self.store,
-            scope,
+            store: self.store.clone(),
+            scope: scope.clone(),
             cursor: None,
             done: false,
         }
     }
 }
 
-/// A scope's active sessions in batches of [`BULK_BATCH`]. Each batch is one store read, so
-/// writes interleave between batches and no long scan holds anything.
-struct Pages<'a, S> {
-    store: &'a S,
-    scope: &'a ListScope,
+/// A scope's active sessions in batches of [`BULK_BATCH`]. Each batch is one store read on a
+/// blocking thread ([`store::scan`]), so writes interleave between batches, no long scan holds
+/// anything, and the async workers stay free.
+struct Pages<S> {
+    store: Arc<S>,
+    scope: ListScope,
     cursor: Option<Vec<u8>>,
     done: bool,
 }
 
-impl<S: SessionStore> Pages<'_, S> {
-    fn next(&mut self) -> Result<Option<Vec<Session>>> {
+impl<S: SessionStore> Pages<S> {
+    async fn next(&mut self) -> Result<Option<Vec<Session>>> {
         if self.done {
             return Ok(None);
         }
-        let page = self
-            .store
-            .list(self.scope, self.cursor.as_deref(), BULK_BATCH)?;
+        let (store, scope, cursor) = (self.store.clone(), self.scope.clone(), self.cursor.take());
+        let page = store::scan(move || store.list(&scope, cursor.as_deref(), BULK_BATCH)).await?;
         match page.next {
             Some(next) => self.cursor = Some(next),
             None => self.done = true,
@@ -531,7 +531,7 @@ impl<S: SessionStore> Sessions<S> {
         let mut sample = Vec::new();
         let mut sequence = self.store.events().durable_head();
         let mut pages = self.pages(&query.scope);
-        while let Some(batch) = pages.next()? {
+        while let Some(batch) = pages.next().await? {
             let now = self.clock.now();
             let hits: Vec<Session> = batch
                 .into_iter()
@@ -562,8 +562,9 @@ impl<S: SessionStore> Sessions<S> {
         })
     }
 
-    /// Counts for a tenant: live ones from its sessions, the last day's from the event log.
-    pub fn stats(&self, tenant_id: &str) -> Result<Stats> {
+    /// Counts for a tenant: live ones from its sessions, the last day's from the event log (both
+    /// read on blocking threads).
+    pub async fn stats(&self, tenant_id: &str) -> Result<Stats> {
         let scope = ListScope {
             tenant_id: tenant_id.to_string(),
             user_id: None,
@@ -572,7 +573,7 @@ impl<S: SessionStore> Sessions<S> {
         let mut stats = Stats::default();
         let mut last_user: Option<String> = None;
         let mut pages = self.pages(&scope);
-        while let Some(batch) = pages.next()? {
+        while let Some(batch) = pages.next().await? {
             // Ordered by user, so counting distinct users needs only the previous one.
             for s in batch.into_iter().map(|s| self.current(s, now).0) {
                 if !s.is_active() {
@@ -586,21 +587,29 @@ impl<S: SessionStore> Sessions<S> {
                 }
             }
         }
-        let mut revoked: std::collections::HashMap<RevokeReason, u64> = Default::default();
         let since = now.saturating_sub(Duration::from_secs(86_400));
-        self.store.visit_events_since(since, &mut |e| {
-            if e.tenant_id != tenant_id {
-                return;
-            }
-            match &e.kind {
-                crate::events::EventKind::Created { .. } => stats.created_last_24h += 1,
-                crate::events::EventKind::Revoked { reason } => {
-                    *revoked.entry(*reason).or_default() += 1
+        let (store, tenant) = (self.store.clone(), tenant_id.to_string());
+        let (created, revoked, expired) = store::scan(move || {
+            let (mut created, mut expired) = (0, 0);
+            let mut revoked: std::collections::HashMap<RevokeReason, u64> = Default::default();
+            store.visit_events_since(since, &mut |e| {
+                if e.tenant_id != tenant {
+                    return;
                 }
-                crate::events::EventKind::Expired { .. } => stats.expired_last_24h += 1,
-                _ => {}
-            }
-        })?;
+                match &e.kind {
+                    crate::events::EventKind::Created { .. } => created += 1,
+                    crate::events::EventKind::Revoked { reason } => {
+                        *revoked.entry(*reason).or_default() += 1
+                    }
+                    crate::events::EventKind::Expired { .. } => expired += 1,
+                    _ => {}
+                }
+            })?;
+            Ok((created, revoked, expired))
+        })
+        .await?;
+        stats.created_last_24h = created;
+        stats.expired_last_24h = expired;
         stats.revoked_last_24h = revoked.into_iter().collect();
         Ok(stats)
     }

@@ -11,7 +11,10 @@ mod records;
 mod session_cache;
 mod sled_store;
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{Arc, LazyLock},
+};
 
 pub use sled_store::SledStore;
 
@@ -24,6 +27,30 @@ use crate::{
     sessions::model::{Location, RevokeReason, Session},
     token::{SessionId, TokenHash},
 };
+
+/// Bounds how many long store reads (replays, scans for stats, bulk work, audit listings) run at
+/// once: each runs on a blocking thread, never on an async worker, so that health, validate and
+/// every stream keep their workers however many scans are asked for.
+static SCANS: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    tokio::sync::Semaphore::new(cores.div_ceil(2))
+});
+
+/// Runs `read` (a store read that may walk many keys) on a blocking thread, at most half the cores'
+/// worth at a time. Callers keep each `read` to a page of work and await between pages.
+pub async fn scan<T, F>(read: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    let _permit = SCANS
+        .acquire()
+        .await
+        .map_err(|_| crate::error::Error::ShuttingDown)?;
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| crate::error::Error::Storage(format!("a store scan failed: {e}")))?
+}
 
 /// The tenant's current policy, by tenant id, for writes that judge sessions of several tenants
 /// (the sweep): stored deadlines may predate a tightened policy.

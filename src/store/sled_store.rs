@@ -68,8 +68,6 @@ impl From<sled::Error> for Error {
 /// Writes queued for the writer before callers wait for room. Large enough to absorb bursts,
 /// small enough that a stalled disk pushes back instead of growing memory.
 const COMMAND_QUEUE: usize = 16_384;
-/// Decoded sessions kept for reads: at roughly 0.5 KiB each, at most about 64 MiB.
-const SESSION_CACHE_ENTRIES: usize = 131_072;
 /// Most events one prune command deletes, so one command never holds the writer for long.
 const PRUNE_CHUNK: usize = 10_000;
 
@@ -232,6 +230,7 @@ impl SledStore {
     pub fn open(
         dir: &Path,
         cache_bytes: u64,
+        session_cache_bytes: u64,
         event_buffer: usize,
         tombstone_retention: std::time::Duration,
     ) -> Result<Self> {
@@ -258,7 +257,7 @@ impl SledStore {
             log_epoch,
             tombstone_retention,
             queued_touches: RwLock::new(HashMap::new()),
-            cache: SessionCache::new(SESSION_CACHE_ENTRIES),
+            cache: SessionCache::new(usize::try_from(session_cache_bytes).unwrap_or(usize::MAX)),
         });
 
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);

@@ -11,6 +11,7 @@
 //! target/release/session-bench fanout --subscribers 1,100,1000 --revokes 200
 //! target/release/session-bench cache --seconds 5
 //! target/release/session-bench overload
+//! target/release/session-bench replay --log-events 200000 --replays 8
 //! target/release/session-bench soak --minutes 30
 //! ```
 //!
@@ -26,6 +27,7 @@ use std::{
 
 mod cache;
 mod redis;
+mod replay;
 mod scale;
 
 use clap::{Parser, ValueEnum};
@@ -96,6 +98,12 @@ struct Args {
     /// A running Redis to compare against (loopback only).
     #[arg(long)]
     redis_addr: Option<SocketAddr>,
+    /// Events in the log that `replay` replays (grown by creating sessions).
+    #[arg(long, default_value_t = 200_000)]
+    log_events: usize,
+    /// Subscribers replaying the log at once in `replay`.
+    #[arg(long, default_value_t = 8)]
+    replays: usize,
     /// Session counts for `scale`, comma-separated: the first is the baseline.
     #[arg(long, value_delimiter = ',', default_value = "10000,10000000")]
     sessions: Vec<usize>,
@@ -123,6 +131,9 @@ enum Scenario {
     Soak,
     /// Validate p99, RSS, disk and restart time at each of --sessions (preloaded offline).
     Scale,
+    /// Validate p99 alone, then while --replays subscribers replay a --log-events log through a
+    /// filter that matches nothing.
+    Replay,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -284,6 +295,7 @@ async fn run_once(
             Scenario::Cache => {
                 cache::run(addr, channels, args.pool, args.seconds, args.revokes).await?;
             }
+            Scenario::Replay => replay::run(args, channels).await?,
             Scenario::Overload | Scenario::Soak | Scenario::Scale => {}
         }
     }
