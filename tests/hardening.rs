@@ -739,3 +739,53 @@ async fn one_backup_runs_at_a_time_and_each_is_complete() {
     }
     assert!(done >= 1);
 }
+
+#[tokio::test]
+async fn the_sweeper_ends_sessions_the_way_the_policy_in_force_does() {
+    // Stored under a 30-minute idle timeout and no maximum age; reopened under a 20-minute
+    // maximum age, with no enforcement run: only the sweep judges the session.
+    let loose = Config {
+        idle_timeout: Duration::from_secs(1800),
+        ..test_config()
+    };
+    let server = TestServer::start_with(loose).await;
+    let mut client = server.client().await;
+    let created = create(&mut client, "t", "u").await;
+    let session = created.session.expect("session");
+    let (dir, clock) = server.stop().await;
+    let strict = Config {
+        idle_timeout: Duration::from_secs(1800),
+        max_session_age: Some(Duration::from_secs(1200)),
+        ..test_config()
+    };
+    let server = TestServer::start_in(dir, clock, strict).await;
+    let mut events = EventServiceClient::new(server.channel().await)
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: Some(created.sequence),
+            filter: None,
+            announce_live: false,
+            log_epoch: None,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    // Past the stored idle deadline, so the sweeper picks it up.
+    server.advance(Duration::from_secs(1860));
+    let ended = loop {
+        if let Some(Message::Event(e)) = events.message().await.expect("ok").expect("open").message
+        {
+            break e;
+        }
+    };
+    assert_eq!(ended.session_id, session.session_id);
+    assert!(
+        matches!(ended.body, Some(pb::session_event::Body::Revoked(ref r)) if r.reason() == pb::RevokeReason::Policy),
+        "ended by the maximum age in force, not the stored idle timeout: {ended:?}"
+    );
+    let mut client = server.client().await;
+    let stored = get(&mut client, &session.session_id)
+        .await
+        .expect("tombstone");
+    let max_age_at = session.created_at.expect("created").seconds + 1200;
+    assert_eq!(stored.ended_at.map(|t| t.seconds), Some(max_age_at));
+}
