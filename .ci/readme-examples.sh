@@ -50,6 +50,8 @@ live=$(grpcurl -plaintext -d '{"tenant_id": "acme"}' $SA session_authority.v1.Se
 grpcurl -plaintext $SA list | grep -q session_authority.v1.SessionService
 policy=$(grpcurl -plaintext -d '{"tenant_id": "bank"}' $SA session_authority.v1.PolicyService/GetPolicy | jq -r '.policy.limitAction')
 [ "$policy" = "LIMIT_ACTION_REJECT" ] || { echo "FAIL: bank policy not stored ($policy)"; exit 1; }
+quota=$(grpcurl -plaintext -d '{"tenant_id": "bank"}' $SA session_authority.v1.PolicyService/GetPolicy | jq -r '"\(.policy.maxCreationsPerDay) \(.policy.maxSessionsPerUser)"')
+[ "$quota" = "20 2" ] || { echo "FAIL: the masked update changed more or less than asked ($quota)"; exit 1; }
 banklive=$(grpcurl -plaintext -d '{"tenant_id": "bank"}' $SA session_authority.v1.SessionService/GetSessionStats | jq -r '.liveSessions // "0"')
 [ "$banklive" = "0" ] || { echo "FAIL: bulk revocation left $banklive bank sessions"; exit 1; }
 echo "README examples: all ran and checked"
