@@ -13,7 +13,7 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{LimitAction, Policy, SameSite, TravelAction};
+use crate::model::policy::{LimitAction, Policy, SameSite, TravelAction};
 
 /// The service's settings. Durations are written like `30m`, `12h`, `7d`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -663,6 +663,29 @@ struct CliSettings {
 /// merge.
 fn duration(s: &str) -> Result<String, humantime::DurationError> {
     humantime::parse_duration(s).map(|_| s.to_string())
+}
+
+/// The default policy: the one a tenant without its own follows.
+impl From<&Config> for Policy {
+    fn from(c: &Config) -> Self {
+        Self {
+            idle_timeout: c.idle_timeout,
+            absolute_timeout: c.absolute_timeout,
+            remember_me_allowed: c.remember_me_allowed,
+            remember_me_idle_timeout: c.remember_me_idle_timeout,
+            remember_me_absolute_timeout: c.remember_me_absolute_timeout,
+            max_sessions_per_user: c.max_sessions_per_user,
+            limit_action: c.limit_action,
+            max_creations_per_day: c.max_creations_per_day,
+            max_session_age: c.max_session_age,
+            travel_action: c.travel_action,
+            travel_max_speed_kmh: c.travel_max_speed_kmh,
+            travel_tolerance_km: c.travel_tolerance_km,
+            cookie_name: None,
+            cookie_secure: c.cookie_secure,
+            cookie_same_site: c.cookie_same_site,
+        }
+    }
 }
 
 #[cfg(test)]

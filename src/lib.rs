@@ -8,23 +8,22 @@
 //!
 //! # Layout
 //!
+//! - [`model`]: the bottom layer: pure types and rules (sessions and deadlines, policies,
+//!   impossible travel, events, audit entries). Everything else depends on it, it on nothing.
 //! - [`config`]: every setting, its default and its meaning; flags, environment and TOML file.
 //! - [`service`]: the tonic layer (decode and validate requests, call the domain, encode replies)
 //!   and [`run`], the one function that starts the server, for `main` and tests alike.
 //! - [`sessions`]: the domain: create, validate, rotate, list, revoke under each tenant's policy;
-//!   the background sweeper. No tonic, no sled.
+//!   the policy registry; the background sweeper. No tonic, no sled.
 //! - [`store`]: the only code that touches sled: key encoding, records, the single-writer
 //!   group-commit write path. Behind the [`store::SessionStore`] trait.
-//! - [`events`]: the event model, the live fan-out of durable events, and subscriptions
-//!   (replay from the log, then live).
-//! - [`metrics`]: Prometheus metrics, each recorded in one place.
-//! - [`policy`]: per-tenant policies (timeouts, limits, login quota, maximum age, impossible
-//!   travel, cookie advice), cached over the store.
+//! - [`events`]: the live fan-out of durable events, and subscriptions (replay from the log,
+//!   then live).
+//! - [`metrics`]: Prometheus metrics, each recorded in one place; a leaf that takes plain labels.
 //! - [`security`]: caller identity (API keys, client certificates), the per-method role table,
 //!   tenant binding, throttling of failed validations, load shedding, TLS.
 //! - [`token`]: session ids and secrets: generation (ChaCha20 seeded from the OS), the token's
 //!   wire form, hashing. Nothing else touches a secret.
-//! - [`audit`]: the trail of administrative actions.
 //! - [`backup`]: the backup file format, restore, and fetching a backup from a server.
 //! - [`clock`]: injected time, so expiry is tested without sleeping.
 //! - [`error`]: the error type and its one mapping to `tonic::Status`.
@@ -32,14 +31,13 @@
 
 #![forbid(unsafe_code)]
 
-pub mod audit;
 pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod metrics;
-pub mod policy;
+pub mod model;
 pub mod proto;
 pub mod security;
 pub mod service;

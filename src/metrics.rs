@@ -1,5 +1,6 @@
 //! Prometheus metrics: names and the one place each is recorded. Served over plain HTTP on
-//! `metrics_listen` when configured; with no recorder installed every call here is a no-op.
+//! `metrics_listen` when configured; with no recorder installed every call here is a no-op. A
+//! leaf: it takes plain labels and imports nothing of the crate.
 //!
 //! | metric | type | labels | recorded in |
 //! |---|---|---|---|
@@ -17,8 +18,6 @@
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
-
-use crate::events::{Event, EventKind};
 
 /// Starts the HTTP exporter and installs the recorder. Only one recorder can exist per process:
 /// a second server in the same process (tests) logs a warning and records nothing.
@@ -47,27 +46,17 @@ pub fn rpc(method: &str, code: &str, seconds: f64) {
         .record(seconds);
 }
 
-pub fn event(e: &Event) {
-    let counter = match &e.kind {
-        EventKind::Created { .. } => {
-            metrics::counter!("session_authority_events_total", "type" => "created")
-        }
-        EventKind::Revoked { reason } => metrics::counter!(
+/// One durable event of kind `kind` (and, for revocations, why).
+pub fn event(kind: &'static str, reason: Option<String>) {
+    match reason {
+        Some(reason) => metrics::counter!(
             "session_authority_events_total",
-            "type" => "revoked",
-            "reason" => format!("{reason:?}")
+            "type" => kind,
+            "reason" => reason
         ),
-        EventKind::Expired { .. } => {
-            metrics::counter!("session_authority_events_total", "type" => "expired")
-        }
-        EventKind::Rotated => {
-            metrics::counter!("session_authority_events_total", "type" => "rotated")
-        }
-        EventKind::Flagged { .. } => {
-            metrics::counter!("session_authority_events_total", "type" => "flagged")
-        }
-    };
-    counter.increment(1);
+        None => metrics::counter!("session_authority_events_total", "type" => kind),
+    }
+    .increment(1);
 }
 
 pub fn event_head(head: u64) {

@@ -409,7 +409,7 @@ async fn tightened_after_restart() -> (TestServer, pb::CreateSessionResponse) {
     let strict = Config {
         idle_timeout: Duration::from_secs(600),
         max_sessions_per_user: 1,
-        limit_action: session_authority::policy::LimitAction::Reject,
+        limit_action: session_authority::model::policy::LimitAction::Reject,
         ..test_config()
     };
     let server = TestServer::start_in(dir, clock, strict).await;

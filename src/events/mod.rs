@@ -4,14 +4,13 @@
 //! [`EventBus::publish`] only after the flush that made it durable. So a subscriber never sees an
 //! event that a crash could take back, and the live stream and the durable log agree on order.
 
-pub mod model;
 pub mod subscription;
 
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, watch};
 
-pub use model::{Event, EventKind, EventType};
+pub use crate::model::event::{Event, EventKind, EventType};
 
 /// Fan-out of events that are durable, and the sequence number of the newest of them.
 pub struct EventBus {
@@ -40,7 +39,11 @@ impl EventBus {
         });
         crate::metrics::event_head(head);
         for event in events {
-            crate::metrics::event(&event);
+            let reason = match &event.kind {
+                EventKind::Revoked { reason } => Some(format!("{reason:?}")),
+                _ => None,
+            };
+            crate::metrics::event(event.kind.event_type().name(), reason);
             // An error only means nobody is subscribed right now; the log still has the event.
             let _ = self.live.send(Arc::new(event));
         }

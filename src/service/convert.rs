@@ -9,13 +9,13 @@ use crate::{
     clock::Timestamp,
     error::{Error, Result},
     events::{subscription::Filter, Event, EventKind, EventType},
-    policy::{CookieAdvice, LimitAction, Policy, SameSite, TravelAction, TravelFlag},
-    proto::v1 as pb,
-    sessions::{
-        limits,
-        model::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
-        ListQuery, MatchQuery, NewSession, SessionFilter,
+    model::{
+        policy::{CookieAdvice, LimitAction, Policy, SameSite, TravelAction},
+        session::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
+        travel::TravelFlag,
     },
+    proto::v1 as pb,
+    sessions::{limits, ListQuery, MatchQuery, NewSession, SessionFilter},
     store::{ListScope, RevokeTarget},
     token::SessionId,
 };

@@ -24,7 +24,7 @@ use crate::{
     config::Config,
     error::{Error, Result},
     events::subscription::WatchSettings,
-    policy::{Policies, Policy},
+    model::policy::Policy,
     proto::{
         self,
         v1::{
@@ -36,6 +36,7 @@ use crate::{
         },
     },
     security::{self, layer::GuardLayer, throttle::FailureThrottle, Authenticator},
+    sessions::policies::Policies,
     sessions::{run_sweeper, Retention, Sessions},
     store::{SessionStore, SledStore},
     token::TokenGenerator,

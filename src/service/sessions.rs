@@ -14,8 +14,9 @@ use super::convert::{
     validate_location, validate_tokens_count,
 };
 use crate::{
+    model::session::RevokeReason,
     proto::v1::{self as pb, session_service_server::SessionService},
-    sessions::{model::RevokeReason, ListQuery, MatchQuery, NewSession, Sessions},
+    sessions::{ListQuery, MatchQuery, NewSession, Sessions},
     store::{RevokeTarget, SessionStore},
 };
 
@@ -76,9 +77,9 @@ impl<S: SessionStore> SessionApi<S> {
         caller: &Caller,
         token: &str,
         touch: bool,
-        location: Option<crate::sessions::model::Location>,
+        location: Option<crate::model::session::Location>,
         client_ip: Option<std::net::IpAddr>,
-    ) -> Result<crate::sessions::model::Session, Error> {
+    ) -> Result<crate::model::session::Session, Error> {
         let validated = self
             .sessions
             .validate(token, touch, location, caller.tenant.as_deref())
@@ -99,7 +100,7 @@ impl<S: SessionStore> SessionApi<S> {
         &self,
         caller: &Caller,
         id: &crate::token::SessionId,
-    ) -> Result<crate::sessions::model::Session, Status> {
+    ) -> Result<crate::model::session::Session, Status> {
         let session = self.sessions.get(id)?;
         if !caller.may_access(&session.tenant_id) {
             return Err(Error::SessionNotFound(*id).into());

@@ -2,18 +2,22 @@
 //! [`Policy`] (timeouts, limits, quota, impossible travel, cookie advice). Knows nothing of gRPC or
 //! sled: it talks to a [`SessionStore`] and reads time from a [`Clock`].
 
-pub mod model;
+pub mod policies;
 pub mod sweeper;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 pub use sweeper::{run_sweeper, Retention};
 
-use self::model::{Device, Location, RevokeReason, Session, SessionState};
+use self::policies::Policies;
 use crate::{
     clock::{Clock, Timestamp},
     error::{Error, Result},
-    policy::{distance_km, CookieAdvice, Policies, Policy, TravelAction},
+    model::{
+        policy::{CookieAdvice, Policy, TravelAction},
+        session::{Device, Location, RevokeReason, Session, SessionState},
+        travel::distance_km,
+    },
     store::{self, CreateRules, ListScope, RevokeTarget, SessionStore},
     token::{self, SessionId, SessionToken, TokenGenerator},
 };
@@ -451,7 +455,7 @@ impl<S: SessionStore> Sessions<S> {
         tenant_id: Option<&str>,
         detail: String,
     ) -> Result<u64> {
-        let entry = crate::audit::AuditEntry {
+        let entry = crate::model::audit::AuditEntry {
             id: 0,
             at: self.clock.now(),
             caller: caller.to_string(),

@@ -19,12 +19,16 @@ use std::{
 pub use sled_store::SledStore;
 
 use crate::{
-    audit::AuditEntry,
     clock::Timestamp,
     error::Result,
-    events::{Event, EventBus},
-    policy::{LastSeen, LimitAction, Policy, TravelFlag, TravelRules},
-    sessions::model::{Location, RevokeReason, Session},
+    events::EventBus,
+    model::{
+        audit::AuditEntry,
+        event::Event,
+        policy::{LimitAction, Policy},
+        session::{Location, RevokeReason, Session},
+        travel::{LastSeen, TravelFlag, TravelRules},
+    },
     token::{SessionId, TokenHash},
 };
 

@@ -9,8 +9,11 @@ use crate::{
     clock::Timestamp,
     error::Error,
     events::{Event, EventKind},
-    policy::{LastSeen, Policy, TravelFlag},
-    sessions::model::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
+    model::{
+        policy::Policy,
+        session::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
+        travel::{LastSeen, TravelFlag},
+    },
     token::{SessionId, TokenHash},
 };
 

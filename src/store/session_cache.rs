@@ -15,7 +15,7 @@ use std::{
     },
 };
 
-use crate::{sessions::model::Session, token::SessionId};
+use crate::{model::session::Session, token::SessionId};
 
 const SHARDS: usize = 16;
 /// What an entry costs beyond its value: the map's slot, the key, the `Arc` header.
@@ -46,7 +46,7 @@ impl Weigh for Session {
                 .iter()
                 .map(|(k, v)| k.len() + v.len() + 2 * string + 16)
                 .sum::<usize>()
-            + self.flags.len() * std::mem::size_of::<crate::policy::TravelFlag>()
+            + self.flags.len() * std::mem::size_of::<crate::model::travel::TravelFlag>()
     }
 }
 

@@ -45,15 +45,17 @@ use super::{
     LogBounds, PolicyOf, RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
 };
 use crate::{
-    audit::AuditEntry,
     clock::Timestamp,
     error::{Error, Result},
-    events::{Event, EventBus, EventKind},
-    policy::{
-        impossible_travel, LastSeen, LimitAction, Policy, TravelAction, TravelFlag, TravelRules,
-    },
-    sessions::model::{
-        sessions_to_evict, Ending, Location, RevokeReason, Session, SessionState, MAX_FLAGS,
+    events::EventBus,
+    model::{
+        audit::AuditEntry,
+        event::{Event, EventKind},
+        policy::{LimitAction, Policy, TravelAction},
+        session::{
+            sessions_to_evict, Ending, Location, RevokeReason, Session, SessionState, MAX_FLAGS,
+        },
+        travel::{impossible_travel, LastSeen, TravelFlag, TravelRules},
     },
     token::{SessionId, TokenHash},
 };

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use crate::{
     clock::Timestamp,
-    policy::{Policy, TravelFlag},
+    model::{policy::Policy, travel::TravelFlag},
     token::{SessionId, TokenHash},
 };
 

@@ -2,8 +2,10 @@
 
 use crate::{
     clock::Timestamp,
-    policy::TravelFlag,
-    sessions::model::{Device, ExpiryKind, RevokeReason},
+    model::{
+        session::{Device, ExpiryKind, RevokeReason},
+        travel::TravelFlag,
+    },
     token::SessionId,
 };
 
@@ -58,6 +60,19 @@ impl EventKind {
             EventKind::Expired { .. } => EventType::Expired,
             EventKind::Rotated => EventType::Rotated,
             EventKind::Flagged { .. } => EventType::Flagged,
+        }
+    }
+}
+
+impl EventType {
+    /// The kind's name in logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventType::Created => "created",
+            EventType::Revoked => "revoked",
+            EventType::Expired => "expired",
+            EventType::Rotated => "rotated",
+            EventType::Flagged => "flagged",
         }
     }
 }
