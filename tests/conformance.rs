@@ -1,0 +1,554 @@
+//! The store conformance suite: the store behaviours the service relies on, exercised through the
+//! domain (`Sessions<S>`) with a manual clock, generic over the backend. The domain's API does not
+//! change when a backend is added, so the suite states what every backend must do: atomic limits
+//! under concurrency, exactly one event per change with gapless sequences, one winner among racing
+//! rotations, one expiry however many notice it, durability across a reopen.
+//!
+//! Each backend instantiates every test with `conformance!(module, backend)`; sled does below.
+
+use std::{sync::Arc, time::Duration};
+
+use session_authority::{
+    clock::{ManualClock, Timestamp},
+    config::Config,
+    error::Error,
+    model::{
+        event::{Event, EventKind},
+        policy::{LimitAction, Policy, TravelAction},
+        session::{Device, Location, RevokeReason, SessionState},
+    },
+    sessions::{
+        policies::Policies, sweeper::sweep_once, ListQuery, NewSession, Retention, SessionFilter,
+        Sessions,
+    },
+    store::{ListScope, RevokeTarget, SessionStore, SledStore},
+    token::TokenGenerator,
+};
+
+/// 2026-01-01T00:00:00Z.
+const START: Timestamp = Timestamp::from_millis(1_767_225_600_000);
+const TOUCH: Duration = Duration::from_secs(10);
+
+/// A store to test: opened (again) on the same state each time.
+trait Backend: Send + Sync + 'static {
+    type Store: SessionStore;
+    fn open(&self) -> Arc<Self::Store>;
+}
+
+struct Sled(tempfile::TempDir);
+
+impl Sled {
+    fn new() -> Self {
+        Self(tempfile::tempdir().expect("tempdir"))
+    }
+}
+
+impl Backend for Sled {
+    type Store = SledStore;
+    fn open(&self) -> Arc<SledStore> {
+        Arc::new(
+            SledStore::open(
+                &self.0.path().join("data"),
+                8 << 20,
+                8 << 20,
+                4096,
+                Duration::from_secs(86_400),
+            )
+            .expect("open"),
+        )
+    }
+}
+
+struct Harness<S> {
+    sessions: Arc<Sessions<S>>,
+    clock: Arc<ManualClock>,
+}
+
+fn policy(change: impl FnOnce(&mut Policy)) -> Policy {
+    let mut p = Policy::from(&Config {
+        idle_timeout: Duration::from_secs(600),
+        absolute_timeout: Duration::from_secs(3600),
+        ..Config::default()
+    });
+    change(&mut p);
+    p
+}
+
+fn harness<B: Backend>(backend: &B, default: Policy) -> Harness<B::Store> {
+    let store = backend.open();
+    let clock = Arc::new(ManualClock::new(START));
+    let policies = Arc::new(Policies::load(store.clone(), default).expect("policies"));
+    let sessions = Arc::new(Sessions::new(
+        store,
+        clock.clone(),
+        TokenGenerator::from_os().expect("seed"),
+        policies,
+        TOUCH,
+    ));
+    Harness { sessions, clock }
+}
+
+fn new_session(tenant: &str, user: &str) -> NewSession {
+    NewSession {
+        tenant_id: tenant.into(),
+        user_id: user.into(),
+        remember_me: false,
+        device: Device::default(),
+        attributes: Default::default(),
+    }
+}
+
+fn at(lat: f64, lon: f64) -> NewSession {
+    NewSession {
+        device: Device {
+            location: Some(Location {
+                coordinates: Some((lat, lon)),
+                ..Location::default()
+            }),
+            ..Device::default()
+        },
+        ..new_session("t", "u")
+    }
+}
+
+/// Every event in the log, in order.
+fn events<S: SessionStore>(h: &Harness<S>) -> Vec<Event> {
+    h.sessions.store().events_after(0, 100_000).expect("events")
+}
+
+fn is_not_valid<T: std::fmt::Debug>(r: Result<T, Error>) -> bool {
+    matches!(r, Err(Error::SessionNotValid))
+}
+
+// === the tests, generic over the backend ===
+
+async fn created_sessions_validate_and_a_revoke_ends_them_once<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {}));
+    let s = &h.sessions;
+    let created = s.create(new_session("t", "u")).await.expect("create");
+    let token = created.token.expose().to_string();
+    s.validate(&token, true, None, None).await.expect("valid");
+    let target = || RevokeTarget::Sessions {
+        ids: vec![created.session.id],
+        tenant: None,
+    };
+    let revoked = s
+        .revoke(target(), RevokeReason::Admin)
+        .await
+        .expect("revoke");
+    assert_eq!(revoked.revoked, vec![created.session.id]);
+    assert!(is_not_valid(s.validate(&token, true, None, None).await));
+    let again = s
+        .revoke(target(), RevokeReason::Admin)
+        .await
+        .expect("again");
+    assert!(again.revoked.is_empty(), "already ended");
+    assert_eq!(again.sequence, revoked.sequence, "no second event");
+    let kinds: Vec<_> = events(&h).into_iter().map(|e| e.kind).collect();
+    assert!(matches!(
+        kinds.as_slice(),
+        [
+            EventKind::Created { .. },
+            EventKind::Revoked {
+                reason: RevokeReason::Admin
+            }
+        ]
+    ));
+}
+
+async fn a_revoke_naming_an_unknown_or_foreign_session_changes_nothing<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {}));
+    let s = &h.sessions;
+    let mine = s.create(new_session("t", "u")).await.expect("create");
+    let unknown = TokenGenerator::from_os().expect("seed").session_id();
+    let err = s
+        .revoke(
+            RevokeTarget::Sessions {
+                ids: vec![mine.session.id, unknown],
+                tenant: None,
+            },
+            RevokeReason::Admin,
+        )
+        .await
+        .expect_err("all or nothing");
+    assert!(matches!(err, Error::SessionNotFound(id) if id == unknown));
+    let err = s
+        .revoke(
+            RevokeTarget::Sessions {
+                ids: vec![mine.session.id],
+                tenant: Some("other".into()),
+            },
+            RevokeReason::Admin,
+        )
+        .await
+        .expect_err("another tenant's");
+    assert!(matches!(err, Error::SessionNotFound(_)));
+    s.validate(mine.token.expose(), false, None, None)
+        .await
+        .expect("untouched");
+    assert_eq!(events(&h).len(), 1);
+}
+
+async fn the_limit_evicts_the_least_recently_used_and_says_so_first<B: Backend>(b: B) {
+    let h = harness(&b, policy(|p| p.max_sessions_per_user = 2));
+    let s = &h.sessions;
+    let first = s.create(new_session("t", "u")).await.expect("1");
+    h.clock.advance(Duration::from_secs(20));
+    let second = s.create(new_session("t", "u")).await.expect("2");
+    h.clock.advance(Duration::from_secs(20));
+    // Using the first makes the second the least recently used.
+    s.validate(first.token.expose(), true, None, None)
+        .await
+        .expect("use");
+    let third = s.create(new_session("t", "u")).await.expect("3");
+    assert_eq!(third.evicted, vec![second.session.id]);
+    assert!(is_not_valid(
+        s.validate(second.token.expose(), false, None, None).await
+    ));
+    let log = events(&h);
+    let eviction = log
+        .iter()
+        .find(|e| e.session_id == second.session.id && matches!(e.kind, EventKind::Revoked { .. }))
+        .expect("eviction event");
+    assert!(matches!(
+        eviction.kind,
+        EventKind::Revoked {
+            reason: RevokeReason::LimitEviction
+        }
+    ));
+    assert!(
+        eviction.sequence < third.sequence,
+        "the eviction comes first"
+    );
+}
+
+async fn concurrent_creates_never_exceed_a_rejecting_limit<B: Backend>(b: B) {
+    let h = harness(
+        &b,
+        policy(|p| {
+            p.max_sessions_per_user = 3;
+            p.limit_action = LimitAction::Reject;
+        }),
+    );
+    let tasks: Vec<_> = (0..24)
+        .map(|_| {
+            let s = h.sessions.clone();
+            tokio::spawn(async move { s.create(new_session("t", "u")).await })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(_) => ok += 1,
+            Err(Error::ResourceExhausted(_)) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((ok, refused), (3, 21));
+}
+
+async fn the_login_quota_counts_a_rolling_day<B: Backend>(b: B) {
+    let h = harness(&b, policy(|p| p.max_creations_per_day = 2));
+    let s = &h.sessions;
+    s.create(new_session("t", "u")).await.expect("1");
+    h.clock.advance(Duration::from_secs(3600));
+    s.create(new_session("t", "u")).await.expect("2");
+    assert!(matches!(
+        s.create(new_session("t", "u")).await,
+        Err(Error::ResourceExhausted(_))
+    ));
+    s.create(new_session("t", "someone-else"))
+        .await
+        .expect("per user");
+    h.clock.advance(Duration::from_secs(82_801));
+    s.create(new_session("t", "u"))
+        .await
+        .expect("a day after the first");
+}
+
+async fn one_of_many_racing_rotations_wins<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {}));
+    let created = h
+        .sessions
+        .create(new_session("t", "u"))
+        .await
+        .expect("create");
+    let token = created.token.expose().to_string();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (s, token) = (h.sessions.clone(), token.clone());
+            tokio::spawn(async move { s.rotate(&token, None).await })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(r) => winners.push(r.token.expose().to_string()),
+            Err(e) => assert!(matches!(e, Error::SessionNotValid), "{e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    let s = &h.sessions;
+    assert!(is_not_valid(s.validate(&token, false, None, None).await));
+    s.validate(&winners[0], false, None, None)
+        .await
+        .expect("the new token");
+    let rotations = events(&h)
+        .iter()
+        .filter(|e| e.kind == EventKind::Rotated)
+        .count();
+    assert_eq!(rotations, 1);
+}
+
+async fn an_expiry_is_recorded_once_however_many_notice_it<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {}));
+    let s = &h.sessions;
+    let created = s.create(new_session("t", "u")).await.expect("create");
+    h.clock.advance(Duration::from_secs(601));
+    let retention = Retention {
+        age: Duration::from_secs(86_400),
+        count: 1_000_000,
+        user_state: Duration::from_secs(86_400),
+        audit: Duration::from_secs(86_400),
+    };
+    for _ in 0..3 {
+        assert!(is_not_valid(
+            s.validate(created.token.expose(), true, None, None).await
+        ));
+        sweep_once(s, retention, &mut None).await.expect("sweep");
+    }
+    let expiries = events(&h)
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Expired { .. }))
+        .count();
+    assert_eq!(expiries, 1);
+    let ended = s.get(&created.session.id).expect("tombstone");
+    assert!(matches!(ended.state, SessionState::Expired { .. }));
+}
+
+async fn event_sequences_are_gapless_under_concurrent_writes<B: Backend>(b: B) {
+    let h = harness(&b, policy(|p| p.max_sessions_per_user = 2));
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let s = h.sessions.clone();
+            // Eight users at a limit of two: creates that evict, too.
+            tokio::spawn(async move { s.create(new_session("t", &format!("u{}", i % 8))).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("create");
+    }
+    let log = events(&h);
+    let head = h.sessions.store().log_bounds().expect("bounds").head;
+    let sequences: Vec<u64> = log.iter().map(|e| e.sequence).collect();
+    assert_eq!(sequences, (1..=head).collect::<Vec<_>>());
+    assert_eq!(
+        log.iter()
+            .filter(|e| matches!(e.kind, EventKind::Created { .. }))
+            .count(),
+        64
+    );
+}
+
+async fn impossible_travel_with_revoke_ends_every_session_of_the_user<B: Backend>(b: B) {
+    let h = harness(
+        &b,
+        policy(|p| {
+            p.travel_action = TravelAction::Revoke;
+            p.travel_max_speed_kmh = 1000.0;
+            p.travel_tolerance_km = 100.0;
+        }),
+    );
+    let s = &h.sessions;
+    let london = s.create(at(51.51, -0.13)).await.expect("london");
+    h.clock.advance(Duration::from_secs(300));
+    let err = s.create(at(13.76, 100.50)).await.expect_err("bangkok");
+    assert!(matches!(err, Error::PermissionDenied(_)));
+    assert!(is_not_valid(
+        s.validate(london.token.expose(), false, None, None).await
+    ));
+    let ended = s.get(&london.session.id).expect("tombstone");
+    assert!(matches!(
+        ended.state,
+        SessionState::Revoked {
+            reason: RevokeReason::SuspiciousActivity,
+            ..
+        }
+    ));
+}
+
+async fn policies_audit_and_sessions_survive_a_reopen<B: Backend>(b: B) {
+    let (token, id) = {
+        let h = harness(&b, policy(|_| {}));
+        let s = &h.sessions;
+        let created = s.create(new_session("t", "u")).await.expect("create");
+        s.policies()
+            .set("t".into(), policy(|p| p.max_sessions_per_user = 7))
+            .await
+            .expect("policy");
+        assert_eq!(
+            s.audit("ops", "admin", "A", None, "1".into())
+                .await
+                .expect("a"),
+            1
+        );
+        assert_eq!(
+            s.audit("ops", "admin", "B", None, "2".into())
+                .await
+                .expect("b"),
+            2
+        );
+        s.store().close().await.expect("close");
+        (created.token.expose().to_string(), created.session.id)
+    };
+    let h = harness(&b, policy(|_| {}));
+    let s = &h.sessions;
+    assert_eq!(s.policies().for_tenant("t").max_sessions_per_user, 7);
+    let audit = s.store().audit_after(0, 10).expect("audit");
+    assert_eq!(audit.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        s.audit("ops", "admin", "C", None, "3".into())
+            .await
+            .expect("c"),
+        3
+    );
+    let session = s
+        .validate(&token, false, None, None)
+        .await
+        .expect("still valid");
+    assert_eq!(session.id, id);
+}
+
+async fn listing_pages_cover_every_live_session_once<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {}));
+    let s = &h.sessions;
+    let mut created = Vec::new();
+    for i in 0..25 {
+        created.push(
+            s.create(new_session("t", &format!("user-{}", i % 3)))
+                .await
+                .expect("create")
+                .session
+                .id,
+        );
+    }
+    s.create(new_session("other", "x")).await.expect("other");
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s
+            .list(&ListQuery {
+                scope: ListScope {
+                    tenant_id: "t".into(),
+                    user_id: None,
+                },
+                page_size: 7,
+                cursor: cursor.take(),
+                filter: SessionFilter::default(),
+            })
+            .expect("list");
+        assert!(page.sessions.len() <= 7);
+        seen.extend(page.sessions.into_iter().map(|x| (x.user_id, x.id)));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    let users: Vec<&String> = seen.iter().map(|(u, _)| u).collect();
+    let mut sorted = users.clone();
+    sorted.sort();
+    assert_eq!(users, sorted, "ordered by user");
+    let mut ids: Vec<_> = seen.iter().map(|(_, id)| *id).collect();
+    ids.sort();
+    created.sort();
+    assert_eq!(ids, created);
+}
+
+async fn pruning_keeps_the_newest_events_and_the_head<B: Backend>(b: B) {
+    let head = {
+        let h = harness(&b, policy(|_| {}));
+        let s = &h.sessions;
+        for i in 0..10 {
+            s.create(new_session("t", &format!("u{i}")))
+                .await
+                .expect("create");
+        }
+        let store = s.store();
+        while store.prune_events(START, 4).await.expect("prune") > 0 {}
+        let bounds = store.log_bounds().expect("bounds");
+        assert_eq!((bounds.first, bounds.head), (7, 10));
+        store.close().await.expect("close");
+        bounds.head
+    };
+    let h = harness(&b, policy(|_| {}));
+    assert_eq!(h.sessions.store().log_bounds().expect("bounds").head, head);
+    let next = h
+        .sessions
+        .create(new_session("t", "later"))
+        .await
+        .expect("create");
+    assert_eq!(next.sequence, head + 1, "no sequence reused");
+}
+
+async fn a_tightened_policy_ends_open_sessions_with_their_events<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {}));
+    let s = &h.sessions;
+    let old = s.create(new_session("t", "u")).await.expect("old");
+    h.clock.advance(Duration::from_secs(400));
+    let fresh = s.create(new_session("t", "u")).await.expect("fresh");
+    s.policies()
+        .set(
+            "t".into(),
+            policy(|p| p.idle_timeout = Duration::from_secs(300)),
+        )
+        .await
+        .expect("tighten");
+    assert_eq!(s.enforce_policy("t").await.expect("enforce"), 2);
+    assert!(is_not_valid(
+        s.validate(old.token.expose(), false, None, None).await
+    ));
+    s.validate(fresh.token.expose(), false, None, None)
+        .await
+        .expect("within the new idle timeout");
+    let expired: Vec<_> = events(&h)
+        .into_iter()
+        .filter(|e| matches!(e.kind, EventKind::Expired { .. }))
+        .map(|e| e.session_id)
+        .collect();
+    assert_eq!(expired, vec![old.session.id]);
+}
+
+/// Instantiates every test of the suite for one backend.
+macro_rules! conformance {
+    ($module:ident, $backend:expr) => {
+        mod $module {
+            use super::*;
+
+            conformance!(@tests $backend;
+                created_sessions_validate_and_a_revoke_ends_them_once,
+                a_revoke_naming_an_unknown_or_foreign_session_changes_nothing,
+                the_limit_evicts_the_least_recently_used_and_says_so_first,
+                concurrent_creates_never_exceed_a_rejecting_limit,
+                the_login_quota_counts_a_rolling_day,
+                one_of_many_racing_rotations_wins,
+                an_expiry_is_recorded_once_however_many_notice_it,
+                event_sequences_are_gapless_under_concurrent_writes,
+                impossible_travel_with_revoke_ends_every_session_of_the_user,
+                policies_audit_and_sessions_survive_a_reopen,
+                listing_pages_cover_every_live_session_once,
+                pruning_keeps_the_newest_events_and_the_head,
+                a_tightened_policy_ends_open_sessions_with_their_events,
+            );
+        }
+    };
+    (@tests $backend:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test($backend).await
+            }
+        )*
+    };
+}
+
+conformance!(sled, Sled::new());
