@@ -2,9 +2,9 @@
 //!
 //! The domain talks to a [`SessionStore`]: reads are plain calls, writes are whole operations
 //! (create with limit enforcement, revoke, rotate, sweep) that a store applies atomically, each
-//! with the events it causes, and acknowledges only once durable. The decisions inside them (which
-//! session to evict, whether a deadline passed) are pure functions of `sessions::model`, so a
-//! second backend reuses them and only has to provide atomicity and durability.
+//! with the events it causes, and acknowledges only once durable. The decisions inside them are
+//! the planners of `model::plan`, run against the store's view: a backend offers the view, runs
+//! the planner, and commits the plan atomically and durably. It decides nothing itself.
 
 mod keys;
 mod records;
@@ -18,6 +18,11 @@ use std::{
 
 pub use sled_store::SledStore;
 
+// The plan types are the store's vocabulary too: what a write is asked to do and what it did.
+pub use crate::model::plan::{
+    CreateOutcome, CreateRules, PolicyOf, RevokeOutcome, RevokeTarget, RotateOutcome,
+};
+
 use crate::{
     clock::Timestamp,
     error::Result,
@@ -25,9 +30,9 @@ use crate::{
     model::{
         audit::AuditEntry,
         event::Event,
-        policy::{LimitAction, Policy},
+        policy::Policy,
         session::{Location, RevokeReason, Session},
-        travel::{LastSeen, TravelFlag, TravelRules},
+        travel::{LastSeen, TravelRules},
     },
     token::{SessionId, TokenHash},
 };
@@ -54,71 +59,6 @@ where
     tokio::task::spawn_blocking(read)
         .await
         .map_err(|e| crate::error::Error::Storage(format!("a store scan failed: {e}")))?
-}
-
-/// The tenant's current policy, by tenant id, for writes that judge sessions of several tenants
-/// (the sweep): stored deadlines may predate a tightened policy.
-pub type PolicyOf = Arc<dyn Fn(&str) -> Arc<Policy> + Send + Sync>;
-
-/// The tenant policy's rules a create must follow, atomically with the create.
-#[derive(Debug, Clone)]
-pub struct CreateRules {
-    /// The tenant's policy in force: the user's sessions are judged by it, not by the deadlines
-    /// they were stored with, when counting them against the limit.
-    pub policy: Arc<Policy>,
-    pub max_sessions_per_user: usize,
-    pub limit_action: LimitAction,
-    /// 0: no quota.
-    pub max_creations_per_day: u32,
-    pub travel: TravelRules,
-}
-
-/// Which sessions a revoke ends.
-#[derive(Debug, Clone)]
-pub enum RevokeTarget {
-    /// These sessions; every id must exist (in `tenant`, if given) or nothing is revoked.
-    Sessions {
-        ids: Vec<SessionId>,
-        tenant: Option<String>,
-    },
-    /// Those of these sessions that still exist (for bulk work racing with the sweeper).
-    AnyOf(Vec<SessionId>),
-    /// Every active session of a user, except one if given.
-    User {
-        tenant_id: String,
-        user_id: String,
-        except: Option<SessionId>,
-    },
-}
-
-/// What a create did.
-#[derive(Debug, Clone)]
-pub struct CreateOutcome {
-    /// Sessions revoked to stay under the limit.
-    pub evicted: Vec<SessionId>,
-    /// Sequence of the `Created` event.
-    pub sequence: u64,
-    /// Impossible travel seen at this login (policy action FLAG).
-    pub flag: Option<TravelFlag>,
-}
-
-/// What a revoke did.
-#[derive(Debug, Clone)]
-pub struct RevokeOutcome {
-    /// Sessions this call ended (in the order asked, or by creation time for a user).
-    pub revoked: Vec<SessionId>,
-    /// Every targeted session as this call left it (ended, or as it already was), in the order
-    /// asked. A reply can show it even when no tombstone is kept.
-    pub sessions: Vec<Session>,
-    /// Sequence of the last event written, or the head if none was.
-    pub sequence: u64,
-}
-
-/// What a rotation did.
-#[derive(Debug, Clone)]
-pub struct RotateOutcome {
-    pub session: Session,
-    pub sequence: u64,
 }
 
 /// Which sessions a list covers.

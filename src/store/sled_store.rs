@@ -50,12 +50,11 @@ use crate::{
     events::EventBus,
     model::{
         audit::AuditEntry,
-        event::{Event, EventKind},
-        policy::{LimitAction, Policy, TravelAction},
-        session::{
-            sessions_to_evict, Ending, Location, RevokeReason, Session, SessionState, MAX_FLAGS,
-        },
-        travel::{impossible_travel, LastSeen, TravelFlag, TravelRules},
+        event::Event,
+        plan::{Plan, Planner, View},
+        policy::Policy,
+        session::{Location, RevokeReason, Session},
+        travel::{LastSeen, TravelRules},
     },
     token::{SessionId, TokenHash},
 };
@@ -1041,8 +1040,6 @@ fn apply_group(
     let mut tx = Tx::new(shared, *head);
     let mut results = Vec::with_capacity(group.len());
     for Command { op, reply } in group {
-        // Sessions ended by one creation are that creation's own (its user's).
-        tx.ended.clear();
         results.push((reply, tx.run(op)));
     }
     let (committed, mut events) = match tx.commit() {
@@ -1132,9 +1129,6 @@ struct Tx<'a> {
     events: Vec<Event>,
     head: u64,
     dirty: bool,
-    /// Sessions this command ended. Reads see the tree as before the command, so this keeps a
-    /// session from being ended twice (and getting two events) in one command.
-    ended: HashSet<SessionId>,
     tombstone_retention: std::time::Duration,
 }
 
@@ -1148,7 +1142,6 @@ impl<'a> Tx<'a> {
             events: Vec::new(),
             head,
             dirty: false,
-            ended: HashSet::new(),
             tombstone_retention: shared.tombstone_retention,
         }
     }
@@ -1168,15 +1161,19 @@ impl<'a> Tx<'a> {
 
     fn run(&mut self, op: Op) -> Result<Outcome> {
         match op {
-            Op::Create { session, rules } => self.create(*session, rules).map(Outcome::Created),
-            Op::Enforce { ids, policy, now } => self.enforce(ids, &policy, now).map(Outcome::Count),
+            Op::Create { session, rules } => self
+                .plan(|p| p.create(*session, rules))
+                .map(Outcome::Created),
+            Op::Enforce { ids, policy, now } => self
+                .plan(|p| p.enforce(ids, &policy, now))
+                .map(Outcome::Count),
             Op::Observe {
                 id,
                 location,
                 now,
                 rules,
             } => self
-                .observe(id, location, now, rules)
+                .plan(|p| p.observe(id, location, now, rules))
                 .map(|s| Outcome::Observed(Box::new(s))),
             Op::PutPolicy { tenant_id, policy } => {
                 self.put_policy(&tenant_id, policy).map(Outcome::Existed)
@@ -1190,20 +1187,24 @@ impl<'a> Tx<'a> {
                 policy,
                 now,
             } => self
-                .rotate(id, current, replacement, &policy, now)
+                .plan(|p| p.rotate(id, current, replacement, &policy, now))
                 .map(|r| Outcome::Rotated(Box::new(r))),
             Op::Revoke {
                 target,
                 reason,
                 now,
-            } => self.revoke(target, reason, now).map(Outcome::Revoked),
+            } => self
+                .plan(|p| p.revoke(target, reason, now))
+                .map(Outcome::Revoked),
             Op::Sweep {
                 ids,
                 policy_of,
                 now,
-            } => self.sweep(ids, &policy_of, now).map(Outcome::Count),
+            } => self
+                .plan(|p| p.sweep(ids, &policy_of, now))
+                .map(Outcome::Count),
             Op::Prune { older_than, keep } => self.prune(older_than, keep).map(Outcome::Count),
-            Op::Touch { id, now } => self.touch(id, now).map(|()| Outcome::Nothing),
+            Op::Touch { id, now } => self.plan(|p| p.touch(id, now)).map(|()| Outcome::Nothing),
             Op::PurgeUserState {
                 older_than,
                 now,
@@ -1219,8 +1220,47 @@ impl<'a> Tx<'a> {
         }
     }
 
-    fn get(&self, id: &SessionId) -> Result<Option<Session>> {
-        read_session(self.tree, id)
+    /// Runs a planner against the tree as it was before this batch, and puts its plan in the
+    /// batch: also when the planner refused (its plan may still end sessions, see
+    /// `model::plan`), but not after a storage error.
+    fn plan<T>(&mut self, write: impl FnOnce(&mut Planner<'_, Self>) -> Result<T>) -> Result<T> {
+        let mut planner = Planner::new(&*self, Plan::new(self.head, self.tombstone_retention));
+        let result = write(&mut planner);
+        let plan = planner.plan;
+        if !matches!(result, Err(Error::Storage(_))) {
+            self.apply(plan);
+        }
+        result
+    }
+
+    /// Translates a plan into sled keys: records, their indexes, per-user records, events.
+    fn apply(&mut self, plan: Plan) {
+        for (old, new) in &plan.sessions {
+            self.put(old.as_ref(), new.as_ref());
+        }
+        for (tenant, user, seen) in &plan.last_seen {
+            self.batch.insert(
+                keys::per_user(keys::LAST_SEEN, tenant, user),
+                records::encode_last_seen(seen),
+            );
+            self.dirty = true;
+        }
+        for (tenant, user, creations) in &plan.creations {
+            self.batch.insert(
+                keys::per_user(keys::CREATIONS, tenant, user),
+                records::encode_creations(creations),
+            );
+            self.dirty = true;
+        }
+        for event in plan.events {
+            self.batch.insert(
+                &keys::event(event.sequence)[..],
+                records::encode_event(&event),
+            );
+            self.events.push(event);
+            self.dirty = true;
+        }
+        self.head = plan.head;
     }
 
     /// Writes `new` in place of `old`, moving index entries: the user index holds active sessions
@@ -1255,290 +1295,6 @@ impl<'a> Tx<'a> {
             }
         }
         self.dirty = true;
-    }
-
-    fn emit(&mut self, s: &Session, now: Timestamp, kind: EventKind) -> u64 {
-        self.head += 1;
-        let event = Event {
-            sequence: self.head,
-            occurred_at: now,
-            tenant_id: s.tenant_id.clone(),
-            user_id: s.user_id.clone(),
-            session_id: s.id,
-            kind,
-        };
-        self.batch
-            .insert(&keys::event(self.head)[..], records::encode_event(&event));
-        self.events.push(event);
-        self.dirty = true;
-        self.head
-    }
-
-    /// Active session `s` as `policy` (its tenant's, in force now) sees it: a tightened policy
-    /// applies to open sessions. Stored that way if it changed, so the deadline index follows
-    /// the deadlines in force (later writes in this command start from the returned session).
-    fn tightened(&mut self, s: Session, policy: &Policy) -> Session {
-        let mut tightened = s.clone();
-        tightened.tighten(policy);
-        if tightened != s {
-            self.put(Some(&s), Some(&tightened));
-        }
-        tightened
-    }
-
-    /// Writes `ended` as the tombstone of `s`, or drops the session if tombstones are not kept.
-    fn bury(&mut self, s: &Session, ended: &mut Session, now: Timestamp) {
-        if self.tombstone_retention.is_zero() {
-            self.put(Some(s), None);
-        } else {
-            ended.purge_at = Some(now.saturating_add(self.tombstone_retention));
-            self.put(Some(s), Some(ended));
-        }
-    }
-
-    /// Ends active session `s` in `state`, with its event; returns the session as ended.
-    fn finish(
-        &mut self,
-        s: &Session,
-        state: SessionState,
-        now: Timestamp,
-        kind: EventKind,
-    ) -> Session {
-        self.ended.insert(s.id);
-        let mut ended = s.clone();
-        ended.state = state;
-        self.bury(s, &mut ended, now);
-        self.emit(s, now, kind);
-        ended
-    }
-
-    /// Ends an active session that passed a deadline, the way that deadline ends it.
-    fn end(&mut self, s: &Session, ending: Ending, now: Timestamp) -> Session {
-        let kind = match ending {
-            Ending::Expired(kind) => EventKind::Expired { kind },
-            Ending::TooOld => EventKind::Revoked {
-                reason: RevokeReason::Policy,
-            },
-        };
-        self.finish(s, s.ended_by(ending, now), now, kind)
-    }
-
-    fn end_by_revoke(&mut self, s: &Session, reason: RevokeReason, now: Timestamp) -> Session {
-        let state = SessionState::Revoked { at: now, reason };
-        self.finish(s, state, now, EventKind::Revoked { reason })
-    }
-
-    /// Revokes `s` if it is live, ends it the deadline's way if it is past one. Returns whether
-    /// this call revoked it, and the session as this call left it.
-    fn revoke_one(&mut self, s: &Session, reason: RevokeReason, now: Timestamp) -> (bool, Session) {
-        if !s.is_active() || self.ended.contains(&s.id) {
-            return (false, s.clone());
-        }
-        match s.ending_at(now) {
-            Some(ending) => (false, self.end(s, ending, now)),
-            None => (true, self.end_by_revoke(s, reason, now)),
-        }
-    }
-
-    /// A user's active sessions, by creation time.
-    fn user_sessions(&self, tenant: &str, user: &str) -> Result<Vec<Session>> {
-        let mut out = Vec::new();
-        for entry in self.tree.scan_prefix(keys::user_prefix(tenant, Some(user))) {
-            let (key, _) = entry?;
-            let id = keys::session_id_of_user_key(&key)
-                .ok_or_else(|| Error::Storage("corrupt user index key".into()))?;
-            if let Some(s) = self.get(&id)? {
-                out.push(s);
-            }
-        }
-        Ok(out)
-    }
-
-    fn create(&mut self, mut session: Session, rules: CreateRules) -> Result<CreateOutcome> {
-        let now = session.created_at;
-        if self.get(&session.id)?.is_some() {
-            // 128 random bits: this means a broken generator, never a real collision.
-            return Err(Error::Storage("session id collision".into()));
-        }
-        let (tenant, user) = (session.tenant_id.clone(), session.user_id.clone());
-
-        // The login quota: creations in the last 24 hours.
-        let quota_key = keys::per_user(keys::CREATIONS, &tenant, &user);
-        let mut creations = Vec::new();
-        if rules.max_creations_per_day > 0 {
-            let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
-            creations = match self.tree.get(&quota_key)? {
-                Some(v) => records::decode_creations(&v),
-                None => Vec::new(),
-            };
-            creations.retain(|t| *t > day_ago);
-            if creations.len() >= rules.max_creations_per_day as usize {
-                return Err(Error::ResourceExhausted(format!(
-                    "max_creations_per_day: this user created {} sessions in the last 24 hours",
-                    creations.len()
-                )));
-            }
-        }
-
-        // The per-user limit. Sessions past a deadline end here, whatever happens next.
-        let mut live = Vec::new();
-        for s in self.user_sessions(&tenant, &user)? {
-            let s = self.tightened(s, &rules.policy);
-            match s.ending_at(now) {
-                Some(ending) => {
-                    self.end(&s, ending, now);
-                }
-                None => live.push(s),
-            }
-        }
-        if live.len() >= rules.max_sessions_per_user && rules.limit_action == LimitAction::Reject {
-            return Err(Error::ResourceExhausted(format!(
-                "max_sessions_per_user: this user already has {} live sessions",
-                live.len()
-            )));
-        }
-
-        // Impossible travel.
-        let here = session
-            .device
-            .location
-            .clone()
-            .filter(|l| l.coordinates.is_some());
-        let mut flag = None;
-        if let (Some(here), true) = (&here, rules.travel.action != TravelAction::Ignore) {
-            let previous = read_last_seen(self.tree, &tenant, &user)?;
-            if let Some(f) = previous
-                .as_ref()
-                .and_then(|p| impossible_travel(p, here, now, &rules.travel))
-            {
-                match rules.travel.action {
-                    TravelAction::Reject => return Err(travel_refusal(&f)),
-                    TravelAction::Revoke => {
-                        self.revoke_user_for_travel(&tenant, &user, now)?;
-                        return Err(travel_refusal(&f));
-                    }
-                    TravelAction::Flag | TravelAction::Ignore => flag = Some(f),
-                }
-            }
-        }
-
-        // Accepted: record it all.
-        if rules.max_creations_per_day > 0 {
-            creations.push(now);
-            self.batch
-                .insert(quota_key, records::encode_creations(&creations));
-        }
-        if let Some(here) = here {
-            self.set_last_seen(&tenant, &user, here, now, session.id);
-        }
-        let evicted = sessions_to_evict(&live, rules.max_sessions_per_user);
-        for s in live.iter().filter(|s| evicted.contains(&s.id)) {
-            self.end_by_revoke(s, RevokeReason::LimitEviction, now);
-        }
-        if let Some(f) = &flag {
-            session.flags.push(f.clone());
-        }
-        self.put(None, Some(&session));
-        let sequence = self.emit(
-            &session,
-            now,
-            EventKind::Created {
-                device: session.device.clone(),
-                remember_me: session.remember_me,
-                evicted: evicted.clone(),
-            },
-        );
-        if let Some(f) = &flag {
-            self.emit(&session, now, EventKind::Flagged { flag: f.clone() });
-        }
-        Ok(CreateOutcome {
-            evicted,
-            sequence,
-            flag,
-        })
-    }
-
-    fn set_last_seen(
-        &mut self,
-        tenant: &str,
-        user: &str,
-        location: Location,
-        at: Timestamp,
-        session_id: SessionId,
-    ) {
-        let record = records::encode_last_seen(&LastSeen {
-            location,
-            at,
-            session_id,
-        });
-        self.batch
-            .insert(keys::per_user(keys::LAST_SEEN, tenant, user), record);
-        self.dirty = true;
-    }
-
-    /// REVOKE: one of the two places is not the user, and nobody can tell which, so every live
-    /// session of the user ends (reason suspicious activity).
-    fn revoke_user_for_travel(&mut self, tenant: &str, user: &str, now: Timestamp) -> Result<()> {
-        for s in self.user_sessions(tenant, user)? {
-            self.revoke_one(&s, RevokeReason::SuspiciousActivity, now);
-        }
-        Ok(())
-    }
-
-    fn observe(
-        &mut self,
-        id: SessionId,
-        location: Location,
-        now: Timestamp,
-        rules: TravelRules,
-    ) -> Result<Session> {
-        let s = match self.get(&id)? {
-            Some(s) if s.is_live_at(now) => s,
-            _ => return Err(Error::SessionNotValid),
-        };
-        let previous = read_last_seen(self.tree, &s.tenant_id, &s.user_id)?;
-        let flag = previous
-            .as_ref()
-            .and_then(|p| impossible_travel(p, &location, now, &rules));
-        let Some(flag) = flag else {
-            self.set_last_seen(&s.tenant_id, &s.user_id, location, now, id);
-            return Ok(s);
-        };
-        if rules.action == TravelAction::Revoke {
-            self.revoke_user_for_travel(&s.tenant_id, &s.user_id, now)?;
-            return Err(Error::SessionNotValid);
-        }
-        // FLAG, and REJECT (an open session cannot be refused, only flagged).
-        let mut flagged = s.clone();
-        flagged.flags.push(flag.clone());
-        let excess = flagged.flags.len().saturating_sub(MAX_FLAGS);
-        flagged.flags.drain(..excess);
-        self.put(Some(&s), Some(&flagged));
-        self.emit(&s, now, EventKind::Flagged { flag });
-        self.set_last_seen(&s.tenant_id, &s.user_id, location, now, id);
-        Ok(flagged)
-    }
-
-    fn enforce(&mut self, ids: Vec<SessionId>, policy: &Policy, now: Timestamp) -> Result<usize> {
-        let mut changed = 0;
-        let mut seen = HashSet::new();
-        for id in ids.into_iter().filter(|id| seen.insert(*id)) {
-            let Some(s) = self.get(&id)? else { continue };
-            if !s.is_active() {
-                continue;
-            }
-            let mut tightened = s.clone();
-            tightened.tighten(policy);
-            if tightened == s && tightened.ending_at(now).is_none() {
-                continue;
-            }
-            self.put(Some(&s), Some(&tightened));
-            if let Some(ending) = tightened.ending_at(now) {
-                self.end(&tightened, ending, now);
-            }
-            changed += 1;
-        }
-        Ok(changed)
     }
 
     /// Copies every entry of the tree to a backup file, in key order.
@@ -1576,123 +1332,6 @@ impl<'a> Tx<'a> {
         }
         self.dirty = true;
         Ok(existed)
-    }
-
-    fn rotate(
-        &mut self,
-        id: SessionId,
-        current: TokenHash,
-        replacement: TokenHash,
-        policy: &Policy,
-        now: Timestamp,
-    ) -> Result<RotateOutcome> {
-        let s = match self.get(&id)? {
-            Some(s) if s.is_active() && s.token_hash.matches(&current) => s,
-            _ => return Err(Error::SessionNotValid),
-        };
-        let s = self.tightened(s, policy);
-        if let Some(ending) = s.ending_at(now) {
-            self.end(&s, ending, now);
-            return Err(Error::SessionNotValid);
-        }
-        let mut rotated = s.clone();
-        rotated.token_hash = replacement;
-        rotated.last_seen_at = now.max(s.last_seen_at);
-        rotated.rotation_count = s.rotation_count.saturating_add(1);
-        self.put(Some(&s), Some(&rotated));
-        let sequence = self.emit(&s, now, EventKind::Rotated);
-        Ok(RotateOutcome {
-            session: rotated,
-            sequence,
-        })
-    }
-
-    fn revoke(
-        &mut self,
-        target: RevokeTarget,
-        reason: RevokeReason,
-        now: Timestamp,
-    ) -> Result<RevokeOutcome> {
-        let sessions = match target {
-            RevokeTarget::Sessions { ids, tenant } => {
-                let mut seen = HashSet::new();
-                let mut sessions = Vec::with_capacity(ids.len());
-                for id in ids.into_iter().filter(|id| seen.insert(*id)) {
-                    // Another tenant's session does not exist for a tenant-bound caller.
-                    let s = self
-                        .get(&id)?
-                        .filter(|s| tenant.as_ref().is_none_or(|t| *t == s.tenant_id))
-                        .ok_or(Error::SessionNotFound(id))?;
-                    sessions.push(s);
-                }
-                sessions
-            }
-            RevokeTarget::AnyOf(ids) => {
-                let mut seen = HashSet::new();
-                let mut sessions = Vec::with_capacity(ids.len());
-                for id in ids.into_iter().filter(|id| seen.insert(*id)) {
-                    sessions.extend(self.get(&id)?);
-                }
-                sessions
-            }
-            RevokeTarget::User {
-                tenant_id,
-                user_id,
-                except,
-            } => self
-                .user_sessions(&tenant_id, &user_id)?
-                .into_iter()
-                .filter(|s| Some(s.id) != except)
-                .collect(),
-        };
-        let mut revoked = Vec::new();
-        let mut after = Vec::with_capacity(sessions.len());
-        for s in &sessions {
-            let (ended_here, session) = self.revoke_one(s, reason, now);
-            if ended_here {
-                revoked.push(s.id);
-            }
-            after.push(session);
-        }
-        Ok(RevokeOutcome {
-            revoked,
-            sessions: after,
-            sequence: self.head,
-        })
-    }
-
-    fn sweep(
-        &mut self,
-        ids: Vec<SessionId>,
-        policy_of: &PolicyOf,
-        now: Timestamp,
-    ) -> Result<usize> {
-        let mut expired = 0;
-        let mut seen = HashSet::new();
-        for id in ids.into_iter().filter(|id| seen.insert(*id)) {
-            let Some(s) = self.get(&id)? else { continue };
-            let s = if s.is_active() {
-                let policy = policy_of(&s.tenant_id);
-                self.tightened(s, &policy)
-            } else {
-                s
-            };
-            match (s.is_active(), s.ending_at(now)) {
-                (true, Some(ending)) => {
-                    self.end(&s, ending, now);
-                    expired += 1;
-                }
-                // Active and live: it was used since it was filed; the put re-files it.
-                (true, None) => {
-                    if s.next_deadline() <= now {
-                        self.put(Some(&s), Some(&s));
-                    }
-                }
-                (false, _) if now >= s.purge_at() => self.put(Some(&s), None),
-                (false, _) => {}
-            }
-        }
-        Ok(expired)
     }
 
     fn prune(&mut self, older_than: Timestamp, keep: u64) -> Result<usize> {
@@ -1779,16 +1418,38 @@ impl<'a> Tx<'a> {
         }
         Ok(pruned)
     }
+}
 
-    fn touch(&mut self, id: SessionId, now: Timestamp) -> Result<()> {
-        if let Some(s) = self.get(&id)? {
-            if s.is_live_at(now) && now > s.last_seen_at {
-                let mut touched = s.clone();
-                touched.last_seen_at = now;
-                self.put(Some(&s), Some(&touched));
+/// The tree as it was before the batch being built: what planners read.
+impl View for Tx<'_> {
+    fn session(&self, id: &SessionId) -> Result<Option<Session>> {
+        read_session(self.tree, id)
+    }
+
+    /// A user's active sessions, by creation time.
+    fn user_sessions(&self, tenant: &str, user: &str) -> Result<Vec<Session>> {
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix(keys::user_prefix(tenant, Some(user))) {
+            let (key, _) = entry?;
+            let id = keys::session_id_of_user_key(&key)
+                .ok_or_else(|| Error::Storage("corrupt user index key".into()))?;
+            if let Some(s) = self.session(&id)? {
+                out.push(s);
             }
         }
-        Ok(())
+        Ok(out)
+    }
+
+    fn last_seen(&self, tenant: &str, user: &str) -> Result<Option<LastSeen>> {
+        read_last_seen(self.tree, tenant, user)
+    }
+
+    fn creations(&self, tenant: &str, user: &str) -> Result<Vec<Timestamp>> {
+        Ok(self
+            .tree
+            .get(keys::per_user(keys::CREATIONS, tenant, user))?
+            .map(|v| records::decode_creations(&v))
+            .unwrap_or_default())
     }
 }
 
@@ -1798,15 +1459,4 @@ fn audit_id(key: &[u8]) -> Result<u64> {
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| Error::Storage("corrupt audit key".into()))?;
     Ok(u64::from_be_bytes(bytes))
-}
-
-fn travel_refusal(flag: &TravelFlag) -> Error {
-    Error::PermissionDenied(format!(
-        "impossible travel: {:.0} km from the user's last place in {}, {:.0} km/h",
-        flag.distance_km,
-        humantime::format_duration(std::time::Duration::from_secs(
-            flag.flagged_at.since(flag.from_seen_at).as_secs()
-        )),
-        flag.speed_kmh.min(1e9),
-    ))
 }

@@ -1,0 +1,584 @@
+//! The rules of every session write, as planners: each reads through a [`View`] (a consistent,
+//! read-only view of the store as it is before the write) and records what to change in a
+//! [`Plan`]: sessions before and after, per-user records, and the events, numbered after the log's
+//! head. A backend commits a plan atomically; it decides nothing. So the rules (the limit and its
+//! eviction, the login quota, impossible travel, tombstones, what a revoke targets, expiry,
+//! rotation, enforcement of a tightened policy) are written once, whatever the backend.
+//!
+//! A plan is committed even when its planner returns a refusal: a create refused at the limit
+//! still ends the user's sessions it found past a deadline, and impossible travel with REVOKE
+//! still ends the user's sessions. Only a storage error discards it.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use crate::{
+    clock::Timestamp,
+    error::{Error, Result},
+    model::{
+        event::{Event, EventKind},
+        policy::{LimitAction, Policy, TravelAction},
+        session::{
+            sessions_to_evict, Ending, Location, RevokeReason, Session, SessionState, MAX_FLAGS,
+        },
+        travel::{impossible_travel, LastSeen, TravelFlag, TravelRules},
+    },
+    token::{SessionId, TokenHash},
+};
+
+/// The tenant's current policy, by tenant id, for writes that judge sessions of several tenants
+/// (the sweep): stored deadlines may predate a tightened policy.
+pub type PolicyOf = Arc<dyn Fn(&str) -> Arc<Policy> + Send + Sync>;
+
+/// The tenant policy's rules a create must follow, atomically with the create.
+#[derive(Debug, Clone)]
+pub struct CreateRules {
+    /// The tenant's policy in force: the user's sessions are judged by it, not by the deadlines
+    /// they were stored with, when counting them against the limit.
+    pub policy: Arc<Policy>,
+    pub max_sessions_per_user: usize,
+    pub limit_action: LimitAction,
+    /// 0: no quota.
+    pub max_creations_per_day: u32,
+    pub travel: TravelRules,
+}
+
+/// Which sessions a revoke ends.
+#[derive(Debug, Clone)]
+pub enum RevokeTarget {
+    /// These sessions; every id must exist (in `tenant`, if given) or nothing is revoked.
+    Sessions {
+        ids: Vec<SessionId>,
+        tenant: Option<String>,
+    },
+    /// Those of these sessions that still exist (for bulk work racing with the sweeper).
+    AnyOf(Vec<SessionId>),
+    /// Every active session of a user, except one if given.
+    User {
+        tenant_id: String,
+        user_id: String,
+        except: Option<SessionId>,
+    },
+}
+
+/// What a create did.
+#[derive(Debug, Clone)]
+pub struct CreateOutcome {
+    /// Sessions revoked to stay under the limit.
+    pub evicted: Vec<SessionId>,
+    /// Sequence of the `Created` event.
+    pub sequence: u64,
+    /// Impossible travel seen at this login (policy action FLAG).
+    pub flag: Option<TravelFlag>,
+}
+
+/// What a revoke did.
+#[derive(Debug, Clone)]
+pub struct RevokeOutcome {
+    /// Sessions this call ended (in the order asked, or by creation time for a user).
+    pub revoked: Vec<SessionId>,
+    /// Every targeted session as this call left it (ended, or as it already was), in the order
+    /// asked. A reply can show it even when no tombstone is kept.
+    pub sessions: Vec<Session>,
+    /// Sequence of the last event written, or the head if none was.
+    pub sequence: u64,
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone)]
+pub struct RotateOutcome {
+    pub session: Session,
+    pub sequence: u64,
+}
+
+/// What a planner reads: the store as it is before the write.
+pub trait View {
+    /// A session by id, live or tombstone.
+    fn session(&self, id: &SessionId) -> Result<Option<Session>>;
+    /// A user's active sessions, by creation time.
+    fn user_sessions(&self, tenant: &str, user: &str) -> Result<Vec<Session>>;
+    /// A user's last known place.
+    fn last_seen(&self, tenant: &str, user: &str) -> Result<Option<LastSeen>>;
+    /// When the user created sessions lately (the login quota's record).
+    fn creations(&self, tenant: &str, user: &str) -> Result<Vec<Timestamp>>;
+}
+
+/// What one write changes, to be committed atomically.
+#[derive(Debug)]
+pub struct Plan {
+    /// Session records as read and as they must be written (`None`: deleted). A session may
+    /// appear more than once; writes apply in order.
+    pub sessions: Vec<(Option<Session>, Option<Session>)>,
+    /// Users' last known places to store.
+    pub last_seen: Vec<(String, String, LastSeen)>,
+    /// Login-quota records to store.
+    pub creations: Vec<(String, String, Vec<Timestamp>)>,
+    /// The events, numbered from the head the plan started at.
+    pub events: Vec<Event>,
+    /// The sequence of the last event (the starting head if none).
+    pub head: u64,
+    /// Sessions this plan ended: reads see the store as before the write, so this keeps a
+    /// session from being ended twice (and getting two events) by one plan.
+    ended: HashSet<SessionId>,
+    tombstone_retention: Duration,
+}
+
+impl Plan {
+    /// An empty plan whose events follow `head`; ended sessions keep tombstones this long.
+    pub fn new(head: u64, tombstone_retention: Duration) -> Self {
+        Self {
+            sessions: Vec::new(),
+            last_seen: Vec::new(),
+            creations: Vec::new(),
+            events: Vec::new(),
+            head,
+            ended: HashSet::new(),
+            tombstone_retention,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+            && self.last_seen.is_empty()
+            && self.creations.is_empty()
+            && self.events.is_empty()
+    }
+
+    fn put(&mut self, old: Option<&Session>, new: Option<&Session>) {
+        self.sessions.push((old.cloned(), new.cloned()));
+    }
+
+    fn emit(&mut self, s: &Session, now: Timestamp, kind: EventKind) -> u64 {
+        self.head += 1;
+        self.events.push(Event {
+            sequence: self.head,
+            occurred_at: now,
+            tenant_id: s.tenant_id.clone(),
+            user_id: s.user_id.clone(),
+            session_id: s.id,
+            kind,
+        });
+        self.head
+    }
+}
+
+/// Runs the rules of one write against a view, into a plan.
+pub struct Planner<'v, V: ?Sized> {
+    view: &'v V,
+    pub plan: Plan,
+}
+
+impl<'v, V: View + ?Sized> Planner<'v, V> {
+    pub fn new(view: &'v V, plan: Plan) -> Self {
+        Self { view, plan }
+    }
+
+    /// Active session `s` as `policy` (its tenant's, in force now) sees it: a tightened policy
+    /// applies to open sessions. Stored that way if it changed, so the deadline index follows
+    /// the deadlines in force (later writes in this command start from the returned session).
+    fn tightened(&mut self, s: Session, policy: &Policy) -> Session {
+        let mut tightened = s.clone();
+        tightened.tighten(policy);
+        if tightened != s {
+            self.plan.put(Some(&s), Some(&tightened));
+        }
+        tightened
+    }
+
+    /// Writes `ended` as the tombstone of `s`, or drops the session if tombstones are not kept.
+    fn bury(&mut self, s: &Session, ended: &mut Session, now: Timestamp) {
+        if self.plan.tombstone_retention.is_zero() {
+            self.plan.put(Some(s), None);
+        } else {
+            ended.purge_at = Some(now.saturating_add(self.plan.tombstone_retention));
+            self.plan.put(Some(s), Some(ended));
+        }
+    }
+
+    /// Ends active session `s` in `state`, with its event; returns the session as ended.
+    fn finish(
+        &mut self,
+        s: &Session,
+        state: SessionState,
+        now: Timestamp,
+        kind: EventKind,
+    ) -> Session {
+        self.plan.ended.insert(s.id);
+        let mut ended = s.clone();
+        ended.state = state;
+        self.bury(s, &mut ended, now);
+        self.plan.emit(s, now, kind);
+        ended
+    }
+
+    /// Ends an active session that passed a deadline, the way that deadline ends it.
+    fn end(&mut self, s: &Session, ending: Ending, now: Timestamp) -> Session {
+        let kind = match ending {
+            Ending::Expired(kind) => EventKind::Expired { kind },
+            Ending::TooOld => EventKind::Revoked {
+                reason: RevokeReason::Policy,
+            },
+        };
+        self.finish(s, s.ended_by(ending, now), now, kind)
+    }
+
+    fn end_by_revoke(&mut self, s: &Session, reason: RevokeReason, now: Timestamp) -> Session {
+        let state = SessionState::Revoked { at: now, reason };
+        self.finish(s, state, now, EventKind::Revoked { reason })
+    }
+
+    /// Revokes `s` if it is live, ends it the deadline's way if it is past one. Returns whether
+    /// this call revoked it, and the session as this call left it.
+    fn revoke_one(&mut self, s: &Session, reason: RevokeReason, now: Timestamp) -> (bool, Session) {
+        if !s.is_active() || self.plan.ended.contains(&s.id) {
+            return (false, s.clone());
+        }
+        match s.ending_at(now) {
+            Some(ending) => (false, self.end(s, ending, now)),
+            None => (true, self.end_by_revoke(s, reason, now)),
+        }
+    }
+
+    /// A new session under `rules`: the login quota, the limit (ending the user's sessions past
+    /// a deadline, then evicting the least recently used or refusing), impossible travel.
+    pub fn create(&mut self, mut session: Session, rules: CreateRules) -> Result<CreateOutcome> {
+        let now = session.created_at;
+        if self.view.session(&session.id)?.is_some() {
+            // 128 random bits: this means a broken generator, never a real collision.
+            return Err(Error::Storage("session id collision".into()));
+        }
+        let (tenant, user) = (session.tenant_id.clone(), session.user_id.clone());
+
+        // The login quota: creations in the last 24 hours.
+        let mut creations = Vec::new();
+        if rules.max_creations_per_day > 0 {
+            let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
+            creations = self.view.creations(&tenant, &user)?;
+            creations.retain(|t| *t > day_ago);
+            if creations.len() >= rules.max_creations_per_day as usize {
+                return Err(Error::ResourceExhausted(format!(
+                    "max_creations_per_day: this user created {} sessions in the last 24 hours",
+                    creations.len()
+                )));
+            }
+        }
+
+        // The per-user limit. Sessions past a deadline end here, whatever happens next.
+        let mut live = Vec::new();
+        for s in self.view.user_sessions(&tenant, &user)? {
+            let s = self.tightened(s, &rules.policy);
+            match s.ending_at(now) {
+                Some(ending) => {
+                    self.end(&s, ending, now);
+                }
+                None => live.push(s),
+            }
+        }
+        if live.len() >= rules.max_sessions_per_user && rules.limit_action == LimitAction::Reject {
+            return Err(Error::ResourceExhausted(format!(
+                "max_sessions_per_user: this user already has {} live sessions",
+                live.len()
+            )));
+        }
+
+        // Impossible travel.
+        let here = session
+            .device
+            .location
+            .clone()
+            .filter(|l| l.coordinates.is_some());
+        let mut flag = None;
+        if let (Some(here), true) = (&here, rules.travel.action != TravelAction::Ignore) {
+            let previous = self.view.last_seen(&tenant, &user)?;
+            if let Some(f) = previous
+                .as_ref()
+                .and_then(|p| impossible_travel(p, here, now, &rules.travel))
+            {
+                match rules.travel.action {
+                    TravelAction::Reject => return Err(travel_refusal(&f)),
+                    TravelAction::Revoke => {
+                        self.revoke_user_for_travel(&tenant, &user, now)?;
+                        return Err(travel_refusal(&f));
+                    }
+                    TravelAction::Flag | TravelAction::Ignore => flag = Some(f),
+                }
+            }
+        }
+
+        // Accepted: record it all.
+        if rules.max_creations_per_day > 0 {
+            creations.push(now);
+            self.plan
+                .creations
+                .push((tenant.clone(), user.clone(), creations));
+        }
+        if let Some(here) = here {
+            self.set_last_seen(&tenant, &user, here, now, session.id);
+        }
+        let evicted = sessions_to_evict(&live, rules.max_sessions_per_user);
+        for s in live.iter().filter(|s| evicted.contains(&s.id)) {
+            self.end_by_revoke(s, RevokeReason::LimitEviction, now);
+        }
+        if let Some(f) = &flag {
+            session.flags.push(f.clone());
+        }
+        self.plan.put(None, Some(&session));
+        let sequence = self.plan.emit(
+            &session,
+            now,
+            EventKind::Created {
+                device: session.device.clone(),
+                remember_me: session.remember_me,
+                evicted: evicted.clone(),
+            },
+        );
+        if let Some(f) = &flag {
+            self.plan
+                .emit(&session, now, EventKind::Flagged { flag: f.clone() });
+        }
+        Ok(CreateOutcome {
+            evicted,
+            sequence,
+            flag,
+        })
+    }
+
+    fn set_last_seen(
+        &mut self,
+        tenant: &str,
+        user: &str,
+        location: Location,
+        at: Timestamp,
+        session_id: SessionId,
+    ) {
+        let seen = LastSeen {
+            location,
+            at,
+            session_id,
+        };
+        self.plan
+            .last_seen
+            .push((tenant.to_string(), user.to_string(), seen));
+    }
+
+    /// REVOKE: one of the two places is not the user, and nobody can tell which, so every live
+    /// session of the user ends (reason suspicious activity).
+    fn revoke_user_for_travel(&mut self, tenant: &str, user: &str, now: Timestamp) -> Result<()> {
+        for s in self.view.user_sessions(tenant, user)? {
+            self.revoke_one(&s, RevokeReason::SuspiciousActivity, now);
+        }
+        Ok(())
+    }
+
+    /// Live session `id` seen at `location`: records the place, flags or revokes on impossible
+    /// travel.
+    pub fn observe(
+        &mut self,
+        id: SessionId,
+        location: Location,
+        now: Timestamp,
+        rules: TravelRules,
+    ) -> Result<Session> {
+        let s = match self.view.session(&id)? {
+            Some(s) if s.is_live_at(now) => s,
+            _ => return Err(Error::SessionNotValid),
+        };
+        let previous = self.view.last_seen(&s.tenant_id, &s.user_id)?;
+        let flag = previous
+            .as_ref()
+            .and_then(|p| impossible_travel(p, &location, now, &rules));
+        let Some(flag) = flag else {
+            self.set_last_seen(&s.tenant_id, &s.user_id, location, now, id);
+            return Ok(s);
+        };
+        if rules.action == TravelAction::Revoke {
+            self.revoke_user_for_travel(&s.tenant_id, &s.user_id, now)?;
+            return Err(Error::SessionNotValid);
+        }
+        // FLAG, and REJECT (an open session cannot be refused, only flagged).
+        let mut flagged = s.clone();
+        flagged.flags.push(flag.clone());
+        let excess = flagged.flags.len().saturating_sub(MAX_FLAGS);
+        flagged.flags.drain(..excess);
+        self.plan.put(Some(&s), Some(&flagged));
+        self.plan.emit(&s, now, EventKind::Flagged { flag });
+        self.set_last_seen(&s.tenant_id, &s.user_id, location, now, id);
+        Ok(flagged)
+    }
+
+    /// Stores a tightened policy on these sessions and ends those already past it.
+    pub fn enforce(
+        &mut self,
+        ids: Vec<SessionId>,
+        policy: &Policy,
+        now: Timestamp,
+    ) -> Result<usize> {
+        let mut changed = 0;
+        let mut seen = HashSet::new();
+        for id in ids.into_iter().filter(|id| seen.insert(*id)) {
+            let Some(s) = self.view.session(&id)? else {
+                continue;
+            };
+            if !s.is_active() {
+                continue;
+            }
+            let mut tightened = s.clone();
+            tightened.tighten(policy);
+            if tightened == s && tightened.ending_at(now).is_none() {
+                continue;
+            }
+            self.plan.put(Some(&s), Some(&tightened));
+            if let Some(ending) = tightened.ending_at(now) {
+                self.end(&tightened, ending, now);
+            }
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// Replaces a live session's token hash if `current` is its hash now.
+    pub fn rotate(
+        &mut self,
+        id: SessionId,
+        current: TokenHash,
+        replacement: TokenHash,
+        policy: &Policy,
+        now: Timestamp,
+    ) -> Result<RotateOutcome> {
+        let s = match self.view.session(&id)? {
+            Some(s) if s.is_active() && s.token_hash.matches(&current) => s,
+            _ => return Err(Error::SessionNotValid),
+        };
+        let s = self.tightened(s, policy);
+        if let Some(ending) = s.ending_at(now) {
+            self.end(&s, ending, now);
+            return Err(Error::SessionNotValid);
+        }
+        let mut rotated = s.clone();
+        rotated.token_hash = replacement;
+        rotated.last_seen_at = now.max(s.last_seen_at);
+        rotated.rotation_count = s.rotation_count.saturating_add(1);
+        self.plan.put(Some(&s), Some(&rotated));
+        let sequence = self.plan.emit(&s, now, EventKind::Rotated);
+        Ok(RotateOutcome {
+            session: rotated,
+            sequence,
+        })
+    }
+
+    /// Revokes the target's live sessions; ends the ones found past a deadline the deadline's way.
+    pub fn revoke(
+        &mut self,
+        target: RevokeTarget,
+        reason: RevokeReason,
+        now: Timestamp,
+    ) -> Result<RevokeOutcome> {
+        let sessions = match target {
+            RevokeTarget::Sessions { ids, tenant } => {
+                let mut seen = HashSet::new();
+                let mut sessions = Vec::with_capacity(ids.len());
+                for id in ids.into_iter().filter(|id| seen.insert(*id)) {
+                    // Another tenant's session does not exist for a tenant-bound caller.
+                    let s = self
+                        .view
+                        .session(&id)?
+                        .filter(|s| tenant.as_ref().is_none_or(|t| *t == s.tenant_id))
+                        .ok_or(Error::SessionNotFound(id))?;
+                    sessions.push(s);
+                }
+                sessions
+            }
+            RevokeTarget::AnyOf(ids) => {
+                let mut seen = HashSet::new();
+                let mut sessions = Vec::with_capacity(ids.len());
+                for id in ids.into_iter().filter(|id| seen.insert(*id)) {
+                    sessions.extend(self.view.session(&id)?);
+                }
+                sessions
+            }
+            RevokeTarget::User {
+                tenant_id,
+                user_id,
+                except,
+            } => self
+                .view
+                .user_sessions(&tenant_id, &user_id)?
+                .into_iter()
+                .filter(|s| Some(s.id) != except)
+                .collect(),
+        };
+        let mut revoked = Vec::new();
+        let mut after = Vec::with_capacity(sessions.len());
+        for s in &sessions {
+            let (ended_here, session) = self.revoke_one(s, reason, now);
+            if ended_here {
+                revoked.push(s.id);
+            }
+            after.push(session);
+        }
+        Ok(RevokeOutcome {
+            revoked,
+            sessions: after,
+            sequence: self.plan.head,
+        })
+    }
+
+    /// Ends the listed sessions past a deadline, purges expired tombstones, re-files the rest.
+    pub fn sweep(
+        &mut self,
+        ids: Vec<SessionId>,
+        policy_of: &PolicyOf,
+        now: Timestamp,
+    ) -> Result<usize> {
+        let mut expired = 0;
+        let mut seen = HashSet::new();
+        for id in ids.into_iter().filter(|id| seen.insert(*id)) {
+            let Some(s) = self.view.session(&id)? else {
+                continue;
+            };
+            let s = if s.is_active() {
+                let policy = policy_of(&s.tenant_id);
+                self.tightened(s, &policy)
+            } else {
+                s
+            };
+            match (s.is_active(), s.ending_at(now)) {
+                (true, Some(ending)) => {
+                    self.end(&s, ending, now);
+                    expired += 1;
+                }
+                // Active and live: it was used since it was filed; the put re-files it.
+                (true, None) => {
+                    if s.next_deadline() <= now {
+                        self.plan.put(Some(&s), Some(&s));
+                    }
+                }
+                (false, _) if now >= s.purge_at() => self.plan.put(Some(&s), None),
+                (false, _) => {}
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Records a use of a live session.
+    pub fn touch(&mut self, id: SessionId, now: Timestamp) -> Result<()> {
+        if let Some(s) = self.view.session(&id)? {
+            if s.is_live_at(now) && now > s.last_seen_at {
+                let mut touched = s.clone();
+                touched.last_seen_at = now;
+                self.plan.put(Some(&s), Some(&touched));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn travel_refusal(flag: &TravelFlag) -> Error {
+    Error::PermissionDenied(format!(
+        "impossible travel: {:.0} km from the user's last place in {}, {:.0} km/h",
+        flag.distance_km,
+        humantime::format_duration(std::time::Duration::from_secs(
+            flag.flagged_at.since(flag.from_seen_at).as_secs()
+        )),
+        flag.speed_kmh.min(1e9),
+    ))
+}
