@@ -1,10 +1,19 @@
 //! Backups: the snapshot file format, taking a snapshot (by the store's writer, so it is
 //! consistent), verifying and restoring one (offline), and fetching one from a running server.
 //!
-//! File format: `SABACKUP1\n`, then entries `u32 key length, key, u32 value length, value` (all
+//! File format: `SABACKUP2\n`, then entries `u32 key length, key, u32 value length, value` (all
 //! big-endian), then a trailer: `u64 0xFFFF_FFFF_FFFF_FFFF` (no key is that long), `u64` entry
 //! count, `u32` CRC-32 of everything before the trailer's CRC. A restore reads and checks the whole
 //! file before it writes anything.
+//!
+//! The entries are records, not a backend's keyspace, so a backup restores into any backend:
+//! a kind byte and the record's natural key, then its encoding (`store::records`, the same on
+//! every backend). `s` + session id: a session; `e` + big-endian sequence: an event; `p` +
+//! tenant: a policy (JSON); `l` / `q` + tenant, 0, user: a user's last place / login quota;
+//! `a` + big-endian id: an audit record (JSON); `m` + name: the store's id, installation secret,
+//! event head and audit head. Indexes, the format marker and the log epoch are not in it: each
+//! backend rebuilds its indexes, and a restore starts a new log epoch. Files of version 1
+//! (`SABACKUP1\n`, sled's whole keyspace) still restore.
 
 use std::{
     fs::File,
@@ -14,7 +23,17 @@ use std::{
 
 use crate::error::{Error, Result};
 
-const MAGIC: &[u8] = b"SABACKUP1\n";
+const MAGIC: &[u8] = b"SABACKUP2\n";
+const MAGIC_V1: &[u8] = b"SABACKUP1\n";
+
+/// What a backup file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// sled's keyspace, indexes included (written before records).
+    Keyspace,
+    /// Records only (see the module documentation).
+    Records,
+}
 const TRAILER_MARK: u64 = u64::MAX;
 
 /// Writes entries in the backup format, counting and checksumming as it goes.
@@ -67,16 +86,26 @@ impl SnapshotWriter {
     }
 }
 
-/// Reads and checks a whole backup file: its entries, in order.
-pub fn read_snapshot(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+/// A backup's entries, in order: key and value.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Reads and checks a whole backup file: its version and entries.
+pub fn read_snapshot(path: &Path) -> Result<(Version, Entries)> {
     let bad =
         |why: &str| Error::DataDir(format!("{} is not a valid backup: {why}", path.display()));
     let mut bytes = Vec::new();
     BufReader::new(File::open(path).map_err(io("opening", path))?)
         .read_to_end(&mut bytes)
         .map_err(io("reading", path))?;
-    if bytes.len() < MAGIC.len() + 20 || !bytes.starts_with(MAGIC) {
+    let version = if bytes.starts_with(MAGIC) {
+        Version::Records
+    } else if bytes.starts_with(MAGIC_V1) {
+        Version::Keyspace
+    } else {
         return Err(bad("no backup header"));
+    };
+    if bytes.len() < MAGIC.len() + 20 {
+        return Err(bad("truncated"));
     }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     let crc = u32::from_be_bytes(crc.try_into().map_err(|_| bad("truncated"))?);
@@ -101,7 +130,7 @@ pub fn read_snapshot(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
             if mark != TRAILER_MARK || count != entries.len() as u64 {
                 return Err(bad("trailer does not match the entries"));
             }
-            return Ok(entries);
+            return Ok((version, entries));
         }
         let klen = u32::from_be_bytes(take(&mut pos, 4)?.try_into().map_err(|_| bad("length"))?);
         let key = take(&mut pos, klen as usize)?.to_vec();
@@ -114,7 +143,7 @@ pub fn read_snapshot(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
 /// Restores a backup into `data_dir`. Refuses a non-empty directory unless `force`, and then moves
 /// it aside (to `<data_dir>.before-restore`) rather than deleting it. Returns the entry count.
 pub fn restore(from: &Path, data_dir: &Path, force: bool) -> Result<u64> {
-    let entries = read_snapshot(from)?;
+    let (version, entries) = read_snapshot(from)?;
     let occupied = std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some());
     if occupied {
         if !force {
@@ -132,7 +161,7 @@ pub fn restore(from: &Path, data_dir: &Path, force: bool) -> Result<u64> {
         }
         std::fs::rename(data_dir, &aside).map_err(io("moving aside", data_dir))?;
     }
-    crate::store::SledStore::restore_entries(data_dir, &entries)?;
+    crate::store::SledStore::restore_entries(data_dir, version, &entries)?;
     Ok(entries.len() as u64)
 }
 
@@ -169,7 +198,7 @@ pub async fn fetch(
         .into_inner()
         .map_err(|e| Error::Storage(e.to_string()))?;
     file.sync_all().map_err(io("syncing", &partial))?;
-    let entries = read_snapshot(&partial)?.len() as u64;
+    let entries = read_snapshot(&partial)?.1.len() as u64;
     std::fs::rename(&partial, out).map_err(io("renaming", &partial))?;
     Ok(entries)
 }

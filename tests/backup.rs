@@ -168,6 +168,51 @@ async fn a_backup_restores_into_a_server_with_everything_acknowledged() {
     assert!(list_all(&mut c, "acme", "after-backup", 10)
         .await
         .is_empty());
+    // Records only, and the restore rebuilt the indexes: listing finds the live session, and
+    // the sweeper finds it by its deadline.
+    let (version, records) = backup::read_snapshot(&file).expect("read");
+    assert_eq!(version, backup::Version::Records);
+    assert!(records
+        .iter()
+        .all(|(k, _)| k[0] != b'u' && k[0] != b'd' && k.as_slice() != b"mlogepoch"));
+    let alice = list_all(&mut c, "acme", "alice", 10).await;
+    assert_eq!(alice.len(), 1);
+    copy.advance(std::time::Duration::from_secs(601));
+    eventually("the sweeper expires the restored session", || {
+        let mut c = c.clone();
+        let id = alice[0].session_id.clone();
+        async move {
+            get(&mut c, &id).await.expect("get").state() == pb::SessionState::Expired
+                && list_all(&mut c, "acme", "alice", 10).await.is_empty()
+        }
+    })
+    .await;
+}
+
+/// A backup written by the release before backups held records (sled's keyspace, version 1):
+/// alice's session was live, bob's revoked.
+#[tokio::test]
+async fn a_version_1_backup_still_restores() {
+    let restored = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/backup-v1.sab");
+    let (version, _) = backup::read_snapshot(&fixture).expect("read");
+    assert_eq!(version, backup::Version::Keyspace);
+    backup::restore(&fixture, &restored.path().join("data"), false).expect("restore");
+    // A minute after alice's session was created (2026-11-29T06:50:29.388Z), so it is live.
+    let clock = Arc::new(session_authority::clock::ManualClock::new(
+        session_authority::clock::Timestamp::from_millis(1_795_935_089_388),
+    ));
+    let server = TestServer::start_in(restored, clock, test_config()).await;
+    let mut c = server.client().await;
+    let alice = "sat_ky4bDSxou9_FIInKg_LCIwRYaQKgzdwVYnH_qajkzUPvfnurXpd3LtLneEq8MT_77Q2dsA";
+    let bob = "sat_XCr_vaLs5OiOnYaldeYgyAyNpjP_5t8tVfVst1Ye1u6IjpHs_WaT6o7fARmyNpcNMd70jQ";
+    let session = validate_with(&mut c, alice, Some(false))
+        .await
+        .expect("alice's session came back");
+    assert_eq!(session.session_id, "932e1b0d2c68bbdfc52089ca83f2c223");
+    assert_not_valid(validate(&mut c, bob).await);
+    assert_eq!(list_all(&mut c, "acme", "alice", 10).await.len(), 1);
 }
 
 #[tokio::test]

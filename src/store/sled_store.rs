@@ -285,8 +285,13 @@ impl SledStore {
     }
 
     /// Writes restored entries into a new store in `dir` (which must not hold one), with the
-    /// identity marker of the store they came from.
-    pub fn restore_entries(dir: &Path, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+    /// identity marker of the store they came from. Records (version 2) get their indexes and
+    /// the format marker rebuilt here; a keyspace (version 1) is written as it is.
+    pub fn restore_entries(
+        dir: &Path,
+        version: crate::backup::Version,
+        entries: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<()> {
         let db = sled::Config::new()
             .path(dir)
             .open()
@@ -302,8 +307,14 @@ impl SledStore {
             let mut batch = sled::Batch::default();
             for (k, v) in chunk {
                 batch.insert(k.as_slice(), v.as_slice());
+                if version == crate::backup::Version::Records {
+                    index_restored(&mut batch, k, v)?;
+                }
             }
             tree.apply_batch(batch)?;
+        }
+        if version == crate::backup::Version::Records {
+            tree.insert(keys::META_FORMAT, keys::FORMAT_VALUE)?;
         }
         // A new timeline: the log continues from the backup's head, so its sequence numbers
         // repeat ones that the original store may have handed out after the backup.
@@ -797,6 +808,34 @@ fn write_marker(dir: &Path, id: &str) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io)
+}
+
+/// Whether a key holds a record that a backup carries (see `crate::backup`): not an index (the
+/// restore rebuilds them), not the format marker or the log epoch (a restore sets its own).
+fn is_record(key: &[u8]) -> bool {
+    match key.first() {
+        Some(&keys::USER) | Some(&keys::DEADLINE) => false,
+        _ => key != keys::META_FORMAT && key != keys::META_LOG_EPOCH,
+    }
+}
+
+/// Adds the index entries of a restored record: a session's deadline entry, and its user entry
+/// while it is active.
+fn index_restored(batch: &mut sled::Batch, key: &[u8], value: &[u8]) -> Result<()> {
+    if key.first() != Some(&keys::SESSION) {
+        return Ok(());
+    }
+    let id = SessionId::from_slice(&key[1..])
+        .ok_or_else(|| Error::DataDir("the backup holds a damaged session key".into()))?;
+    let s = records::decode_session(id, value)?;
+    batch.insert(&keys::deadline(s.next_deadline(), &s.id)[..], &[][..]);
+    if s.is_active() {
+        batch.insert(
+            keys::user_session(&s.tenant_id, &s.user_id, s.created_at, &s.id),
+            &[][..],
+        );
+    }
+    Ok(())
 }
 
 /// The installation secret: made from the OS's randomness when the store is new.
@@ -1303,7 +1342,9 @@ impl<'a> Tx<'a> {
         let io = |e: std::io::Error| Error::Storage(format!("writing {}: {e}", path.display()));
         for entry in self.tree.iter() {
             let (key, value) = entry?;
-            out.entry(&key, &value).map_err(io)?;
+            if is_record(&key) {
+                out.entry(&key, &value).map_err(io)?;
+            }
         }
         out.finish().map_err(io)
     }
