@@ -10,6 +10,7 @@ mod keys;
 mod records;
 mod session_cache;
 mod sled_store;
+pub mod snapshot;
 
 use std::{
     future::Future,
@@ -171,7 +172,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Appends an entry to the audit trail, durably; its `id` is assigned here and returned.
     fn append_audit(&self, entry: AuditEntry) -> impl Future<Output = Result<u64>> + Send;
 
-    /// Writes a consistent snapshot of the whole store to `path` (see `crate::backup`); returns
+    /// Writes a consistent snapshot of the whole store to `path` (see `snapshot`); returns
     /// the number of entries. Writes wait meanwhile; the reply comes once every write in the
     /// snapshot is durable.
     fn snapshot(&self, path: std::path::PathBuf) -> impl Future<Output = Result<u64>> + Send;

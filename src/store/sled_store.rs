@@ -289,7 +289,7 @@ impl SledStore {
     /// the format marker rebuilt here; a keyspace (version 1) is written as it is.
     pub fn restore_entries(
         dir: &Path,
-        version: crate::backup::Version,
+        version: super::snapshot::Version,
         entries: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<()> {
         let db = sled::Config::new()
@@ -307,13 +307,13 @@ impl SledStore {
             let mut batch = sled::Batch::default();
             for (k, v) in chunk {
                 batch.insert(k.as_slice(), v.as_slice());
-                if version == crate::backup::Version::Records {
+                if version == super::snapshot::Version::Records {
                     index_restored(&mut batch, k, v)?;
                 }
             }
             tree.apply_batch(batch)?;
         }
-        if version == crate::backup::Version::Records {
+        if version == super::snapshot::Version::Records {
             tree.insert(keys::META_FORMAT, keys::FORMAT_VALUE)?;
         }
         // A new timeline: the log continues from the backup's head, so its sequence numbers
@@ -810,7 +810,7 @@ fn write_marker(dir: &Path, id: &str) -> Result<()> {
         .map_err(io)
 }
 
-/// Whether a key holds a record that a backup carries (see `crate::backup`): not an index (the
+/// Whether a key holds a record that a backup carries (see `super::snapshot`): not an index (the
 /// restore rebuilds them), not the format marker or the log epoch (a restore sets its own).
 fn is_record(key: &[u8]) -> bool {
     match key.first() {
@@ -1338,7 +1338,7 @@ impl<'a> Tx<'a> {
 
     /// Copies every entry of the tree to a backup file, in key order.
     fn snapshot(&self, path: &Path) -> Result<u64> {
-        let mut out = crate::backup::SnapshotWriter::create(path)?;
+        let mut out = super::snapshot::SnapshotWriter::create(path)?;
         let io = |e: std::io::Error| Error::Storage(format!("writing {}: {e}", path.display()));
         for entry in self.tree.iter() {
             let (key, value) = entry?;
