@@ -66,6 +66,26 @@ async fn first_after(server: &TestServer, after: u64) -> Message {
         .expect("message")
 }
 
+/// The first event after `after`, waiting for it if need be.
+async fn next_event_after(server: &TestServer, after: u64) -> pb::SessionEvent {
+    let mut stream = EventServiceClient::new(server.channel().await)
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: Some(after),
+            filter: None,
+            announce_live: false,
+            log_epoch: None,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    loop {
+        if let Some(Message::Event(e)) = stream.message().await.expect("ok").expect("open").message
+        {
+            return e;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_cross_tenant_validate_changes_nothing() {
     let server = TestServer::start_with(tenants_config()).await;
@@ -254,22 +274,7 @@ async fn a_session_past_its_maximum_age_ends_at_that_age_before_and_after_the_sw
     assert_eq!(before_sweep.state(), pb::SessionState::Revoked);
     assert_eq!(before_sweep.ended_at, Some(max_age_at));
     // The sweeper (every 20 ms here) records the ending: its event is the sign.
-    let mut events = EventServiceClient::new(server.channel().await)
-        .watch_events(pb::WatchEventsRequest {
-            after_sequence: Some(created.sequence),
-            filter: None,
-            announce_live: false,
-            log_epoch: None,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    loop {
-        if let Some(Message::Event(_)) = events.message().await.expect("ok").expect("open").message
-        {
-            break;
-        }
-    }
+    next_event_after(&server, created.sequence).await;
     let after_sweep = get(&mut client, &session.session_id).await.expect("get");
     assert_eq!(after_sweep.state(), pb::SessionState::Revoked);
     assert_eq!(
@@ -759,24 +764,9 @@ async fn the_sweeper_ends_sessions_the_way_the_policy_in_force_does() {
         ..test_config()
     };
     let server = TestServer::start_in(dir, clock, strict).await;
-    let mut events = EventServiceClient::new(server.channel().await)
-        .watch_events(pb::WatchEventsRequest {
-            after_sequence: Some(created.sequence),
-            filter: None,
-            announce_live: false,
-            log_epoch: None,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
     // Past the stored idle deadline, so the sweeper picks it up.
     server.advance(Duration::from_secs(1860));
-    let ended = loop {
-        if let Some(Message::Event(e)) = events.message().await.expect("ok").expect("open").message
-        {
-            break e;
-        }
-    };
+    let ended = next_event_after(&server, created.sequence).await;
     assert_eq!(ended.session_id, session.session_id);
     assert!(
         matches!(ended.body, Some(pb::session_event::Body::Revoked(ref r)) if r.reason() == pb::RevokeReason::Policy),
