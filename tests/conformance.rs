@@ -518,6 +518,35 @@ async fn a_tightened_policy_ends_open_sessions_with_their_events<B: Backend>(b: 
     assert_eq!(expired, vec![old.session.id]);
 }
 
+async fn a_policy_write_is_marked_until_its_enforcement_finishes<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {}));
+    let s = &h.sessions;
+    let store = s.store();
+    assert!(store.pending_enforcements().expect("pending").is_empty());
+    s.policies()
+        .set("t".into(), policy(|p| p.max_sessions_per_user = 3))
+        .await
+        .expect("set");
+    assert_eq!(store.pending_enforcements().expect("pending"), vec!["t"]);
+    s.enforce_policy("t").await.expect("enforce");
+    assert!(store.pending_enforcements().expect("pending").is_empty());
+    // An enforcement that finishes after a newer write leaves the newer write's mark.
+    s.policies()
+        .set("t".into(), policy(|p| p.max_sessions_per_user = 4))
+        .await
+        .expect("set");
+    let older = store
+        .enforcement_pending("t")
+        .expect("mark")
+        .expect("marked");
+    s.policies().delete("t").await.expect("delete");
+    store
+        .enforcement_done("t".into(), older)
+        .await
+        .expect("done");
+    assert_eq!(store.pending_enforcements().expect("pending"), vec!["t"]);
+}
+
 /// Instantiates every test of the suite for one backend.
 macro_rules! conformance {
     ($module:ident, $backend:expr) => {
@@ -538,6 +567,7 @@ macro_rules! conformance {
                 listing_pages_cover_every_live_session_once,
                 pruning_keeps_the_newest_events_and_the_head,
                 a_tightened_policy_ends_open_sessions_with_their_events,
+                a_policy_write_is_marked_until_its_enforcement_finishes,
             );
         }
     };

@@ -779,3 +779,76 @@ async fn the_sweeper_ends_sessions_the_way_the_policy_in_force_does() {
     let max_age_at = session.created_at.expect("created").seconds + 1200;
     assert_eq!(stored.ended_at.map(|t| t.seconds), Some(max_age_at));
 }
+
+#[tokio::test]
+async fn a_restart_finishes_the_enforcement_of_a_policy_change() {
+    // A session stored under a 30-minute idle timeout, then a policy of 5 minutes written with no
+    // enforcement run (as if the process died right after the write).
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let clock = std::sync::Arc::new(session_authority::clock::ManualClock::new(START));
+    let (token, sequence) = {
+        let store = std::sync::Arc::new(
+            session_authority::store::SledStore::open(
+                &dir.path().join("data"),
+                8 << 20,
+                8 << 20,
+                4096,
+                Duration::from_secs(86_400),
+            )
+            .expect("open"),
+        );
+        let default = session_authority::model::policy::Policy::from(&Config {
+            idle_timeout: Duration::from_secs(1800),
+            ..test_config()
+        });
+        let policies = std::sync::Arc::new(
+            session_authority::sessions::policies::Policies::load(store.clone(), default.clone())
+                .expect("policies"),
+        );
+        let sessions = session_authority::sessions::Sessions::new(
+            store.clone(),
+            clock.clone(),
+            session_authority::token::TokenGenerator::from_os().expect("seed"),
+            policies.clone(),
+            Duration::from_secs(10),
+        );
+        let created = sessions
+            .create(session_authority::sessions::NewSession {
+                tenant_id: "t".into(),
+                user_id: "u".into(),
+                remember_me: false,
+                device: Default::default(),
+                attributes: Default::default(),
+            })
+            .await
+            .expect("create");
+        let mut tight = default;
+        tight.idle_timeout = Duration::from_secs(300);
+        policies.set("t".into(), tight).await.expect("set");
+        session_authority::store::SessionStore::close(&*store)
+            .await
+            .expect("close");
+        (created.token.expose().to_string(), created.sequence)
+    };
+    clock.advance(Duration::from_secs(600));
+    let server = TestServer::start_in(
+        dir,
+        clock,
+        Config {
+            idle_timeout: Duration::from_secs(1800),
+            ..test_config()
+        },
+    )
+    .await;
+    // Nobody validates and the session is not due by its stored deadline: only the resumed
+    // enforcement ends it, and caches hear of it.
+    let ended = tokio::time::timeout(Duration::from_secs(10), next_event_after(&server, sequence))
+        .await
+        .expect("the interrupted enforcement was resumed");
+    assert!(
+        matches!(ended.body, Some(pb::session_event::Body::Expired(_))),
+        "{ended:?}"
+    );
+    let mut client = server.client().await;
+    assert_not_valid(validate(&mut client, &token).await);
+}

@@ -85,6 +85,11 @@ pub async fn run(
         policies,
         config.touch_interval,
     ));
+    // Policy changes whose enforcement a stop interrupted: finish them.
+    for tenant in store.pending_enforcements()? {
+        tracing::info!(tenant_id = %tenant, "resuming the enforcement of a policy change");
+        policies::spawn_enforcement(sessions.clone(), tenant);
+    }
 
     let (stop, stopped) = watch::channel(false);
     let sweeper = tokio::spawn(run_sweeper(

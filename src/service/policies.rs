@@ -30,7 +30,7 @@ impl<S> PolicyApi<S> {
 
 /// Open sessions follow a tightened policy at once on every read; storing it on them (and ending
 /// those already past it, with their events, so caches hear of it) runs in the background.
-fn spawn_enforcement<S: SessionStore>(sessions: Arc<Sessions<S>>, tenant: String) {
+pub(super) fn spawn_enforcement<S: SessionStore>(sessions: Arc<Sessions<S>>, tenant: String) {
     tokio::spawn(async move {
         match sessions.enforce_policy(&tenant).await {
             Ok(changed) => {

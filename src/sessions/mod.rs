@@ -469,8 +469,10 @@ impl<S: SessionStore> Sessions<S> {
 
     /// Applies a tenant's current policy to all its open sessions, in batches: tightened
     /// timeouts are stored and sessions already past them end now, with their events (so caches
-    /// hear of it). Returns how many sessions changed.
+    /// hear of it). Returns how many sessions changed. Clears the mark the policy write left,
+    /// unless a newer write left another, so a restart resumes only unfinished enforcement.
     pub async fn enforce_policy(&self, tenant_id: &str) -> Result<usize> {
+        let mark = self.store.enforcement_pending(tenant_id)?;
         let scope = ListScope {
             tenant_id: tenant_id.to_string(),
             user_id: None,
@@ -481,6 +483,11 @@ impl<S: SessionStore> Sessions<S> {
             let ids = batch.iter().map(|s| s.id).collect();
             let policy = self.policies.for_tenant(tenant_id);
             changed += self.store.enforce(ids, policy, self.clock.now()).await?;
+        }
+        if let Some(mark) = mark {
+            self.store
+                .enforcement_done(tenant_id.to_string(), mark)
+                .await?;
         }
         Ok(changed)
     }

@@ -29,6 +29,8 @@ pub const POLICY: u8 = b'p';
 pub const LAST_SEEN: u8 = b'l';
 pub const CREATIONS: u8 = b'q';
 pub const AUDIT: u8 = b'a';
+/// Tenants whose policy changed and whose open sessions are not all enforced yet: tenant -> nonce.
+pub const ENFORCE: u8 = b'n';
 
 pub fn audit(id: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -54,8 +56,13 @@ pub const META_LOG_EPOCH: &[u8] = b"mlogepoch";
 pub const META_AUDIT_HEAD: &[u8] = b"maudithead";
 
 pub fn policy(tenant: &str) -> Vec<u8> {
+    per_tenant(POLICY, tenant)
+}
+
+/// A per-tenant key in the map named by `prefix` (`POLICY`, `ENFORCE`).
+pub fn per_tenant(prefix: u8, tenant: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + tenant.len());
-    k.push(POLICY);
+    k.push(prefix);
     k.extend_from_slice(tenant.as_bytes());
     k
 }

@@ -155,12 +155,27 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Every stored tenant policy.
     fn policies(&self) -> Result<Vec<(String, Policy)>>;
 
-    /// Stores (`Some`) or deletes (`None`) a tenant's policy, durably. True if one existed.
+    /// Stores (`Some`) or deletes (`None`) a tenant's policy, durably, with a mark that its open
+    /// sessions are yet to be enforced (see `pending_enforcements`). True if one existed.
     fn put_policy(
         &self,
         tenant_id: String,
         policy: Option<Policy>,
     ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Tenants whose policy changed (by `put_policy`) and whose open sessions have not all been
+    /// enforced since: a restart resumes their enforcement.
+    fn pending_enforcements(&self) -> Result<Vec<String>>;
+
+    /// The mark `put_policy` left for `tenant`, if its enforcement is pending.
+    fn enforcement_pending(&self, tenant_id: &str) -> Result<Option<u64>>;
+
+    /// Clears `tenant`'s mark if it is still `mark` (a newer policy write keeps its own).
+    fn enforcement_done(
+        &self,
+        tenant_id: String,
+        mark: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// 32 random bytes made with the store: keys values that must be stable and unguessable.
     fn installation_secret(&self) -> [u8; 32];

@@ -157,6 +157,10 @@ enum Op {
         tenant_id: String,
         policy: Option<Policy>,
     },
+    EnforcementDone {
+        tenant_id: String,
+        mark: u64,
+    },
     Audit(Box<AuditEntry>),
     /// Copy the whole tree to a backup file; no other write can interleave.
     Snapshot(std::path::PathBuf),
@@ -318,7 +322,7 @@ impl SledStore {
         }
         // A new timeline: the log continues from the backup's head, so its sequence numbers
         // repeat ones that the original store may have handed out after the backup.
-        tree.insert(keys::META_LOG_EPOCH, &new_log_epoch()?.to_be_bytes())?;
+        tree.insert(keys::META_LOG_EPOCH, &random_nonzero_u64()?.to_be_bytes())?;
         db.flush()?;
         let id = tree
             .get(keys::META_STORE_ID)?
@@ -533,6 +537,36 @@ impl SessionStore for SledStore {
             self.submit(Op::PutPolicy { tenant_id, policy }).await,
             Existed
         )
+    }
+
+    fn pending_enforcements(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in self.shared.tree.scan_prefix([keys::ENFORCE]) {
+            let (key, _) = entry?;
+            out.push(
+                String::from_utf8(key[1..].to_vec())
+                    .map_err(|_| Error::Storage("corrupt enforcement key".into()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn enforcement_pending(&self, tenant_id: &str) -> Result<Option<u64>> {
+        let key = keys::per_tenant(keys::ENFORCE, tenant_id);
+        Ok(match self.shared.tree.get(key)? {
+            Some(v) => {
+                Some(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                    Error::Storage("corrupt enforcement mark".into())
+                })?))
+            }
+            None => None,
+        })
+    }
+
+    async fn enforcement_done(&self, tenant_id: String, mark: u64) -> Result<()> {
+        self.submit(Op::EnforcementDone { tenant_id, mark })
+            .await
+            .map(drop)
     }
 
     fn installation_secret(&self) -> [u8; 32] {
@@ -854,8 +888,8 @@ fn read_or_make_secret(db: &sled::Db, tree: &sled::Tree) -> Result<[u8; 32]> {
     Ok(secret)
 }
 
-/// A new log epoch: random, never 0 (which a client reads as "none").
-fn new_log_epoch() -> Result<u64> {
+/// A random u64, never 0: log epochs (0 reads as "none" to a client) and enforcement marks.
+fn random_nonzero_u64() -> Result<u64> {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes)
         .map_err(|e| Error::Storage(format!("no randomness from the OS: {e}")))?;
@@ -868,7 +902,7 @@ fn read_or_make_log_epoch(db: &sled::Db, tree: &sled::Tree) -> Result<u64> {
     if stored != 0 {
         return Ok(stored);
     }
-    let epoch = new_log_epoch()?;
+    let epoch = random_nonzero_u64()?;
     tree.insert(keys::META_LOG_EPOCH, &epoch.to_be_bytes())?;
     db.flush()?;
     Ok(epoch)
@@ -1217,6 +1251,14 @@ impl<'a> Tx<'a> {
             Op::PutPolicy { tenant_id, policy } => {
                 self.put_policy(&tenant_id, policy).map(Outcome::Existed)
             }
+            Op::EnforcementDone { tenant_id, mark } => {
+                let key = keys::per_tenant(keys::ENFORCE, &tenant_id);
+                if self.tree.get(&key)?.as_deref() == Some(&mark.to_be_bytes()[..]) {
+                    self.batch.remove(key);
+                    self.dirty = true;
+                }
+                Ok(Outcome::Nothing)
+            }
             Op::Audit(entry) => self.audit(*entry).map(|id| Outcome::Count(id as usize)),
             Op::Snapshot(path) => self.snapshot(&path).map(|n| Outcome::Count(n as usize)),
             Op::Rotate {
@@ -1371,6 +1413,11 @@ impl<'a> Tx<'a> {
             Some(p) => self.batch.insert(key, records::encode_policy(&p)?),
             None => self.batch.remove(key),
         }
+        // Its sessions are enforced in the background; until that is done, the mark says so.
+        self.batch.insert(
+            keys::per_tenant(keys::ENFORCE, tenant_id),
+            &random_nonzero_u64()?.to_be_bytes(),
+        );
         self.dirty = true;
         Ok(existed)
     }

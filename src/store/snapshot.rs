@@ -9,8 +9,9 @@
 //! a kind byte and the record's natural key, then its encoding (`store::records`, the same on
 //! every backend). `s` + session id: a session; `e` + big-endian sequence: an event; `p` +
 //! tenant: a policy (JSON); `l` / `q` + tenant, 0, user: a user's last place / login quota;
-//! `a` + big-endian id: an audit record (JSON); `m` + name: the store's id, installation secret,
-//! event head and audit head. Indexes, the format marker and the log epoch are not in it: each
+//! `a` + big-endian id: an audit record (JSON); `n` + tenant: a policy change whose enforcement
+//! is unfinished (resumed at start); `m` + name: the store's id, installation secret, event head
+//! and audit head. Indexes, the format marker and the log epoch are not in it: each
 //! backend rebuilds its indexes, and a restore starts a new log epoch. Files of version 1
 //! (`SABACKUP1\n`, sled's whole keyspace) still restore.
 
