@@ -112,3 +112,231 @@ impl<S: SessionStore> Policies<S> {
             .unwrap_or_else(|| generated_cookie_name(&self.store.installation_secret(), tenant_id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{future::Future, path::PathBuf, sync::atomic::AtomicBool, time::Duration};
+
+    use super::*;
+    use crate::{
+        clock::Timestamp,
+        config::Config,
+        events::EventBus,
+        model::{
+            audit::AuditEntry,
+            event::Event,
+            session::{Location, RevokeReason, Session},
+            travel::{LastSeen, TravelRules},
+        },
+        store::{
+            CreateOutcome, CreateRules, ListPage, ListScope, LogBounds, PolicyOf, RevokeOutcome,
+            RevokeTarget, RotateOutcome, SledStore,
+        },
+        token::{SessionId, TokenHash},
+    };
+
+    /// A sled store whose first policy write replies late, after it is durable: the window in
+    /// which a second write can overtake it on its way to the in-memory map.
+    struct SlowFirstPolicyWrite {
+        inner: SledStore,
+        first: AtomicBool,
+    }
+
+    impl SessionStore for SlowFirstPolicyWrite {
+        fn get(&self, id: &SessionId) -> Result<Option<Session>> {
+            self.inner.get(id)
+        }
+        fn list(&self, scope: &ListScope, cursor: Option<&[u8]>, limit: usize) -> Result<ListPage> {
+            self.inner.list(scope, cursor, limit)
+        }
+        fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<SessionId>> {
+            self.inner.due(now, limit)
+        }
+        fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
+            self.inner.events_after(after, limit)
+        }
+        fn visit_events_since(
+            &self,
+            since: Timestamp,
+            visit: &mut dyn FnMut(&Event),
+        ) -> Result<()> {
+            self.inner.visit_events_since(since, visit)
+        }
+        fn log_bounds(&self) -> Result<LogBounds> {
+            self.inner.log_bounds()
+        }
+        fn size_on_disk(&self) -> Result<u64> {
+            self.inner.size_on_disk()
+        }
+        fn events(&self) -> Arc<EventBus> {
+            self.inner.events()
+        }
+        fn is_healthy(&self) -> bool {
+            self.inner.is_healthy()
+        }
+        fn create(
+            &self,
+            session: Session,
+            rules: CreateRules,
+        ) -> impl Future<Output = Result<CreateOutcome>> + Send {
+            self.inner.create(session, rules)
+        }
+        fn enforce(
+            &self,
+            ids: Vec<SessionId>,
+            policy: Arc<Policy>,
+            now: Timestamp,
+        ) -> impl Future<Output = Result<usize>> + Send {
+            self.inner.enforce(ids, policy, now)
+        }
+        fn observe(
+            &self,
+            id: SessionId,
+            location: Location,
+            now: Timestamp,
+            rules: TravelRules,
+        ) -> impl Future<Output = Result<Session>> + Send {
+            self.inner.observe(id, location, now, rules)
+        }
+        fn last_seen(&self, tenant_id: &str, user_id: &str) -> Result<Option<LastSeen>> {
+            self.inner.last_seen(tenant_id, user_id)
+        }
+        fn policies(&self) -> Result<Vec<(String, Policy)>> {
+            self.inner.policies()
+        }
+        async fn put_policy(&self, tenant_id: String, policy: Option<Policy>) -> Result<bool> {
+            let slow = self.first.swap(false, std::sync::atomic::Ordering::SeqCst);
+            let existed = self.inner.put_policy(tenant_id, policy).await?;
+            if slow {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Ok(existed)
+        }
+        fn pending_enforcements(&self) -> Result<Vec<String>> {
+            self.inner.pending_enforcements()
+        }
+        fn enforcement_pending(&self, tenant_id: &str) -> Result<Option<u64>> {
+            self.inner.enforcement_pending(tenant_id)
+        }
+        fn enforcement_done(
+            &self,
+            tenant_id: String,
+            mark: u64,
+        ) -> impl Future<Output = Result<()>> + Send {
+            self.inner.enforcement_done(tenant_id, mark)
+        }
+        fn installation_secret(&self) -> [u8; 32] {
+            self.inner.installation_secret()
+        }
+        fn log_epoch(&self) -> u64 {
+            self.inner.log_epoch()
+        }
+        fn append_audit(&self, entry: AuditEntry) -> impl Future<Output = Result<u64>> + Send {
+            self.inner.append_audit(entry)
+        }
+        fn snapshot(&self, path: PathBuf) -> impl Future<Output = Result<u64>> + Send {
+            self.inner.snapshot(path)
+        }
+        fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+            self.inner.audit_after(after, limit)
+        }
+        fn rotate(
+            &self,
+            id: SessionId,
+            current: TokenHash,
+            replacement: TokenHash,
+            policy: Arc<Policy>,
+            now: Timestamp,
+        ) -> impl Future<Output = Result<RotateOutcome>> + Send {
+            self.inner.rotate(id, current, replacement, policy, now)
+        }
+        fn revoke(
+            &self,
+            target: RevokeTarget,
+            reason: RevokeReason,
+            now: Timestamp,
+        ) -> impl Future<Output = Result<RevokeOutcome>> + Send {
+            self.inner.revoke(target, reason, now)
+        }
+        fn sweep(
+            &self,
+            ids: Vec<SessionId>,
+            policy_of: PolicyOf,
+            now: Timestamp,
+        ) -> impl Future<Output = Result<usize>> + Send {
+            self.inner.sweep(ids, policy_of, now)
+        }
+        fn prune_events(
+            &self,
+            older_than: Timestamp,
+            keep: u64,
+        ) -> impl Future<Output = Result<usize>> + Send {
+            self.inner.prune_events(older_than, keep)
+        }
+        fn purge_user_state(
+            &self,
+            older_than: Timestamp,
+            now: Timestamp,
+            cursor: Option<Vec<u8>>,
+            limit: usize,
+        ) -> impl Future<Output = Result<(usize, Option<Vec<u8>>)>> + Send {
+            self.inner.purge_user_state(older_than, now, cursor, limit)
+        }
+        fn prune_audit(
+            &self,
+            older_than: Timestamp,
+            limit: usize,
+        ) -> impl Future<Output = Result<usize>> + Send {
+            self.inner.prune_audit(older_than, limit)
+        }
+        fn touch(&self, id: SessionId, now: Timestamp) {
+            self.inner.touch(id, now)
+        }
+        fn end_soon(&self, id: SessionId, policy: Arc<Policy>, now: Timestamp) {
+            self.inner.end_soon(id, policy, now)
+        }
+        fn close(&self) -> impl Future<Output = Result<()>> + Send {
+            self.inner.close()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_reach_memory_in_the_order_they_reached_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SlowFirstPolicyWrite {
+            inner: SledStore::open(
+                &dir.path().join("data"),
+                8 << 20,
+                8 << 20,
+                64,
+                Duration::from_secs(60),
+            )
+            .expect("open"),
+            first: AtomicBool::new(true),
+        });
+        let default = Policy::from(&Config::default());
+        let policies = Arc::new(Policies::load(store.clone(), default.clone()).expect("load"));
+        let with_limit = |n| Policy {
+            max_sessions_per_user: n,
+            ..default.clone()
+        };
+        // The first write is durable first but slow to reply; the second overtakes it.
+        let first = {
+            let (policies, p) = (policies.clone(), with_limit(1));
+            tokio::spawn(async move { policies.set("t".into(), p).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        policies
+            .set("t".into(), with_limit(2))
+            .await
+            .expect("second");
+        first.await.expect("task").expect("first");
+        let on_disk: Vec<_> = store.policies().expect("stored");
+        assert_eq!(on_disk.len(), 1);
+        assert_eq!(
+            policies.for_tenant("t").max_sessions_per_user,
+            on_disk[0].1.max_sessions_per_user,
+            "memory and disk agree"
+        );
+    }
+}
