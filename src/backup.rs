@@ -8,11 +8,8 @@ use std::{
 };
 
 use crate::error::{Error, Result};
+use crate::store::snapshot::io;
 pub use crate::store::snapshot::{read_snapshot, Entries, SnapshotWriter, Version};
-
-fn io<'a>(what: &'a str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
-    move |e| Error::Storage(format!("{what} {}: {e}", path.display()))
-}
 
 /// Restores a backup into `data_dir`. Refuses a non-empty directory unless `force`, and then moves
 /// it aside (to `<data_dir>.before-restore`) rather than deleting it. Returns the entry count.

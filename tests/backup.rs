@@ -18,16 +18,7 @@ use tonic::Code;
 
 /// The first heartbeat of a stream that starts at the head: the log's epoch and head.
 async fn epoch_and_head(server: &TestServer) -> (u64, u64) {
-    let mut stream = EventServiceClient::new(server.channel().await)
-        .watch_events(pb::WatchEventsRequest {
-            after_sequence: None,
-            filter: None,
-            announce_live: true,
-            log_epoch: None,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = watch_from(EventServiceClient::new(server.channel().await), None, true).await;
     match stream.message().await.expect("ok").expect("open").message {
         Some(Message::Heartbeat(h)) => (h.log_epoch, h.head_sequence),
         other => panic!("expected the live heartbeat, got {other:?}"),

@@ -45,19 +45,10 @@ fn tenants_config() -> Config {
 /// The first message of a stream that replays from `after` and announces when it is live: an
 /// event if one was written after `after`, else the heartbeat at the head.
 async fn first_after(server: &TestServer, after: u64) -> Message {
-    let mut events =
+    let events =
         EventServiceClient::with_interceptor(server.channel().await, bearer("admin-secret"));
-    let mut stream = events
-        .watch_events(pb::WatchEventsRequest {
-            after_sequence: Some(after),
-            filter: None,
-            announce_live: true,
-            log_epoch: None,
-        })
+    watch_from(events, Some(after), true)
         .await
-        .expect("watch")
-        .into_inner();
-    stream
         .message()
         .await
         .expect("ok")
@@ -68,16 +59,12 @@ async fn first_after(server: &TestServer, after: u64) -> Message {
 
 /// The first event after `after`, waiting for it if need be.
 async fn next_event_after(server: &TestServer, after: u64) -> pb::SessionEvent {
-    let mut stream = EventServiceClient::new(server.channel().await)
-        .watch_events(pb::WatchEventsRequest {
-            after_sequence: Some(after),
-            filter: None,
-            announce_live: false,
-            log_epoch: None,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = watch_from(
+        EventServiceClient::new(server.channel().await),
+        Some(after),
+        false,
+    )
+    .await;
     loop {
         if let Some(Message::Event(e)) = stream.message().await.expect("ok").expect("open").message
         {
@@ -587,29 +574,39 @@ async fn a_filtered_replay_of_a_long_log_leaves_the_workers_free() {
     }
 }
 
-#[tokio::test]
-async fn set_policy_with_an_update_mask_changes_only_the_named_fields() {
-    let server = TestServer::start().await;
-    let mut policies = PolicyServiceClient::new(server.channel().await);
-    let before = policy_of(&server, "t").await.policy.expect("policy");
-    let stored = policies
+/// SetPolicy for tenant "t" taking only the fields `paths` names from `policy`.
+async fn set_masked(
+    server: &TestServer,
+    policy: pb::Policy,
+    paths: &[&str],
+) -> Result<pb::Policy, tonic::Status> {
+    PolicyServiceClient::new(server.channel().await)
         .set_policy(pb::SetPolicyRequest {
             policy: Some(pb::Policy {
                 tenant_id: "t".into(),
-                max_sessions_per_user: 3,
-                // Not in the mask: ignored, though invalid on its own.
-                idle_timeout: secs(1),
-                ..Default::default()
+                ..policy
             }),
             update_mask: Some(prost_types::FieldMask {
-                paths: vec!["max_sessions_per_user".into()],
+                paths: paths.iter().map(|p| p.to_string()).collect(),
             }),
         })
         .await
-        .expect("partial update")
-        .into_inner()
-        .policy
-        .expect("policy");
+        .map(|r| r.into_inner().policy.expect("policy"))
+}
+
+#[tokio::test]
+async fn set_policy_with_an_update_mask_changes_only_the_named_fields() {
+    let server = TestServer::start().await;
+    let before = policy_of(&server, "t").await.policy.expect("policy");
+    let given = pb::Policy {
+        max_sessions_per_user: 3,
+        // Not in the mask: ignored, though invalid on its own.
+        idle_timeout: secs(1),
+        ..Default::default()
+    };
+    let stored = set_masked(&server, given, &["max_sessions_per_user"])
+        .await
+        .expect("partial update");
     assert_eq!(stored.max_sessions_per_user, 3);
     assert_eq!(
         pb::Policy {
@@ -623,16 +620,7 @@ async fn set_policy_with_an_update_mask_changes_only_the_named_fields() {
     assert!(!now.is_default);
     assert_eq!(now.policy, Some(stored));
 
-    let err = policies
-        .set_policy(pb::SetPolicyRequest {
-            policy: Some(pb::Policy {
-                tenant_id: "t".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["max_sesions_per_user".into()],
-            }),
-        })
+    let err = set_masked(&server, pb::Policy::default(), &["max_sesions_per_user"])
         .await
         .expect_err("unknown path");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -642,17 +630,11 @@ async fn set_policy_with_an_update_mask_changes_only_the_named_fields() {
         err.message()
     );
     // The merged policy is checked as a whole: idle longer than absolute is refused.
-    let err = policies
-        .set_policy(pb::SetPolicyRequest {
-            policy: Some(pb::Policy {
-                tenant_id: "t".into(),
-                idle_timeout: secs(30 * 86_400),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["idle_timeout".into()],
-            }),
-        })
+    let longer = pb::Policy {
+        idle_timeout: secs(30 * 86_400),
+        ..Default::default()
+    };
+    let err = set_masked(&server, longer, &["idle_timeout"])
         .await
         .expect_err("idle beyond absolute");
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -43,7 +43,8 @@ pub struct SnapshotWriter {
     count: u64,
 }
 
-fn io<'a>(what: &'a str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
+/// An I/O error on a backup file as a storage error naming what was done to which file.
+pub fn io<'a>(what: &'a str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
     move |e| Error::Storage(format!("{what} {}: {e}", path.display()))
 }
 

@@ -326,3 +326,30 @@ pub type Authed = tonic::service::interceptor::InterceptedService<Channel, Beare
 pub async fn sessions_as(server: &TestServer, secret: &str) -> SessionServiceClient<Authed> {
     SessionServiceClient::with_interceptor(server.channel().await, bearer(secret))
 }
+
+// === the event stream ===
+
+/// A WatchEvents stream with no filter: from the head (`after` = `None`) or after a sequence,
+/// announcing with a heartbeat when it is live if asked.
+pub async fn watch_from<T>(
+    mut events: session_authority::proto::v1::event_service_client::EventServiceClient<T>,
+    after: Option<u64>,
+    announce_live: bool,
+) -> tonic::Streaming<pb::WatchEventsResponse>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    events
+        .watch_events(pb::WatchEventsRequest {
+            after_sequence: after,
+            filter: None,
+            announce_live,
+            log_epoch: None,
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
