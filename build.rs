@@ -32,5 +32,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "::session_authority_client::proto::v1",
         )
         .compile_fds(fds)?;
+    compile_etcd(&out_dir)?;
+    Ok(())
+}
+
+/// etcd's v3 API, for the etcd store backend: client stubs only, in their own packages.
+fn compile_etcd(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let fds = protox::compile(
+        [
+            "etcd/api/etcdserverpb/rpc.proto",
+            "etcd/api/mvccpb/kv.proto",
+            "etcd/api/authpb/auth.proto",
+        ],
+        ["proto/third_party"],
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .out_dir(out_dir)
+        .compile_fds(fds)?;
     Ok(())
 }

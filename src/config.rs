@@ -23,6 +23,23 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory of the embedded store. Created if missing; never overwritten if foreign.
     pub data_dir: PathBuf,
+    /// Where sessions live: `sled` (embedded, one process) or `etcd` (several replicas on one
+    /// etcd cluster).
+    pub store: StoreKind,
+    /// etcd members to use (`store = "etcd"`): `http://host:port` or `https://host:port` URLs,
+    /// comma-separated or a list. Calls fail over between them.
+    #[serde(deserialize_with = "endpoints")]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this deployment in etcd, so several deployments share a cluster.
+    pub etcd_prefix: String,
+    /// PEM CA bundle that signed the etcd members' certificates (https endpoints).
+    pub etcd_ca_file: Option<PathBuf>,
+    /// PEM client certificate for etcd (client-certificate authentication), with `etcd_key_file`.
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd user, when the cluster has authentication on (`etcd_password` with it).
+    pub etcd_username: Option<String>,
+    pub etcd_password: Option<String>,
     /// A session unused this long ends.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -173,6 +190,33 @@ pub struct ClientIdentityConfig {
     pub tenant: Option<String>,
 }
 
+/// The store backend.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Sled,
+    Etcd,
+}
+
+/// `etcd_endpoints` as a comma-separated string (flags, environment) or a list (TOML).
+fn endpoints<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        One(String),
+        Many(Vec<String>),
+    }
+    let list = match Form::deserialize(d)? {
+        Form::One(s) => s.split(',').map(str::to_string).collect(),
+        Form::Many(v) => v,
+    };
+    Ok(list
+        .into_iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect())
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -185,6 +229,14 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("./data"),
+            store: StoreKind::Sled,
+            etcd_endpoints: Vec::new(),
+            etcd_prefix: "/session-authority/".into(),
+            etcd_ca_file: None,
+            etcd_cert_file: None,
+            etcd_key_file: None,
+            etcd_username: None,
+            etcd_password: None,
             idle_timeout: Duration::from_secs(30 * 60),
             absolute_timeout: Duration::from_secs(12 * 3600),
             remember_me_idle_timeout: Duration::from_secs(7 * 86400),
@@ -316,6 +368,35 @@ impl Config {
             "must be 16-1048576",
         )?;
         check(self.cache_mib >= 8, "cache_mib", "must be at least 8")?;
+        if self.store == StoreKind::Etcd {
+            check(
+                !self.etcd_endpoints.is_empty(),
+                "etcd_endpoints",
+                "name at least one etcd member (store = etcd)",
+            )?;
+            for e in &self.etcd_endpoints {
+                check(
+                    e.starts_with("http://") || e.starts_with("https://"),
+                    "etcd_endpoints",
+                    "each must be an http:// or https:// URL",
+                )?;
+            }
+            check(
+                !self.etcd_prefix.is_empty(),
+                "etcd_prefix",
+                "must not be empty",
+            )?;
+            check(
+                self.etcd_cert_file.is_some() == self.etcd_key_file.is_some(),
+                "etcd_cert_file",
+                "etcd_cert_file and etcd_key_file go together",
+            )?;
+            check(
+                self.etcd_username.is_some() == self.etcd_password.is_some(),
+                "etcd_username",
+                "etcd_username and etcd_password go together",
+            )?;
+        }
         check(
             self.tls_cert.is_some() == self.tls_key.is_some(),
             "tls_cert",
@@ -475,14 +556,18 @@ pub enum Tool {
         #[arg(long)]
         ca: Option<PathBuf>,
     },
-    /// Restore a backup file into a data directory (offline: no server may run on it).
+    /// Restore a backup file into a data directory (offline: no server may run on it), or, with
+    /// `--store etcd` before the command, into an empty `etcd_prefix` of an etcd cluster.
     Restore {
         /// The backup file.
         #[arg(long)]
         from: PathBuf,
-        /// The data directory to create.
+        /// The data directory to create (sled).
+        #[arg(long, required_unless_present = "to_etcd")]
+        into: Option<PathBuf>,
+        /// Restore into etcd (`etcd_endpoints`, `etcd_prefix`) instead of a directory.
         #[arg(long)]
-        into: PathBuf,
+        to_etcd: bool,
         /// If the directory is not empty, move it to <dir>.before-restore first.
         #[arg(long)]
         force: bool,
@@ -557,6 +642,34 @@ struct CliSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     event_buffer: Option<usize>,
+    /// Store backend: sled (embedded) or etcd (several replicas) [default: sled]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store: Option<StoreKind>,
+    /// etcd endpoints, comma-separated http(s)://host:port URLs
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_endpoints: Option<String>,
+    /// Key prefix of this deployment in etcd [default: /session-authority/]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_prefix: Option<String>,
+    /// PEM CA bundle of the etcd members' certificates
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_ca_file: Option<PathBuf>,
+    /// PEM client certificate for etcd
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_cert_file: Option<PathBuf>,
+    /// PEM client key for etcd
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_key_file: Option<PathBuf>,
+    /// etcd user (the password from SESSION_AUTHORITY_ETCD_PASSWORD or the file)
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_username: Option<String>,
     /// Store page cache in MiB [default: 512]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

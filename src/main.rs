@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match Config::load_with_tool(std::env::args_os()) {
-        Ok((_, Some(tool))) => return run_tool(tool).await,
+        Ok((config, Some(tool))) => return run_tool(tool, &config).await,
         Ok((config, None)) => config,
         Err(e) => {
             eprintln!("session-authority: {e}");
@@ -39,14 +39,33 @@ async fn main() -> ExitCode {
 }
 
 /// Runs an operator tool; exit code 0 on success, 1 on failure (with the reason on stderr).
-async fn run_tool(tool: Tool) -> ExitCode {
+async fn run_tool(tool: Tool, config: &Config) -> ExitCode {
     let result = match tool {
         Tool::Backup { server, out, ca } => fetch_backup(&server, ca.as_deref(), &out)
             .await
             .map(|entries| println!("backup written to {}: {entries} entries", out.display())),
-        Tool::Restore { from, into, force } => backup::restore(&from, &into, force)
+        Tool::Restore {
+            from,
+            to_etcd: true,
+            ..
+        } => restore_to_etcd(&from, config)
+            .await
+            .map(|entries| {
+                println!(
+                    "restored {entries} records into etcd under {:?}",
+                    config.etcd_prefix
+                )
+            })
+            .map_err(|e| e.to_string()),
+        Tool::Restore {
+            from,
+            into: Some(into),
+            force,
+            ..
+        } => backup::restore(&from, &into, force)
             .map(|entries| println!("restored {entries} entries into {}", into.display()))
             .map_err(|e| e.to_string()),
+        Tool::Restore { into: None, .. } => Err("restore needs --into or --to-etcd".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,6 +74,16 @@ async fn run_tool(tool: Tool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn restore_to_etcd(
+    from: &std::path::Path,
+    config: &Config,
+) -> session_authority::error::Result<u64> {
+    let (_, entries) = backup::read_snapshot(from)?;
+    let options = session_authority::service::etcd_options(config)?;
+    session_authority::store::EtcdStore::restore_entries(options, &config.etcd_prefix, &entries)
+        .await
 }
 
 async fn fetch_backup(

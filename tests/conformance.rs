@@ -6,6 +6,9 @@
 //!
 //! Each backend instantiates every test with `conformance!(module, backend)`; sled does below.
 
+#[path = "common/etcd.rs"]
+mod etcd_cluster;
+
 use std::{sync::Arc, time::Duration};
 
 use session_authority::{
@@ -21,7 +24,7 @@ use session_authority::{
         policies::Policies, sweeper::sweep_once, ListQuery, NewSession, Retention, SessionFilter,
         Sessions,
     },
-    store::{ListScope, RevokeTarget, SessionStore, SledStore},
+    store::{EtcdOptions, EtcdStore, ListScope, RevokeTarget, SessionStore, SledStore},
     token::TokenGenerator,
 };
 
@@ -32,7 +35,7 @@ const TOUCH: Duration = Duration::from_secs(10);
 /// A store to test: opened (again) on the same state each time.
 trait Backend: Send + Sync + 'static {
     type Store: SessionStore;
-    fn open(&self) -> Arc<Self::Store>;
+    fn open(&self) -> impl std::future::Future<Output = Arc<Self::Store>> + Send;
 }
 
 struct Sled(tempfile::TempDir);
@@ -45,7 +48,7 @@ impl Sled {
 
 impl Backend for Sled {
     type Store = SledStore;
-    fn open(&self) -> Arc<SledStore> {
+    async fn open(&self) -> Arc<SledStore> {
         Arc::new(
             SledStore::open(
                 &self.0.path().join("data"),
@@ -55,6 +58,32 @@ impl Backend for Sled {
                 Duration::from_secs(86_400),
             )
             .expect("open"),
+        )
+    }
+}
+
+/// A 3-member etcd cluster on loopback, and the prefix this test's deployment lives under (a
+/// reopen is a replica restarting on the same cluster).
+struct Etcd(etcd_cluster::EtcdCluster);
+
+impl Etcd {
+    fn new() -> Self {
+        Self(etcd_cluster::EtcdCluster::start(3))
+    }
+}
+
+impl Backend for Etcd {
+    type Store = EtcdStore;
+    async fn open(&self) -> Arc<EtcdStore> {
+        let options = EtcdOptions {
+            endpoints: self.0.endpoints(),
+            timeout: Duration::from_secs(5),
+            ..EtcdOptions::default()
+        };
+        Arc::new(
+            EtcdStore::open(options, "/conformance/", 4096, Duration::from_secs(86_400))
+                .await
+                .expect("open"),
         )
     }
 }
@@ -74,8 +103,8 @@ fn policy(change: impl FnOnce(&mut Policy)) -> Policy {
     p
 }
 
-fn harness<B: Backend>(backend: &B, default: Policy) -> Harness<B::Store> {
-    let store = backend.open();
+async fn harness<B: Backend>(backend: &B, default: Policy) -> Harness<B::Store> {
+    let store = backend.open().await;
     let clock = Arc::new(ManualClock::new(START));
     let policies = Arc::new(Policies::load(store.clone(), default).expect("policies"));
     let sessions = Arc::new(Sessions::new(
@@ -123,7 +152,7 @@ fn is_not_valid<T: std::fmt::Debug>(r: Result<T, Error>) -> bool {
 // === the tests, generic over the backend ===
 
 async fn created_sessions_validate_and_a_revoke_ends_them_once<B: Backend>(b: B) {
-    let h = harness(&b, policy(|_| {}));
+    let h = harness(&b, policy(|_| {})).await;
     let s = &h.sessions;
     let created = s.create(new_session("t", "u")).await.expect("create");
     let token = created.token.expose().to_string();
@@ -157,7 +186,7 @@ async fn created_sessions_validate_and_a_revoke_ends_them_once<B: Backend>(b: B)
 }
 
 async fn a_revoke_naming_an_unknown_or_foreign_session_changes_nothing<B: Backend>(b: B) {
-    let h = harness(&b, policy(|_| {}));
+    let h = harness(&b, policy(|_| {})).await;
     let s = &h.sessions;
     let mine = s.create(new_session("t", "u")).await.expect("create");
     let unknown = TokenGenerator::from_os().expect("seed").session_id();
@@ -190,7 +219,7 @@ async fn a_revoke_naming_an_unknown_or_foreign_session_changes_nothing<B: Backen
 }
 
 async fn the_limit_evicts_the_least_recently_used_and_says_so_first<B: Backend>(b: B) {
-    let h = harness(&b, policy(|p| p.max_sessions_per_user = 2));
+    let h = harness(&b, policy(|p| p.max_sessions_per_user = 2)).await;
     let s = &h.sessions;
     let first = s.create(new_session("t", "u")).await.expect("1");
     h.clock.advance(Duration::from_secs(20));
@@ -229,7 +258,8 @@ async fn concurrent_creates_never_exceed_a_rejecting_limit<B: Backend>(b: B) {
             p.max_sessions_per_user = 3;
             p.limit_action = LimitAction::Reject;
         }),
-    );
+    )
+    .await;
     let tasks: Vec<_> = (0..24)
         .map(|_| {
             let s = h.sessions.clone();
@@ -248,7 +278,7 @@ async fn concurrent_creates_never_exceed_a_rejecting_limit<B: Backend>(b: B) {
 }
 
 async fn the_login_quota_counts_a_rolling_day<B: Backend>(b: B) {
-    let h = harness(&b, policy(|p| p.max_creations_per_day = 2));
+    let h = harness(&b, policy(|p| p.max_creations_per_day = 2)).await;
     let s = &h.sessions;
     s.create(new_session("t", "u")).await.expect("1");
     h.clock.advance(Duration::from_secs(3600));
@@ -267,7 +297,7 @@ async fn the_login_quota_counts_a_rolling_day<B: Backend>(b: B) {
 }
 
 async fn one_of_many_racing_rotations_wins<B: Backend>(b: B) {
-    let h = harness(&b, policy(|_| {}));
+    let h = harness(&b, policy(|_| {})).await;
     let created = h
         .sessions
         .create(new_session("t", "u"))
@@ -301,7 +331,7 @@ async fn one_of_many_racing_rotations_wins<B: Backend>(b: B) {
 }
 
 async fn an_expiry_is_recorded_once_however_many_notice_it<B: Backend>(b: B) {
-    let h = harness(&b, policy(|_| {}));
+    let h = harness(&b, policy(|_| {})).await;
     let s = &h.sessions;
     let created = s.create(new_session("t", "u")).await.expect("create");
     h.clock.advance(Duration::from_secs(601));
@@ -327,7 +357,7 @@ async fn an_expiry_is_recorded_once_however_many_notice_it<B: Backend>(b: B) {
 }
 
 async fn event_sequences_are_gapless_under_concurrent_writes<B: Backend>(b: B) {
-    let h = harness(&b, policy(|p| p.max_sessions_per_user = 2));
+    let h = harness(&b, policy(|p| p.max_sessions_per_user = 2)).await;
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             let s = h.sessions.clone();
@@ -358,7 +388,8 @@ async fn impossible_travel_with_revoke_ends_every_session_of_the_user<B: Backend
             p.travel_max_speed_kmh = 1000.0;
             p.travel_tolerance_km = 100.0;
         }),
-    );
+    )
+    .await;
     let s = &h.sessions;
     let london = s.create(at(51.51, -0.13)).await.expect("london");
     h.clock.advance(Duration::from_secs(300));
@@ -379,7 +410,7 @@ async fn impossible_travel_with_revoke_ends_every_session_of_the_user<B: Backend
 
 async fn policies_audit_and_sessions_survive_a_reopen<B: Backend>(b: B) {
     let (token, id) = {
-        let h = harness(&b, policy(|_| {}));
+        let h = harness(&b, policy(|_| {})).await;
         let s = &h.sessions;
         let created = s.create(new_session("t", "u")).await.expect("create");
         s.policies()
@@ -401,7 +432,7 @@ async fn policies_audit_and_sessions_survive_a_reopen<B: Backend>(b: B) {
         s.store().close().await.expect("close");
         (created.token.expose().to_string(), created.session.id)
     };
-    let h = harness(&b, policy(|_| {}));
+    let h = harness(&b, policy(|_| {})).await;
     let s = &h.sessions;
     assert_eq!(s.policies().for_tenant("t").max_sessions_per_user, 7);
     let audit = s.store().audit_after(0, 10).expect("audit");
@@ -420,7 +451,7 @@ async fn policies_audit_and_sessions_survive_a_reopen<B: Backend>(b: B) {
 }
 
 async fn listing_pages_cover_every_live_session_once<B: Backend>(b: B) {
-    let h = harness(&b, policy(|_| {}));
+    let h = harness(&b, policy(|_| {})).await;
     let s = &h.sessions;
     let mut created = Vec::new();
     for i in 0..25 {
@@ -466,7 +497,7 @@ async fn listing_pages_cover_every_live_session_once<B: Backend>(b: B) {
 
 async fn pruning_keeps_the_newest_events_and_the_head<B: Backend>(b: B) {
     let head = {
-        let h = harness(&b, policy(|_| {}));
+        let h = harness(&b, policy(|_| {})).await;
         let s = &h.sessions;
         for i in 0..10 {
             s.create(new_session("t", &format!("u{i}")))
@@ -480,7 +511,7 @@ async fn pruning_keeps_the_newest_events_and_the_head<B: Backend>(b: B) {
         store.close().await.expect("close");
         bounds.head
     };
-    let h = harness(&b, policy(|_| {}));
+    let h = harness(&b, policy(|_| {})).await;
     assert_eq!(h.sessions.store().log_bounds().expect("bounds").head, head);
     let next = h
         .sessions
@@ -491,7 +522,7 @@ async fn pruning_keeps_the_newest_events_and_the_head<B: Backend>(b: B) {
 }
 
 async fn a_tightened_policy_ends_open_sessions_with_their_events<B: Backend>(b: B) {
-    let h = harness(&b, policy(|_| {}));
+    let h = harness(&b, policy(|_| {})).await;
     let s = &h.sessions;
     let old = s.create(new_session("t", "u")).await.expect("old");
     h.clock.advance(Duration::from_secs(400));
@@ -519,7 +550,7 @@ async fn a_tightened_policy_ends_open_sessions_with_their_events<B: Backend>(b: 
 }
 
 async fn a_policy_write_is_marked_until_its_enforcement_finishes<B: Backend>(b: B) {
-    let h = harness(&b, policy(|_| {}));
+    let h = harness(&b, policy(|_| {})).await;
     let s = &h.sessions;
     let store = s.store();
     assert!(store.pending_enforcements().expect("pending").is_empty());
@@ -582,3 +613,4 @@ macro_rules! conformance {
 }
 
 conformance!(sled, Sled::new());
+conformance!(etcd, Etcd::new());

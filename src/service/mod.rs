@@ -21,7 +21,7 @@ pub use self::{
 };
 use crate::{
     clock::Clock,
-    config::Config,
+    config::{Config, StoreKind},
     error::{Error, Result},
     events::subscription::WatchSettings,
     model::policy::Policy,
@@ -38,7 +38,7 @@ use crate::{
     security::{self, layer::GuardLayer, throttle::FailureThrottle, Authenticator},
     sessions::policies::Policies,
     sessions::{run_sweeper, Retention, Sessions},
-    store::{SessionStore, SledStore},
+    store::{EtcdOptions, EtcdStore, SessionStore, SledStore},
     token::TokenGenerator,
 };
 
@@ -69,13 +69,68 @@ pub async fn run(
     config
         .validate()
         .map_err(|e| Error::Server(format!("invalid configuration: {e}")))?;
-    let store = Arc::new(SledStore::open(
-        &config.data_dir,
-        config.cache_mib.saturating_mul(1 << 20),
-        config.session_cache_mib.saturating_mul(1 << 20),
-        config.event_buffer,
-        config.tombstone_retention,
-    )?);
+    match config.store {
+        StoreKind::Sled => {
+            let store = SledStore::open(
+                &config.data_dir,
+                config.cache_mib.saturating_mul(1 << 20),
+                config.session_cache_mib.saturating_mul(1 << 20),
+                config.event_buffer,
+                config.tombstone_retention,
+            )?;
+            serve(listener, config, clock, shutdown, Arc::new(store)).await
+        }
+        StoreKind::Etcd => {
+            let store = EtcdStore::open(
+                etcd_options(&config)?,
+                &config.etcd_prefix,
+                config.event_buffer,
+                config.tombstone_retention,
+            )
+            .await?;
+            serve(listener, config, clock, shutdown, Arc::new(store)).await
+        }
+    }
+}
+
+/// How to reach etcd, from the settings (files read here).
+pub fn etcd_options(config: &Config) -> Result<EtcdOptions> {
+    let read = |field: &'static str,
+                path: &Option<std::path::PathBuf>|
+     -> Result<Option<Vec<u8>>> {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| Error::invalid(field, format!("{}: {e}", p.display())))
+            })
+            .transpose()
+    };
+    let identity = match (
+        read("etcd_cert_file", &config.etcd_cert_file)?,
+        read("etcd_key_file", &config.etcd_key_file)?,
+    ) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        _ => None,
+    };
+    Ok(EtcdOptions {
+        endpoints: config.etcd_endpoints.clone(),
+        ca_pem: read("etcd_ca_file", &config.etcd_ca_file)?,
+        identity_pem: identity,
+        credentials: config
+            .etcd_username
+            .clone()
+            .zip(config.etcd_password.clone()),
+        timeout: Duration::from_secs(5),
+    })
+}
+
+/// The server over an open store, whichever backend.
+async fn serve<S: SessionStore>(
+    listener: TcpListener,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    store: Arc<S>,
+) -> Result<()> {
     let tokens = TokenGenerator::from_os().map_err(|e| Error::Server(e.to_string()))?;
     let policies = Arc::new(Policies::load(store.clone(), Policy::from(&config))?);
     let sessions = Arc::new(Sessions::new(
@@ -162,7 +217,15 @@ pub async fn run(
     if config.tls_cert.is_none() {
         tracing::info!("plaintext gRPC (no tls_cert configured)");
     }
-    tracing::info!(addr = ?local, data_dir = %config.data_dir.display(), tls = config.tls_cert.is_some(), mtls = config.tls_client_ca.is_some(), "serving");
+    let store_kind = match config.store {
+        StoreKind::Sled => format!("sled at {}", config.data_dir.display()),
+        StoreKind::Etcd => format!(
+            "etcd {} under {:?}",
+            config.etcd_endpoints.join(","),
+            config.etcd_prefix
+        ),
+    };
+    tracing::info!(addr = ?local, store = %store_kind, tls = config.tls_cert.is_some(), mtls = config.tls_client_ca.is_some(), "serving");
 
     let on_shutdown = {
         let health = health.clone();
@@ -211,7 +274,11 @@ pub async fn run(
         .add_service(limit!(AuditServiceServer::new(AuditApi::new(store.clone()))))
         .add_service(limit!(BackupServiceServer::new(BackupApi::new(
             sessions.clone(),
-            config.data_dir.clone(),
+            // Snapshots are staged beside sled's files; an etcd replica has none of its own.
+            match config.store {
+                StoreKind::Sled => config.data_dir.clone(),
+                StoreKind::Etcd => std::env::temp_dir(),
+            },
         ))))
         .add_service(limit!(EventServiceServer::new(EventApi::new(
             store.clone(),
@@ -272,30 +339,38 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Turns health NOT_SERVING once the store refuses writes (after an I/O failure), so that load
-/// balancers and orchestrators route around this instance until it is restarted.
+/// Reports NOT_SERVING while the store cannot take writes, so that load balancers and
+/// orchestrators route around this instance: for sled after an I/O failure (until a restart), for
+/// etcd while the cluster has no quorum or cannot be reached (SERVING again once it can).
 async fn follow_store_health<S: SessionStore>(
     store: Arc<S>,
     reporter: HealthReporter,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut ticks = 0u64;
+    let mut serving = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stopped.changed() => return,
         }
         ticks += 1;
-        if ticks % 10 == 1 {
+        if ticks % 20 == 1 {
             if let Ok(bytes) = store.size_on_disk() {
                 crate::metrics::store_bytes(bytes);
             }
         }
-        if !store.is_healthy() {
-            tracing::error!("store failed: reporting NOT_SERVING until restarted");
-            set_health(&reporter, ServingStatus::NotServing).await;
-            return;
+        let healthy = store.is_healthy();
+        if healthy != serving {
+            serving = healthy;
+            if healthy {
+                tracing::info!("store available again: reporting SERVING");
+                set_health(&reporter, ServingStatus::Serving).await;
+            } else {
+                tracing::error!("store unavailable: reporting NOT_SERVING");
+                set_health(&reporter, ServingStatus::NotServing).await;
+            }
         }
     }
 }

@@ -297,6 +297,7 @@ impl<S: SessionStore> Sessions<S> {
         tenant: Option<&str>,
     ) -> Result<Session> {
         let parsed = token::parse(token).ok_or(Error::SessionNotValid)?;
+        self.store.fence().await?;
         let stored = match self.store.get(&parsed.session_id)? {
             Some(s)
                 if s.is_active()

@@ -31,6 +31,9 @@ pub const CREATIONS: u8 = b'q';
 pub const AUDIT: u8 = b'a';
 /// Tenants whose policy changed and whose open sessions are not all enforced yet: tenant -> nonce.
 pub const ENFORCE: u8 = b'n';
+/// etcd only: a per-user key rewritten whenever the user's set of active sessions changes, so a
+/// write that counted them conflicts with any other that changed them (see `store::etcd`).
+pub const GUARD: u8 = b'g';
 
 pub fn audit(id: u64) -> [u8; 9] {
     let mut k = [0u8; 9];

@@ -6,6 +6,7 @@
 //! the planners of `model::plan`, run against the store's view: a backend offers the view, runs
 //! the planner, and commits the plan atomically and durably. It decides nothing itself.
 
+pub mod etcd;
 mod keys;
 mod records;
 mod session_cache;
@@ -17,6 +18,7 @@ use std::{
     sync::{Arc, LazyLock},
 };
 
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use sled_store::SledStore;
 
 // The plan types are the store's vocabulary too: what a write is asked to do and what it did.
@@ -260,6 +262,13 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Asks for a session found past a deadline (under `policy`) to be ended, without waiting (a
     /// validate must answer at once). Exactly one event results, however often this is called.
     fn end_soon(&self, id: SessionId, policy: Arc<Policy>, now: Timestamp);
+
+    /// Returns once this store's reads reflect every write acknowledged (by any replica) before
+    /// the call began: a validate after a revoke's reply must refuse, whichever replica revoked.
+    /// A single process has nothing to wait for.
+    fn fence(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
 
     /// Finishes queued writes, flushes and stops taking writes.
     fn close(&self) -> impl Future<Output = Result<()>> + Send;

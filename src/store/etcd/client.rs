@@ -1,0 +1,393 @@
+//! The connection to an etcd cluster: one gRPC channel per endpoint, failover between them,
+//! authentication, and the few calls the backend makes. No etcd client crate fails over or resumes
+//! watches (see `ETCD-NOTES`), so this layer does, and decides which failures may be retried.
+//!
+//! A read is retried on another endpoint after any transport failure or "no leader". A
+//! transaction is retried only when it certainly never reached a server (the connection could
+//! not be made): after that, its outcome is unknown, and the caller is told so (`Storage`), never
+//! told it succeeded.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
+
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    Code, Request, Status,
+};
+
+use crate::error::{Error, Result};
+
+/// etcd's v3 API, compiled from `proto/third_party` by `build.rs`.
+#[allow(clippy::all, clippy::pedantic, missing_docs, dead_code)]
+pub mod pb {
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
+use pb::etcdserverpb::{
+    auth_client::AuthClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
+    watch_client::WatchClient, AlarmRequest, AuthenticateRequest, StatusRequest,
+};
+pub use pb::etcdserverpb::{
+    compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse,
+    RequestOp, TxnRequest, TxnResponse,
+};
+
+/// How to reach the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// `http://host:port` or `https://host:port`, at least one.
+    pub endpoints: Vec<String>,
+    /// PEM of the CA that signed the members' certificates (https endpoints).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM certificate and key for client-certificate authentication.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// User and password, when the cluster has authentication on.
+    pub credentials: Option<(String, String)>,
+    /// Longest wait for one call.
+    pub timeout: Duration,
+}
+
+/// A cluster connection shared by the store's tasks.
+pub struct EtcdClient {
+    channels: Vec<(String, Channel)>,
+    /// The endpoint calls go to until it fails.
+    current: AtomicUsize,
+    credentials: Option<(String, String)>,
+    token: Mutex<Option<MetadataValue<tonic::metadata::Ascii>>>,
+    timeout: Duration,
+}
+
+/// Whether a failed call certainly never reached a server.
+fn not_sent(status: &Status) -> bool {
+    status.code() == Code::Unavailable && {
+        let text = format!("{status:?}");
+        text.contains("connect") || text.contains("Connection refused")
+    }
+}
+
+/// Whether a read may be retried elsewhere.
+fn retry_read(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+    ) || status.message().contains("no leader")
+}
+
+/// etcd's answers in the service's terms.
+pub fn storage_error(what: &str, status: &Status) -> Error {
+    if status.code() == Code::ResourceExhausted && status.message().contains("space") {
+        return Error::ResourceExhausted(format!(
+            "the etcd cluster is out of space (NOSPACE alarm: {}); creations are refused until an \
+             operator compacts, defragments and disarms it; revocations still work",
+            status.message()
+        ));
+    }
+    Error::Storage(format!("etcd {what}: {}", status.message()))
+}
+
+impl EtcdClient {
+    pub fn new(options: &EtcdOptions) -> Result<Self> {
+        if options.endpoints.is_empty() {
+            return Err(Error::invalid(
+                "etcd_endpoints",
+                "name at least one endpoint",
+            ));
+        }
+        let mut channels = Vec::new();
+        for url in &options.endpoints {
+            let mut endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| Error::invalid("etcd_endpoints", format!("{url}: {e}")))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(options.timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true);
+            if url.starts_with("https://") {
+                let mut tls = ClientTlsConfig::new().with_enabled_roots();
+                if let Some(ca) = &options.ca_pem {
+                    tls = tls.ca_certificate(Certificate::from_pem(ca));
+                }
+                if let Some((cert, key)) = &options.identity_pem {
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                endpoint = endpoint
+                    .tls_config(tls)
+                    .map_err(|e| Error::invalid("etcd_ca_file", e.to_string()))?;
+            }
+            channels.push((url.clone(), endpoint.connect_lazy()));
+        }
+        Ok(Self {
+            channels,
+            current: AtomicUsize::new(0),
+            credentials: options.credentials.clone(),
+            token: Mutex::new(None),
+            timeout: options.timeout,
+        })
+    }
+
+    fn channel(&self, attempt: usize) -> Channel {
+        let i = (self.current.load(Ordering::Relaxed) + attempt) % self.channels.len();
+        self.channels[i].1.clone()
+    }
+
+    /// Moves on to the endpoint after the one that just failed.
+    fn fail_over(&self, attempt: usize) {
+        let failed = (self.current.load(Ordering::Relaxed) + attempt) % self.channels.len();
+        let _ = self.current.compare_exchange(
+            failed,
+            (failed + 1) % self.channels.len(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        tracing::debug!(endpoint = %self.channels[failed].0, "etcd endpoint failed; trying the next");
+    }
+
+    /// A request carrying the auth token, if the cluster wants one.
+    async fn request<T>(&self, message: T) -> Result<Request<T>> {
+        let mut request = Request::new(message);
+        if let Some(token) = self.token().await? {
+            request.metadata_mut().insert("token", token);
+        }
+        Ok(request)
+    }
+
+    async fn token(&self) -> Result<Option<MetadataValue<tonic::metadata::Ascii>>> {
+        let Some((name, password)) = &self.credentials else {
+            return Ok(None);
+        };
+        if let Some(t) = self.token.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(Some(t));
+        }
+        let mut last = None;
+        for attempt in 0..self.channels.len() * 2 {
+            let mut auth = AuthClient::new(self.channel(attempt));
+            match auth
+                .authenticate(AuthenticateRequest {
+                    name: name.clone(),
+                    password: password.clone(),
+                })
+                .await
+            {
+                Ok(reply) => {
+                    let token = MetadataValue::try_from(reply.into_inner().token)
+                        .map_err(|e| Error::Storage(format!("etcd auth token: {e}")))?;
+                    *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
+                    return Ok(Some(token));
+                }
+                Err(s) if retry_read(&s) => {
+                    self.fail_over(attempt);
+                    last = Some(s);
+                }
+                Err(s) => return Err(storage_error("authentication", &s)),
+            }
+        }
+        Err(storage_error(
+            "authentication",
+            &last.unwrap_or_else(|| Status::unavailable("no endpoint")),
+        ))
+    }
+
+    /// Forgets the auth token after etcd refused it (they expire), so the next call gets one.
+    fn drop_token(&self, status: &Status) {
+        if status.code() == Code::Unauthenticated || status.message().contains("token") {
+            *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// Calls `call` on one endpoint after another until one answers, for calls that may be
+    /// repeated safely (`idempotent`), or only while nothing was sent.
+    async fn call<T, R, F, Fut>(
+        &self,
+        what: &str,
+        message: T,
+        idempotent: bool,
+        call: F,
+    ) -> Result<R>
+    where
+        T: Clone,
+        F: Fn(Channel, Request<T>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<R>, Status>>,
+    {
+        let attempts = self.channels.len() * 3;
+        let mut backoff = Duration::from_millis(20);
+        let mut last = Status::unavailable("no attempt");
+        for attempt in 0..attempts {
+            let request = self.request(message.clone()).await?;
+            match call(self.channel(attempt), request).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(s) => {
+                    self.drop_token(&s);
+                    let again = if idempotent {
+                        retry_read(&s)
+                    } else {
+                        not_sent(&s)
+                    } || s.code() == Code::Unauthenticated;
+                    if !again {
+                        return Err(storage_error(what, &s));
+                    }
+                    self.fail_over(attempt);
+                    last = s;
+                    if attempt + 1 >= self.channels.len() {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
+            }
+        }
+        Err(storage_error(what, &last))
+    }
+
+    /// A linearizable range read.
+    pub async fn range(&self, request: RangeRequest) -> Result<RangeResponse> {
+        self.call("range", request, true, |ch, r| async move {
+            KvClient::new(ch).range(r).await
+        })
+        .await
+    }
+
+    /// A transaction. `Storage` when its outcome is unknown.
+    pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse> {
+        self.call("txn", request, false, |ch, r| async move {
+            KvClient::new(ch).txn(r).await
+        })
+        .await
+    }
+
+    /// Whether the cluster answers a linearizable read now (it has a leader and quorum), and
+    /// whether it raised an out-of-space alarm.
+    pub async fn probe(&self, key: Vec<u8>) -> Result<bool> {
+        let read = RangeRequest {
+            key,
+            count_only: true,
+            ..Default::default()
+        };
+        tokio::time::timeout(self.timeout, self.range(read))
+            .await
+            .map_err(|_| Error::Storage("etcd did not answer in time".into()))??;
+        let alarms = self
+            .call("alarm", AlarmRequest::default(), true, |ch, r| async move {
+                MaintenanceClient::new(ch).alarm(r).await
+            })
+            .await?;
+        // AlarmType 1 is NOSPACE.
+        Ok(alarms.alarms.iter().any(|a| a.alarm == 1))
+    }
+
+    /// The backend's size on the member answering, in bytes.
+    pub async fn db_size(&self) -> Result<u64> {
+        let status = self
+            .call(
+                "status",
+                StatusRequest::default(),
+                true,
+                |ch, r| async move { MaintenanceClient::new(ch).status(r).await },
+            )
+            .await?;
+        Ok(u64::try_from(status.db_size).unwrap_or(0))
+    }
+
+    /// A watch stream on `[key, range_end)` from `start_revision`, on the current endpoint.
+    pub async fn watch(
+        &self,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+        start_revision: i64,
+        attempt: usize,
+    ) -> Result<tonic::Streaming<pb::etcdserverpb::WatchResponse>> {
+        use pb::etcdserverpb::{watch_request::RequestUnion, WatchCreateRequest, WatchRequest};
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key,
+                range_end,
+                start_revision,
+                progress_notify: true,
+                ..Default::default()
+            })),
+        };
+        // The request stream stays open for the watch's life: closing it cancels the watch.
+        use tokio_stream::StreamExt;
+        let stream = tokio_stream::iter([create]).chain(tokio_stream::pending());
+        let request = self.request(stream).await?;
+        match WatchClient::new(self.channel(attempt)).watch(request).await {
+            Ok(reply) => Ok(reply.into_inner()),
+            Err(s) => {
+                self.drop_token(&s);
+                self.fail_over(attempt);
+                Err(storage_error("watch", &s))
+            }
+        }
+    }
+}
+
+// === request builders ===
+
+/// `[key, end)` covering every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+pub fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key,
+            value,
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn delete(key: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestDeleteRange(
+            DeleteRangeRequest {
+                key,
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+pub fn delete_range(key: Vec<u8>, range_end: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestDeleteRange(
+            DeleteRangeRequest {
+                key,
+                range_end,
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+/// The key's last modification is `revision` (0: the key does not exist).
+pub fn unchanged(key: Vec<u8>, revision: i64) -> Compare {
+    Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Mod as i32,
+        key,
+        target_union: Some(compare::TargetUnion::ModRevision(revision)),
+        ..Default::default()
+    }
+}

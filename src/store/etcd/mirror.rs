@@ -1,0 +1,374 @@
+//! A replica's copy of everything under the deployment's prefix, kept current by one etcd watch.
+//!
+//! Every read of the store (validate, list, due, replay) is answered from here, in memory, at one
+//! etcd revision; the indexes that sled keeps as keys (a user's active sessions, deadlines) are
+//! kept here instead, so a write puts fewer keys. Writers read through [`Recording`], which notes
+//! the revision of every key a planner looked at: the commit compares them, so a plan made from a
+//! copy that is behind fails instead of overwriting a newer change.
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, RwLock},
+};
+
+use tokio::sync::watch;
+
+use super::client::pb::mvccpb;
+use crate::{
+    clock::Timestamp,
+    error::{Error, Result},
+    events::EventBus,
+    model::{event::Event, plan::View, session::Session, travel::LastSeen},
+    store::{keys, records},
+    token::SessionId,
+};
+
+/// A key's value and the revision that last changed it.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub value: Vec<u8>,
+    pub revision: i64,
+}
+
+/// The replica's copy, at `revision`.
+#[derive(Default)]
+pub struct State {
+    /// Every change up to this etcd revision is applied.
+    pub revision: i64,
+    sessions: HashMap<SessionId, (Arc<Session>, i64)>,
+    /// `keys::user_session` of each active session: a user's sessions, listings.
+    pub users: BTreeSet<Vec<u8>>,
+    /// `keys::deadline` of each session: what the sweeper looks at next.
+    pub deadlines: BTreeSet<[u8; 25]>,
+    pub events: BTreeMap<u64, Arc<Event>>,
+    /// Everything else (meta, policies, per-user records, audit, marks), by key.
+    pub other: BTreeMap<Vec<u8>, Versioned>,
+}
+
+impl State {
+    pub fn session(&self, id: &SessionId) -> Option<&(Arc<Session>, i64)> {
+        self.sessions.get(id)
+    }
+
+    pub fn sessions(&self) -> impl Iterator<Item = &Arc<Session>> {
+        self.sessions.values().map(|(s, _)| s)
+    }
+
+    /// The revision of `key` (0: absent), for a commit's compare.
+    pub fn revision_of(&self, key: &[u8]) -> i64 {
+        match key.first() {
+            Some(&keys::SESSION) => SessionId::from_slice(&key[1..])
+                .and_then(|id| self.sessions.get(&id))
+                .map_or(0, |(_, r)| *r),
+            _ => self.other.get(key).map_or(0, |v| v.revision),
+        }
+    }
+
+    pub fn u64_at(&self, key: &[u8]) -> Result<u64> {
+        match self.other.get(key) {
+            None => Ok(0),
+            Some(v) => Ok(u64::from_be_bytes(v.value.as_slice().try_into().map_err(
+                |_| {
+                    Error::Storage(format!(
+                        "corrupt meta record {}",
+                        String::from_utf8_lossy(key)
+                    ))
+                },
+            )?)),
+        }
+    }
+
+    /// The newest sequence ever assigned.
+    pub fn head(&self) -> Result<u64> {
+        let last = self.events.keys().next_back().copied().unwrap_or(0);
+        Ok(self.u64_at(keys::META_HEAD)?.max(last))
+    }
+
+    /// A user's active sessions, by creation time.
+    pub fn user_sessions(&self, tenant: &str, user: &str) -> Vec<Arc<Session>> {
+        let prefix = keys::user_prefix(tenant, Some(user));
+        self.users
+            .range(prefix.clone()..)
+            .take_while(|k| k.starts_with(&prefix))
+            .filter_map(|k| keys::session_id_of_user_key(k))
+            .filter_map(|id| self.sessions.get(&id).map(|(s, _)| s.clone()))
+            .collect()
+    }
+
+    fn unindex(&mut self, s: &Session) {
+        self.deadlines
+            .remove(&keys::deadline(s.next_deadline(), &s.id));
+        if s.is_active() {
+            self.users.remove(&keys::user_session(
+                &s.tenant_id,
+                &s.user_id,
+                s.created_at,
+                &s.id,
+            ));
+        }
+    }
+
+    fn index(&mut self, s: &Session) {
+        self.deadlines
+            .insert(keys::deadline(s.next_deadline(), &s.id));
+        if s.is_active() {
+            self.users.insert(keys::user_session(
+                &s.tenant_id,
+                &s.user_id,
+                s.created_at,
+                &s.id,
+            ));
+        }
+    }
+
+    /// Applies one change (key without the prefix). Returns the event it added, if any.
+    pub fn apply(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        revision: i64,
+    ) -> Result<Option<Arc<Event>>> {
+        match key.first() {
+            Some(&keys::SESSION) => {
+                let id = SessionId::from_slice(&key[1..])
+                    .ok_or_else(|| Error::Storage("corrupt session key in etcd".into()))?;
+                if let Some((old, _)) = self.sessions.remove(&id) {
+                    self.unindex(&old);
+                }
+                if let Some(value) = value {
+                    let s = records::decode_session(id, value)?;
+                    self.index(&s);
+                    self.sessions.insert(id, (Arc::new(s), revision));
+                }
+                Ok(None)
+            }
+            Some(&keys::EVENT) => {
+                let seq = keys::parse_event(key)
+                    .ok_or_else(|| Error::Storage("corrupt event key in etcd".into()))?;
+                match value {
+                    Some(value) => {
+                        let event = Arc::new(records::decode_event(seq, value)?);
+                        self.events.insert(seq, event.clone());
+                        Ok(Some(event))
+                    }
+                    None => {
+                        self.events.remove(&seq);
+                        Ok(None)
+                    }
+                }
+            }
+            _ => {
+                match value {
+                    Some(value) => {
+                        self.other.insert(
+                            key.to_vec(),
+                            Versioned {
+                                value: value.to_vec(),
+                                revision,
+                            },
+                        );
+                    }
+                    None => {
+                        self.other.remove(key);
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The copy, shared by the store's readers, its writer and its watch.
+pub struct Mirror {
+    prefix: Vec<u8>,
+    state: RwLock<State>,
+    applied: watch::Sender<i64>,
+    bus: Arc<EventBus>,
+}
+
+impl Mirror {
+    /// A copy loaded from `kvs` (as read at `revision`); publishes to a new bus from its head.
+    pub fn load(
+        prefix: Vec<u8>,
+        kvs: Vec<mvccpb::KeyValue>,
+        revision: i64,
+        event_buffer: usize,
+    ) -> Result<Self> {
+        let mut state = State::default();
+        for kv in &kvs {
+            let key = kv.key.strip_prefix(prefix.as_slice()).unwrap_or(&kv.key);
+            state.apply(key, Some(&kv.value), kv.mod_revision)?;
+        }
+        state.revision = revision;
+        let bus = Arc::new(EventBus::new(event_buffer, state.head()?));
+        let (applied, _) = watch::channel(revision);
+        Ok(Self {
+            prefix,
+            state: RwLock::new(state),
+            applied,
+            bus,
+        })
+    }
+
+    pub fn bus(&self) -> Arc<EventBus> {
+        self.bus.clone()
+    }
+
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn revision(&self) -> i64 {
+        *self.applied.borrow()
+    }
+
+    /// Applies the changes of one watch message, then publishes the events they added, in order.
+    pub fn apply(&self, events: &[mvccpb::Event], revision: i64) -> Result<()> {
+        let mut added = Vec::new();
+        let head = {
+            let mut state = self.write();
+            let mut top = state.revision;
+            for e in events {
+                let Some(kv) = &e.kv else { continue };
+                if kv.mod_revision <= state.revision {
+                    continue; // seen already (a resumed watch repeats nothing, but be sure)
+                }
+                let key = kv
+                    .key
+                    .strip_prefix(self.prefix.as_slice())
+                    .unwrap_or(&kv.key);
+                let value = (e.r#type == mvccpb::event::EventType::Put as i32)
+                    .then_some(kv.value.as_slice());
+                added.extend(state.apply(key, value, kv.mod_revision)?);
+                top = top.max(kv.mod_revision);
+            }
+            state.revision = top.max(revision);
+            state.head()?
+        };
+        self.publish(added, head);
+        Ok(())
+    }
+
+    /// Replaces the copy with one loaded afresh (after the watch fell behind etcd's compaction).
+    pub fn replace(&self, kvs: Vec<mvccpb::KeyValue>, revision: i64) -> Result<()> {
+        let mut fresh = State::default();
+        for kv in &kvs {
+            let key = kv
+                .key
+                .strip_prefix(self.prefix.as_slice())
+                .unwrap_or(&kv.key);
+            fresh.apply(key, Some(&kv.value), kv.mod_revision)?;
+        }
+        fresh.revision = revision;
+        let published = self.bus.durable_head();
+        let added: Vec<Arc<Event>> = fresh
+            .events
+            .range(published + 1..)
+            .map(|(_, e)| e.clone())
+            .collect();
+        let head = fresh.head()?;
+        *self.write() = fresh;
+        self.publish(added, head);
+        Ok(())
+    }
+
+    fn publish(&self, mut added: Vec<Arc<Event>>, head: u64) {
+        added.sort_by_key(|e| e.sequence);
+        let events = added.into_iter().map(|e| Event::clone(&e)).collect();
+        self.bus.publish(events, head);
+        let revision = self.read().revision;
+        self.applied.send_if_modified(|r| {
+            let raised = revision > *r;
+            *r = (*r).max(revision);
+            raised
+        });
+    }
+
+    /// Waits until the copy has applied `revision`, at most `timeout`. False on timeout.
+    pub async fn caught_up(&self, revision: i64, timeout: std::time::Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// A planner's view of the copy that notes the revision of each key read.
+/// Uses of sessions queued but not written yet are applied to what it reads, so a plan sees
+/// the recency that validations already promised (the limit's eviction order, say).
+pub struct Recording<'a> {
+    pub state: &'a State,
+    pub reads: RefCell<BTreeMap<Vec<u8>, i64>>,
+    touched: &'a (dyn Fn(&SessionId) -> Option<Timestamp> + Sync),
+}
+
+impl<'a> Recording<'a> {
+    pub fn new(
+        state: &'a State,
+        touched: &'a (dyn Fn(&SessionId) -> Option<Timestamp> + Sync),
+    ) -> Self {
+        Self {
+            state,
+            reads: RefCell::new(BTreeMap::new()),
+            touched,
+        }
+    }
+
+    fn with_touch(&self, s: &Session) -> Session {
+        let mut s = s.clone();
+        if s.is_active() {
+            if let Some(at) = (self.touched)(&s.id) {
+                s.last_seen_at = s.last_seen_at.max(at);
+            }
+        }
+        s
+    }
+
+    fn note(&self, key: &[u8]) {
+        let revision = self.state.revision_of(key);
+        self.reads.borrow_mut().insert(key.to_vec(), revision);
+    }
+}
+
+impl View for Recording<'_> {
+    fn session(&self, id: &SessionId) -> Result<Option<Session>> {
+        self.note(&keys::session(id));
+        Ok(self.state.session(id).map(|(s, _)| self.with_touch(s)))
+    }
+
+    fn user_sessions(&self, tenant: &str, user: &str) -> Result<Vec<Session>> {
+        // The guard changes with the set; each member's own key with the member.
+        self.note(&keys::per_user(keys::GUARD, tenant, user));
+        let sessions = self.state.user_sessions(tenant, user);
+        for s in &sessions {
+            self.note(&keys::session(&s.id));
+        }
+        Ok(sessions.iter().map(|s| self.with_touch(s)).collect())
+    }
+
+    fn last_seen(&self, tenant: &str, user: &str) -> Result<Option<LastSeen>> {
+        let key = keys::per_user(keys::LAST_SEEN, tenant, user);
+        self.note(&key);
+        self.state
+            .other
+            .get(&key)
+            .map(|v| records::decode_last_seen(&v.value))
+            .transpose()
+    }
+
+    fn creations(&self, tenant: &str, user: &str) -> Result<Vec<Timestamp>> {
+        let key = keys::per_user(keys::CREATIONS, tenant, user);
+        self.note(&key);
+        Ok(self
+            .state
+            .other
+            .get(&key)
+            .map(|v| records::decode_creations(&v.value))
+            .unwrap_or_default())
+    }
+}

@@ -1,0 +1,1299 @@
+//! The etcd backend: several replicas of the service share one etcd cluster.
+//!
+//! # Reads: a copy per replica
+//! Each replica keeps a copy of everything under its prefix ([`mirror`]), loaded at start and
+//! kept current by one watch. Every read is answered from it, in memory; no read goes to etcd.
+//!
+//! # Writes: one transaction each, optimistic
+//! A write runs its planner (`model::plan`, the same rules as sled) against the copy, noting the
+//! revision of every key the planner read. It then commits one etcd transaction that compares
+//! each of those revisions and puts what the plan changed: records, per-user records, events and
+//! the log head. If anything it read changed meanwhile (another replica wrote it), the compare
+//! fails, nothing is written, and the write runs again on a copy that has caught up (bounded).
+//! Keys the planner never read cannot be lost either: a user's set of active sessions has a guard
+//! key that every change of the set rewrites and every reader of the set compares.
+//!
+//! A reply is sent once etcd committed (a quorum has it on disk) **and** this replica's copy has
+//! applied the commit, so a caller reads its own writes on the replica it wrote through.
+//!
+//! # One event sequence for every replica
+//! The log's head is a counter key: each write with events compares it and advances it in the same
+//! transaction, so sequences are dense and gapless, shared by every replica, and an event is
+//! committed with its change or not at all. The cost: every write with events conflicts with any
+//! concurrent one on another replica, which then retries. etcd's own revision would avoid that
+//! but is not dense and cannot be known before the commit; dense sequences keep the cursor
+//! contract every client already relies on (a gap means a lost event).
+//!
+//! # Size of a transaction
+//! etcd refuses transactions of more than `--max-txn-ops` (128) operations. Work on many sessions
+//! (bulk revoke, sweep, enforcement) is planned and committed in chunks of [`CHUNK`] sessions:
+//! each chunk is atomic, the whole is not. A revoke of a user's sessions covers the sessions that
+//! existed when it started.
+
+mod client;
+mod mirror;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    ops::Bound,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use tokio::sync::watch;
+
+pub use client::EtcdOptions;
+use client::{
+    delete, delete_range, prefix_end, put, unchanged, Compare, EtcdClient, RangeRequest, RequestOp,
+    TxnRequest,
+};
+use mirror::{Mirror, Recording, State};
+
+use super::{
+    keys, records, CreateOutcome, CreateRules, ListPage, ListScope, LogBounds, PolicyOf,
+    RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
+};
+use crate::{
+    clock::Timestamp,
+    error::{Error, Result},
+    events::EventBus,
+    model::{
+        audit::AuditEntry,
+        event::Event,
+        plan::{Plan, Planner},
+        policy::Policy,
+        session::{Location, RevokeReason, Session},
+        travel::{LastSeen, TravelRules},
+    },
+    token::{SessionId, TokenHash},
+};
+
+/// Sessions planned and committed in one transaction by work on many of them: each ended
+/// session costs a record, an event and perhaps a guard, within etcd's 128 operations.
+pub const CHUNK: usize = 32;
+/// etcd's default `--max-txn-ops`.
+const MAX_TXN_OPS: usize = 128;
+/// Tries of one write whose reads other replicas keep changing.
+const ATTEMPTS: usize = 32;
+/// Longest wait for this replica's copy to apply a commit before replying anyway.
+const CATCH_UP: Duration = Duration::from_secs(5);
+/// Longest wait of a validate for its read fence.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often queued touches are written.
+const TOUCH_FLUSH: Duration = Duration::from_millis(500);
+
+/// A session store in an etcd cluster, under a prefix.
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: EtcdClient,
+    mirror: Mirror,
+    prefix: Vec<u8>,
+    /// One planned write at a time per replica: they would conflict on the log head anyway.
+    writer: tokio::sync::Mutex<()>,
+    healthy: AtomicBool,
+    db_size: AtomicU64,
+    secret: [u8; 32],
+    log_epoch: u64,
+    tombstone_retention: Duration,
+    /// Uses of sessions not written yet; reads apply them (see `SledStore`'s queued touches).
+    touches: Mutex<HashMap<SessionId, Timestamp>>,
+    /// Sessions an `end_soon` is ending now, so a burst of validates ends each once.
+    ending: Mutex<HashSet<SessionId>>,
+    /// Read fences: tickets asked for, and the newest ticket whose fence holds (see `fence`).
+    fence_wanted: AtomicU64,
+    fence_wake: tokio::sync::Notify,
+    fence_served: watch::Sender<u64>,
+    /// Test seam: while true, the watch applies nothing (a replica whose copy lags).
+    held: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b)
+        .map_err(|e| Error::Storage(format!("no randomness from the OS: {e}")))?;
+    Ok(b)
+}
+
+fn random_nonzero_u64() -> Result<u64> {
+    Ok(u64::from_be_bytes(random_bytes()?).max(1))
+}
+
+impl EtcdStore {
+    /// Connects to the cluster, creates the deployment's records under `prefix` if it is new
+    /// (once, whichever replica comes first), loads the copy and starts following it.
+    pub async fn open(
+        options: EtcdOptions,
+        prefix: &str,
+        event_buffer: usize,
+        tombstone_retention: Duration,
+    ) -> Result<Self> {
+        if prefix.is_empty() {
+            return Err(Error::invalid("etcd_prefix", "must not be empty"));
+        }
+        let client = EtcdClient::new(&options)?;
+        let prefix = prefix.as_bytes().to_vec();
+        create_if_absent(&client, &prefix).await?;
+        let (kvs, revision) = load(&client, &prefix).await?;
+        let mirror = Mirror::load(prefix.clone(), kvs, revision, event_buffer)?;
+        let (secret, log_epoch) = {
+            let state = mirror.read();
+            match state.other.get(keys::META_FORMAT) {
+                Some(v) if v.value == keys::FORMAT_VALUE => {}
+                other => {
+                    return Err(Error::DataDir(format!(
+                        "etcd prefix {:?} holds an incompatible store format {:?}",
+                        String::from_utf8_lossy(&prefix),
+                        other.map(|v| String::from_utf8_lossy(&v.value).into_owned())
+                    )))
+                }
+            }
+            let secret: [u8; 32] = state
+                .other
+                .get(keys::META_SECRET)
+                .and_then(|v| v.value.as_slice().try_into().ok())
+                .ok_or_else(|| Error::Storage("corrupt installation secret in etcd".into()))?;
+            (secret, state.u64_at(keys::META_LOG_EPOCH)?)
+        };
+        let (stop, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            client,
+            mirror,
+            prefix,
+            writer: tokio::sync::Mutex::new(()),
+            healthy: AtomicBool::new(true),
+            db_size: AtomicU64::new(0),
+            secret,
+            log_epoch,
+            tombstone_retention,
+            touches: Mutex::new(HashMap::new()),
+            ending: Mutex::new(HashSet::new()),
+            fence_wanted: AtomicU64::new(0),
+            fence_wake: tokio::sync::Notify::new(),
+            fence_served: watch::channel(0).0,
+            held: watch::channel(false).0,
+            stop,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let tasks = vec![
+            tokio::spawn(follow(inner.clone())),
+            tokio::spawn(watch_health(inner.clone())),
+            tokio::spawn(flush_touches(inner.clone())),
+            tokio::spawn(serve_fences(inner.clone())),
+        ];
+        *lock(&inner.tasks) = tasks;
+        Ok(Self { inner })
+    }
+
+    /// Holds (`true`) or releases this replica's watch: a held copy applies nothing, as if the
+    /// watch lagged. For tests of the read fence; nothing else calls it.
+    #[doc(hidden)]
+    pub fn hold_watch(&self, held: bool) {
+        self.inner.held.send_replace(held);
+    }
+
+    /// The revision this replica's copy has applied.
+    pub fn applied_revision(&self) -> i64 {
+        self.inner.mirror.revision()
+    }
+
+    /// Writes restored records (a backup's, see `store::snapshot`) under `prefix`, which must hold
+    /// nothing yet: a deployment moves from sled to etcd (or between clusters) this way. The log
+    /// continues from the backup's head in a new epoch.
+    pub async fn restore_entries(
+        options: EtcdOptions,
+        prefix: &str,
+        entries: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<u64> {
+        let client = EtcdClient::new(&options)?;
+        let prefix = prefix.as_bytes().to_vec();
+        let (existing, _) = load(&client, &prefix).await?;
+        if !existing.is_empty() {
+            return Err(Error::DataDir(format!(
+                "etcd prefix {:?} already holds a store",
+                String::from_utf8_lossy(&prefix)
+            )));
+        }
+        let key = |k: &[u8]| [prefix.as_slice(), k].concat();
+        let mut head = 0u64;
+        let mut ops = Vec::new();
+        let mut written = 0u64;
+        for (k, v) in entries {
+            match k.first() {
+                Some(&keys::USER) | Some(&keys::DEADLINE) => continue,
+                Some(&keys::EVENT) => head = head.max(keys::parse_event(k).unwrap_or(0)),
+                _ if k.as_slice() == keys::META_LOG_EPOCH || k.as_slice() == keys::META_FORMAT => {
+                    continue
+                }
+                _ if k.as_slice() == keys::META_HEAD => {
+                    head = head.max(v.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0))
+                }
+                _ => {}
+            }
+            if k.as_slice() != keys::META_HEAD {
+                ops.push(put(key(k), v.clone()));
+                written += 1;
+            }
+            if ops.len() == MAX_TXN_OPS {
+                commit_plain(&client, std::mem::take(&mut ops)).await?;
+            }
+        }
+        // The format last: a restore cut short leaves no store a replica would open.
+        ops.push(put(key(keys::META_HEAD), head.to_be_bytes().to_vec()));
+        ops.push(put(
+            key(keys::META_LOG_EPOCH),
+            random_nonzero_u64()?.to_be_bytes().to_vec(),
+        ));
+        commit_plain(&client, std::mem::take(&mut ops)).await?;
+        commit_plain(
+            &client,
+            vec![put(key(keys::META_FORMAT), keys::FORMAT_VALUE.to_vec())],
+        )
+        .await?;
+        Ok(written)
+    }
+}
+
+async fn commit_plain(client: &EtcdClient, ops: Vec<RequestOp>) -> Result<()> {
+    client
+        .txn(TxnRequest {
+            success: ops,
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+}
+
+/// The records a new deployment starts with, written by the first replica only.
+async fn create_if_absent(client: &EtcdClient, prefix: &[u8]) -> Result<()> {
+    let key = |k: &[u8]| [prefix, k].concat();
+    let (_, existing) = {
+        let r = client
+            .range(RangeRequest {
+                key: prefix.to_vec(),
+                range_end: prefix_end(prefix),
+                count_only: true,
+                ..Default::default()
+            })
+            .await?;
+        ((), r.count)
+    };
+    if existing > 0 {
+        return Ok(()); // a store, or a restore in progress: `open` checks the format
+    }
+    let store_id = hex::encode(random_bytes::<16>()?);
+    client
+        .txn(TxnRequest {
+            compare: vec![unchanged(key(keys::META_SECRET), 0)],
+            success: vec![
+                put(key(keys::META_STORE_ID), store_id.into_bytes()),
+                put(key(keys::META_SECRET), random_bytes::<32>()?.to_vec()),
+                put(
+                    key(keys::META_LOG_EPOCH),
+                    random_nonzero_u64()?.to_be_bytes().to_vec(),
+                ),
+                put(key(keys::META_FORMAT), keys::FORMAT_VALUE.to_vec()),
+            ],
+            failure: vec![],
+        })
+        .await
+        .map(drop)
+}
+
+/// Everything under `prefix`, read page by page at one revision.
+async fn load(
+    client: &EtcdClient,
+    prefix: &[u8],
+) -> Result<(Vec<client::pb::mvccpb::KeyValue>, i64)> {
+    let end = prefix_end(prefix);
+    let mut key = prefix.to_vec();
+    let mut revision = 0;
+    let mut kvs = Vec::new();
+    loop {
+        let page = client
+            .range(RangeRequest {
+                key: key.clone(),
+                range_end: end.clone(),
+                limit: 10_000,
+                revision,
+                ..Default::default()
+            })
+            .await?;
+        if revision == 0 {
+            revision = page.header.as_ref().map_or(0, |h| h.revision);
+        }
+        let more = page.more;
+        if let Some(last) = page.kvs.last() {
+            key = last.key.clone();
+            key.push(0);
+        }
+        kvs.extend(page.kvs);
+        if !more {
+            return Ok((kvs, revision));
+        }
+    }
+}
+
+// === background tasks ===
+
+/// Keeps the copy current: one watch on the prefix, resumed from the last applied revision on
+/// another endpoint when it breaks, reloaded when etcd compacted past it.
+async fn follow(inner: Arc<Inner>) {
+    let mut stop = inner.stop.subscribe();
+    let end = prefix_end(&inner.prefix);
+    let mut attempt = 0usize;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let from = inner.mirror.revision() + 1;
+        let opened = tokio::select! {
+            s = inner.client.watch(inner.prefix.clone(), end.clone(), from, attempt) => s,
+            _ = stop.changed() => return,
+        };
+        let mut stream = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, "etcd watch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = stop.changed() => return,
+            };
+            let reply = match message {
+                Ok(Some(reply)) => reply,
+                Ok(None) | Err(_) => {
+                    attempt += 1;
+                    tracing::warn!("etcd watch ended; resuming on the next endpoint");
+                    break;
+                }
+            };
+            let mut held = inner.held.subscribe();
+            tokio::select! {
+                _ = held.wait_for(|h| !*h) => {}
+                _ = stop.changed() => return,
+            }
+            if reply.compact_revision > 0 {
+                tracing::warn!(
+                    compacted = reply.compact_revision,
+                    "etcd compacted past this replica's copy; reloading it"
+                );
+                match load(&inner.client, &inner.prefix).await {
+                    Ok((kvs, revision)) => {
+                        if let Err(e) = inner.mirror.replace(kvs, revision) {
+                            tracing::error!(error = %e, "reloading the copy failed");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reloading the copy failed"),
+                }
+                break;
+            }
+            if reply.canceled {
+                attempt += 1;
+                break;
+            }
+            if reply.created && reply.events.is_empty() {
+                continue;
+            }
+            // Events: up to their revision. A progress notice: everything up to its header's.
+            let revision = if reply.events.is_empty() {
+                reply.header.as_ref().map_or(0, |h| h.revision)
+            } else {
+                0
+            };
+            if let Err(e) = inner.mirror.apply(&reply.events, revision) {
+                tracing::error!(error = %e, "applying an etcd change failed");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Follows the cluster's health: unhealthy while a linearizable read fails (no quorum, nobody
+/// reachable), healthy again as soon as one succeeds.
+async fn watch_health(inner: Arc<Inner>) {
+    let mut stop = inner.stop.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut ticks = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let ok = inner.client.probe(inner.prefix.clone()).await;
+        let was = inner.healthy.swap(ok.is_ok(), Ordering::AcqRel);
+        match (&ok, was) {
+            (Err(e), true) => tracing::error!(error = %e, "etcd unreachable or without quorum"),
+            (Ok(_), false) => tracing::info!("etcd reachable again"),
+            _ => {}
+        }
+        if matches!(ok, Ok(true)) && ticks % 20 == 0 {
+            tracing::warn!(
+                "etcd raised a NOSPACE alarm: creations are refused; revocations still work"
+            );
+        }
+        if ticks % 10 == 0 {
+            if let Ok(size) = inner.client.db_size().await {
+                inner.db_size.store(size, Ordering::Relaxed);
+            }
+        }
+        ticks += 1;
+    }
+}
+
+/// Read fences, shared: each round reads etcd's current revision (a linearizable read, one Raft
+/// round trip) and waits until the copy has applied it; that serves every ticket taken before the
+/// round began, however many validates wait on it.
+async fn serve_fences(inner: Arc<Inner>) {
+    let mut stop = inner.stop.subscribe();
+    loop {
+        tokio::select! {
+            _ = inner.fence_wake.notified() => {}
+            _ = stop.changed() => return,
+        }
+        let upto = inner.fence_wanted.load(Ordering::SeqCst);
+        if upto <= *inner.fence_served.borrow() {
+            continue;
+        }
+        let read = inner
+            .client
+            .range(RangeRequest {
+                key: inner.key(keys::META_HEAD),
+                count_only: true,
+                ..Default::default()
+            })
+            .await;
+        let revision = match read {
+            Ok(r) => r.header.map_or(0, |h| h.revision),
+            Err(e) => {
+                tracing::debug!(error = %e, "read fence failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                inner.fence_wake.notify_one();
+                continue;
+            }
+        };
+        if inner.mirror.caught_up(revision, CATCH_UP).await {
+            inner.fence_served.send_if_modified(|s| {
+                let raised = upto > *s;
+                *s = (*s).max(upto);
+                raised
+            });
+        } else {
+            inner.fence_wake.notify_one();
+        }
+    }
+}
+
+/// Writes queued touches every `TOUCH_FLUSH`, many per transaction, never one per validate.
+async fn flush_touches(inner: Arc<Inner>) {
+    let mut stop = inner.stop.subscribe();
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(TOUCH_FLUSH) => false,
+            _ = stop.changed() => true,
+        };
+        let queued: Vec<(SessionId, Timestamp)> = lock(&inner.touches)
+            .iter()
+            .map(|(id, at)| (*id, *at))
+            .collect();
+        for chunk in queued.chunks(CHUNK * 2) {
+            let written = inner
+                .plan(|p| {
+                    for (id, at) in chunk {
+                        p.touch(*id, *at)?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = written {
+                tracing::debug!(error = %e, "touches not written; last_seen_at stays coarser");
+            }
+            let mut touches = lock(&inner.touches);
+            for (id, at) in chunk {
+                if touches.get(id).is_some_and(|queued| queued <= at) {
+                    touches.remove(id);
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+// === writes ===
+
+/// A plan as etcd operations.
+struct Txn {
+    compare: Vec<Compare>,
+    ops: Vec<RequestOp>,
+}
+
+impl Inner {
+    fn key(&self, k: &[u8]) -> Vec<u8> {
+        [self.prefix.as_slice(), k].concat()
+    }
+
+    /// Runs a planner on the copy and commits its plan, again on a fresher copy while other
+    /// replicas change what it read. The plan is committed also when the planner refused (see
+    /// `model::plan`), but not after a storage error.
+    async fn plan<T>(
+        &self,
+        write: impl Fn(&mut Planner<'_, Recording<'_>>) -> Result<T>,
+    ) -> Result<T> {
+        let _turn = self.writer.lock().await;
+        for _ in 0..ATTEMPTS {
+            let (result, txn) = {
+                let state = self.mirror.read();
+                let touched = |id: &SessionId| lock(&self.touches).get(id).copied();
+                let view = Recording::new(&state, &touched);
+                let mut planner =
+                    Planner::new(&view, Plan::new(state.head()?, self.tombstone_retention));
+                let result = write(&mut planner);
+                let plan = planner.plan;
+                if matches!(result, Err(Error::Storage(_))) || plan.is_empty() {
+                    return result;
+                }
+                let txn = self.txn_for(&state, &view, plan)?;
+                (result, txn)
+            };
+            if self.commit(txn).await? {
+                return result;
+            }
+        }
+        Err(Error::Storage(format!(
+            "gave up after {ATTEMPTS} tries: other replicas kept changing the same records"
+        )))
+    }
+
+    /// Commits; true if the compares held. Either way, returns once the copy has applied the
+    /// revision etcd answered at, so a retry plans on what made it fail.
+    async fn commit(&self, txn: Txn) -> Result<bool> {
+        if txn.ops.len() > MAX_TXN_OPS || txn.compare.len() > MAX_TXN_OPS {
+            return Err(Error::Storage(format!(
+                "internal: a write of {} operations and {} compares exceeds etcd's {MAX_TXN_OPS}",
+                txn.ops.len(),
+                txn.compare.len()
+            )));
+        }
+        let reply = self
+            .client
+            .txn(TxnRequest {
+                compare: txn.compare,
+                success: txn.ops,
+                failure: vec![],
+            })
+            .await?;
+        let revision = reply.header.as_ref().map_or(0, |h| h.revision);
+        if !self.mirror.caught_up(revision, CATCH_UP).await {
+            tracing::warn!(
+                revision,
+                "this replica's copy is behind etcd; replying anyway"
+            );
+        }
+        Ok(reply.succeeded)
+    }
+
+    /// The operations of a plan: each session's final record, guards of users whose set of
+    /// active sessions changed, per-user records, events and the head; compares on all reads.
+    fn txn_for(&self, state: &State, view: &Recording<'_>, plan: Plan) -> Result<Txn> {
+        let mut compare: Vec<Compare> = view
+            .reads
+            .borrow()
+            .iter()
+            .map(|(k, rev)| unchanged(self.key(k), *rev))
+            .collect();
+        // etcd refuses a key twice in one transaction: keep each session's first and last state.
+        let mut sessions: BTreeMap<SessionId, (Option<Session>, Option<Session>)> = BTreeMap::new();
+        for (old, new) in plan.sessions {
+            let Some(id) = old.as_ref().or(new.as_ref()).map(|s| s.id) else {
+                continue;
+            };
+            sessions
+                .entry(id)
+                .and_modify(|e| e.1 = new.clone())
+                .or_insert((old, new));
+        }
+        let mut puts: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for (id, (old, new)) in &sessions {
+            let was = old.as_ref().filter(|s| s.is_active());
+            let is = new.as_ref().filter(|s| s.is_active());
+            if was.is_some() != is.is_some() {
+                let s = was.or(is).expect("one of them is active");
+                puts.insert(
+                    keys::per_user(keys::GUARD, &s.tenant_id, &s.user_id),
+                    Some(Vec::new()),
+                );
+            }
+            match new {
+                Some(s) => {
+                    puts.insert(keys::session(id).to_vec(), Some(records::encode_session(s)))
+                }
+                None => puts.insert(keys::session(id).to_vec(), None),
+            };
+        }
+        for (tenant, user, seen) in &plan.last_seen {
+            puts.insert(
+                keys::per_user(keys::LAST_SEEN, tenant, user),
+                Some(records::encode_last_seen(seen)),
+            );
+        }
+        for (tenant, user, times) in &plan.creations {
+            puts.insert(
+                keys::per_user(keys::CREATIONS, tenant, user),
+                Some(records::encode_creations(times)),
+            );
+        }
+        if !plan.events.is_empty() {
+            compare.push(unchanged(
+                self.key(keys::META_HEAD),
+                state.revision_of(keys::META_HEAD),
+            ));
+            puts.insert(
+                keys::META_HEAD.to_vec(),
+                Some(plan.head.to_be_bytes().to_vec()),
+            );
+        }
+        for event in &plan.events {
+            puts.insert(
+                keys::event(event.sequence).to_vec(),
+                Some(records::encode_event(event)),
+            );
+        }
+        let ops = puts
+            .into_iter()
+            .map(|(k, v)| match v {
+                Some(v) => put(self.key(&k), v),
+                None => delete(self.key(&k)),
+            })
+            .collect();
+        // Compare each key once.
+        compare.dedup_by(|a, b| a.key == b.key);
+        Ok(Txn { compare, ops })
+    }
+
+    /// Commits writes that are not plans: `build` reads the copy and returns what to compare and
+    /// do (nothing to do: done), again on a fresher copy after a conflict.
+    async fn write_with<T>(
+        &self,
+        build: impl Fn(&State) -> Result<(T, Vec<Compare>, Vec<RequestOp>)>,
+    ) -> Result<T> {
+        let _turn = self.writer.lock().await;
+        for _ in 0..ATTEMPTS {
+            let (value, compare, ops) = build(&self.mirror.read())?;
+            if ops.is_empty() || self.commit(Txn { compare, ops }).await? {
+                return Ok(value);
+            }
+        }
+        Err(Error::Storage(format!(
+            "gave up after {ATTEMPTS} tries: other replicas kept changing the same records"
+        )))
+    }
+
+    async fn enforce(
+        &self,
+        ids: Vec<SessionId>,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    ) -> Result<usize> {
+        let mut changed = 0;
+        for chunk in ids.chunks(CHUNK) {
+            changed += self
+                .plan(|p| p.enforce(chunk.to_vec(), &policy, now))
+                .await?;
+        }
+        Ok(changed)
+    }
+
+    async fn revoke(
+        &self,
+        target: RevokeTarget,
+        reason: RevokeReason,
+        now: Timestamp,
+    ) -> Result<RevokeOutcome> {
+        // Small targets: one transaction, atomic.
+        let chunks: Vec<RevokeTarget> = match &target {
+            RevokeTarget::Sessions { ids, tenant } if ids.len() > CHUNK => {
+                // All or nothing for the ids' existence, checked first; then chunk by chunk.
+                {
+                    let state = self.mirror.read();
+                    for id in ids {
+                        let found = state.session(id).is_some_and(|(s, _)| {
+                            tenant.as_ref().is_none_or(|t| *t == s.tenant_id)
+                        });
+                        if !found {
+                            return Err(Error::SessionNotFound(*id));
+                        }
+                    }
+                }
+                ids.chunks(CHUNK)
+                    .map(|c| RevokeTarget::AnyOf(c.to_vec()))
+                    .collect()
+            }
+            RevokeTarget::AnyOf(ids) if ids.len() > CHUNK => ids
+                .chunks(CHUNK)
+                .map(|c| RevokeTarget::AnyOf(c.to_vec()))
+                .collect(),
+            RevokeTarget::User {
+                tenant_id,
+                user_id,
+                except,
+            } => {
+                let ids: Vec<SessionId> = self
+                    .mirror
+                    .read()
+                    .user_sessions(tenant_id, user_id)
+                    .iter()
+                    .map(|s| s.id)
+                    .filter(|id| Some(*id) != *except)
+                    .collect();
+                if ids.len() > CHUNK {
+                    ids.chunks(CHUNK)
+                        .map(|c| RevokeTarget::AnyOf(c.to_vec()))
+                        .collect()
+                } else {
+                    vec![target.clone()]
+                }
+            }
+            _ => vec![target.clone()],
+        };
+        let mut total = RevokeOutcome {
+            revoked: Vec::new(),
+            sessions: Vec::new(),
+            sequence: 0,
+        };
+        for chunk in chunks {
+            let done = self.plan(|p| p.revoke(chunk.clone(), reason, now)).await?;
+            total.revoked.extend(done.revoked);
+            total.sessions.extend(done.sessions);
+            total.sequence = done.sequence;
+        }
+        if total.sequence == 0 {
+            total.sequence = self.mirror.bus().durable_head();
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // The background tasks hold the shared state; without this they would outlive the store.
+        let _ = self.inner.stop.send(true);
+    }
+}
+
+// === the trait ===
+
+impl SessionStore for EtcdStore {
+    fn get(&self, id: &SessionId) -> Result<Option<Session>> {
+        let mut session = self
+            .inner
+            .mirror
+            .read()
+            .session(id)
+            .map(|(s, _)| Session::clone(s));
+        if let Some(s) = session.as_mut().filter(|s| s.is_active()) {
+            if let Some(at) = lock(&self.inner.touches).get(id) {
+                s.last_seen_at = s.last_seen_at.max(*at);
+            }
+        }
+        Ok(session)
+    }
+
+    fn list(&self, scope: &ListScope, cursor: Option<&[u8]>, limit: usize) -> Result<ListPage> {
+        let prefix = keys::user_prefix(&scope.tenant_id, scope.user_id.as_deref());
+        let start = match cursor {
+            Some(c) if !c.starts_with(&prefix) => {
+                return Err(Error::invalid(
+                    "page_token",
+                    "does not belong to this listing",
+                ))
+            }
+            Some(c) => Bound::Excluded(c.to_vec()),
+            None => Bound::Included(prefix.clone()),
+        };
+        let keys: Vec<Vec<u8>> = {
+            let state = self.inner.mirror.read();
+            state
+                .users
+                .range((start, Bound::Unbounded))
+                .take_while(|k| k.starts_with(&prefix))
+                .take(limit.saturating_add(1))
+                .cloned()
+                .collect()
+        };
+        let more = keys.len() > limit;
+        let mut sessions = Vec::with_capacity(keys.len().min(limit));
+        let mut last_key = None;
+        for key in keys.into_iter().take(limit) {
+            let id = keys::session_id_of_user_key(&key)
+                .ok_or_else(|| Error::Storage("corrupt user index key".into()))?;
+            if let Some(s) = self.get(&id)? {
+                sessions.push(s);
+            }
+            last_key = Some(key);
+        }
+        Ok(ListPage {
+            sessions,
+            next: if more { last_key } else { None },
+        })
+    }
+
+    fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<SessionId>> {
+        let start = keys::deadline(Timestamp::from_millis(0), &SessionId::from_bytes([0; 16]));
+        let end = keys::deadline(now, &SessionId::from_bytes([0xff; 16]));
+        let state = self.inner.mirror.read();
+        state
+            .deadlines
+            .range(start..=end)
+            .take(limit)
+            .map(|k| {
+                keys::parse_deadline(k)
+                    .map(|(_, id)| id)
+                    .ok_or_else(|| Error::Storage("corrupt deadline index key".into()))
+            })
+            .collect()
+    }
+
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
+        let head = self.inner.mirror.bus().durable_head();
+        if after >= head {
+            return Ok(Vec::new());
+        }
+        let state = self.inner.mirror.read();
+        Ok(state
+            .events
+            .range(after + 1..=head)
+            .take(limit)
+            .map(|(_, e)| Event::clone(e))
+            .collect())
+    }
+
+    fn visit_events_since(&self, since: Timestamp, visit: &mut dyn FnMut(&Event)) -> Result<()> {
+        let head = self.inner.mirror.bus().durable_head();
+        let state = self.inner.mirror.read();
+        for (_, event) in state.events.range(..=head).rev() {
+            if event.occurred_at < since {
+                break;
+            }
+            visit(event);
+        }
+        Ok(())
+    }
+
+    fn log_bounds(&self) -> Result<LogBounds> {
+        let head = self.inner.mirror.bus().durable_head();
+        let state = self.inner.mirror.read();
+        let first = state
+            .events
+            .keys()
+            .next()
+            .map_or(head + 1, |f| (*f).min(head + 1));
+        Ok(LogBounds { first, head })
+    }
+
+    fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.inner.db_size.load(Ordering::Relaxed))
+    }
+
+    fn events(&self) -> Arc<EventBus> {
+        self.inner.mirror.bus()
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Acquire)
+    }
+
+    async fn create(&self, session: Session, rules: CreateRules) -> Result<CreateOutcome> {
+        self.inner
+            .plan(|p| p.create(session.clone(), rules.clone()))
+            .await
+    }
+
+    async fn enforce(
+        &self,
+        ids: Vec<SessionId>,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    ) -> Result<usize> {
+        self.inner.enforce(ids, policy, now).await
+    }
+
+    async fn observe(
+        &self,
+        id: SessionId,
+        location: Location,
+        now: Timestamp,
+        rules: TravelRules,
+    ) -> Result<Session> {
+        self.inner
+            .plan(|p| p.observe(id, location.clone(), now, rules))
+            .await
+    }
+
+    fn last_seen(&self, tenant_id: &str, user_id: &str) -> Result<Option<LastSeen>> {
+        let state = self.inner.mirror.read();
+        state
+            .other
+            .get(&keys::per_user(keys::LAST_SEEN, tenant_id, user_id))
+            .map(|v| records::decode_last_seen(&v.value))
+            .transpose()
+    }
+
+    fn policies(&self) -> Result<Vec<(String, Policy)>> {
+        let state = self.inner.mirror.read();
+        let mut out = Vec::new();
+        for (key, v) in state
+            .other
+            .range(vec![keys::POLICY]..vec![keys::POLICY + 1])
+        {
+            let tenant = String::from_utf8(key[1..].to_vec())
+                .map_err(|_| Error::Storage("corrupt policy key".into()))?;
+            out.push((tenant, records::decode_policy(&v.value)?));
+        }
+        Ok(out)
+    }
+
+    async fn put_policy(&self, tenant_id: String, policy: Option<Policy>) -> Result<bool> {
+        let key = keys::policy(&tenant_id);
+        let value = policy.as_ref().map(records::encode_policy).transpose()?;
+        let mark = random_nonzero_u64()?;
+        self.inner
+            .write_with(|state| {
+                let existed = state.other.contains_key(&key);
+                let compare = vec![unchanged(self.inner.key(&key), state.revision_of(&key))];
+                let change = match &value {
+                    Some(v) => put(self.inner.key(&key), v.clone()),
+                    None => delete(self.inner.key(&key)),
+                };
+                let marked = put(
+                    self.inner.key(&keys::per_tenant(keys::ENFORCE, &tenant_id)),
+                    mark.to_be_bytes().to_vec(),
+                );
+                Ok((existed, compare, vec![change, marked]))
+            })
+            .await
+    }
+
+    fn pending_enforcements(&self) -> Result<Vec<String>> {
+        let state = self.inner.mirror.read();
+        state
+            .other
+            .range(vec![keys::ENFORCE]..vec![keys::ENFORCE + 1])
+            .map(|(k, _)| {
+                String::from_utf8(k[1..].to_vec())
+                    .map_err(|_| Error::Storage("corrupt enforcement key".into()))
+            })
+            .collect()
+    }
+
+    fn enforcement_pending(&self, tenant_id: &str) -> Result<Option<u64>> {
+        let key = keys::per_tenant(keys::ENFORCE, tenant_id);
+        let state = self.inner.mirror.read();
+        match state.other.get(&key) {
+            None => Ok(None),
+            Some(_) => state.u64_at(&key).map(Some),
+        }
+    }
+
+    async fn enforcement_done(&self, tenant_id: String, mark: u64) -> Result<()> {
+        let key = keys::per_tenant(keys::ENFORCE, &tenant_id);
+        self.inner
+            .write_with(|state| {
+                let current = state.other.get(&key).map(|v| v.value.clone());
+                if current.as_deref() != Some(&mark.to_be_bytes()[..]) {
+                    return Ok(((), vec![], vec![]));
+                }
+                let compare = vec![unchanged(self.inner.key(&key), state.revision_of(&key))];
+                Ok(((), compare, vec![delete(self.inner.key(&key))]))
+            })
+            .await
+    }
+
+    fn installation_secret(&self) -> [u8; 32] {
+        self.inner.secret
+    }
+
+    fn log_epoch(&self) -> u64 {
+        self.inner.log_epoch
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
+        self.inner
+            .write_with(|state| {
+                let last = state
+                    .other
+                    .range(vec![keys::AUDIT]..vec![keys::AUDIT + 1])
+                    .next_back()
+                    .and_then(|(k, _)| k.get(1..9).and_then(|b| b.try_into().ok()))
+                    .map_or(0, u64::from_be_bytes);
+                let mut entry = entry.clone();
+                entry.id = last.max(state.u64_at(keys::META_AUDIT_HEAD)?) + 1;
+                let value = serde_json::to_vec(&entry)
+                    .map_err(|e| Error::Storage(format!("encoding an audit record: {e}")))?;
+                // The counter makes ids unique across replicas: two appends conflict on it.
+                let compare = vec![unchanged(
+                    self.inner.key(keys::META_AUDIT_HEAD),
+                    state.revision_of(keys::META_AUDIT_HEAD),
+                )];
+                let ops = vec![
+                    put(self.inner.key(&keys::audit(entry.id)), value),
+                    put(
+                        self.inner.key(keys::META_AUDIT_HEAD),
+                        entry.id.to_be_bytes().to_vec(),
+                    ),
+                ];
+                Ok((entry.id, compare, ops))
+            })
+            .await
+    }
+
+    async fn snapshot(&self, path: std::path::PathBuf) -> Result<u64> {
+        // The copy at one revision, encoded under the read lock; written to disk off it.
+        let entries: Vec<(Vec<u8>, Vec<u8>)> = {
+            let state = self.inner.mirror.read();
+            let mut out = Vec::new();
+            for (k, v) in &state.other {
+                let index = matches!(k.first(), Some(&keys::GUARD));
+                if !index
+                    && k.as_slice() != keys::META_FORMAT
+                    && k.as_slice() != keys::META_LOG_EPOCH
+                {
+                    out.push((k.clone(), v.value.clone()));
+                }
+            }
+            for s in state.sessions() {
+                out.push((keys::session(&s.id).to_vec(), records::encode_session(s)));
+            }
+            for (seq, e) in &state.events {
+                out.push((keys::event(*seq).to_vec(), records::encode_event(e)));
+            }
+            out.sort();
+            out
+        };
+        crate::store::scan(move || {
+            let mut out = super::snapshot::SnapshotWriter::create(&path)?;
+            let io = super::snapshot::io("writing", &path);
+            for (k, v) in &entries {
+                out.entry(k, v).map_err(&io)?;
+            }
+            out.finish().map_err(&io)
+        })
+        .await
+    }
+
+    fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        let state = self.inner.mirror.read();
+        state
+            .other
+            .range(keys::audit(after.saturating_add(1)).to_vec()..=keys::audit(u64::MAX).to_vec())
+            .take(limit)
+            .map(|(_, v)| {
+                serde_json::from_slice(&v.value)
+                    .map_err(|_| Error::Storage("corrupt audit record".into()))
+            })
+            .collect()
+    }
+
+    async fn rotate(
+        &self,
+        id: SessionId,
+        current: TokenHash,
+        replacement: TokenHash,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    ) -> Result<RotateOutcome> {
+        self.inner
+            .plan(|p| p.rotate(id, current, replacement, &policy, now))
+            .await
+    }
+
+    async fn revoke(
+        &self,
+        target: RevokeTarget,
+        reason: RevokeReason,
+        now: Timestamp,
+    ) -> Result<RevokeOutcome> {
+        self.inner.revoke(target, reason, now).await
+    }
+
+    async fn sweep(
+        &self,
+        ids: Vec<SessionId>,
+        policy_of: PolicyOf,
+        now: Timestamp,
+    ) -> Result<usize> {
+        let mut expired = 0;
+        for chunk in ids.chunks(CHUNK) {
+            expired += self
+                .inner
+                .plan(|p| p.sweep(chunk.to_vec(), &policy_of, now))
+                .await?;
+        }
+        Ok(expired)
+    }
+
+    async fn prune_events(&self, older_than: Timestamp, keep: u64) -> Result<usize> {
+        self.inner
+            .write_with(|state| {
+                let head = state.head()?;
+                let doomed: Vec<u64> = state
+                    .events
+                    .iter()
+                    .take(10_000)
+                    .take_while(|(seq, e)| {
+                        head.saturating_sub(**seq) >= keep || e.occurred_at < older_than
+                    })
+                    .map(|(seq, _)| *seq)
+                    .collect();
+                let (Some(first), Some(last)) = (doomed.first(), doomed.last()) else {
+                    return Ok((0, vec![], vec![]));
+                };
+                // One range delete; the head key stays, so the log's head survives an empty log.
+                let op = delete_range(
+                    self.inner.key(&keys::event(*first)),
+                    self.inner.key(&keys::event(last + 1)),
+                );
+                Ok((doomed.len(), vec![], vec![op]))
+            })
+            .await
+    }
+
+    async fn purge_user_state(
+        &self,
+        older_than: Timestamp,
+        now: Timestamp,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(usize, Option<Vec<u8>>)> {
+        let day_ago = now.saturating_sub(Duration::from_secs(86_400));
+        let start = cursor.unwrap_or_else(|| vec![keys::LAST_SEEN]);
+        let (stale, last) = {
+            let state = self.inner.mirror.read();
+            let mut stale = Vec::new();
+            let mut last = None;
+            for (key, v) in state
+                .other
+                .range::<Vec<u8>, _>((
+                    Bound::Excluded(start),
+                    Bound::Excluded(vec![keys::CREATIONS + 1]),
+                ))
+                .take(limit)
+            {
+                let old = match key.first() {
+                    Some(&keys::LAST_SEEN) => records::decode_last_seen(&v.value)?.at < older_than,
+                    Some(&keys::CREATIONS) => records::decode_creations(&v.value)
+                        .iter()
+                        .all(|t| *t <= day_ago),
+                    _ => false,
+                };
+                if old {
+                    stale.push((key.clone(), v.revision));
+                }
+                last = Some(key.clone());
+            }
+            (stale, last)
+        };
+        let mut purged = 0;
+        for chunk in stale.chunks(CHUNK * 2) {
+            // Each record only if nobody wrote it since it was found stale.
+            for (key, revision) in chunk {
+                let txn = Txn {
+                    compare: vec![unchanged(self.inner.key(key), *revision)],
+                    ops: vec![delete(self.inner.key(key))],
+                };
+                if self.inner.commit(txn).await? {
+                    purged += 1;
+                }
+            }
+        }
+        Ok((purged, last))
+    }
+
+    async fn prune_audit(&self, older_than: Timestamp, limit: usize) -> Result<usize> {
+        self.inner
+            .write_with(|state| {
+                let mut doomed = Vec::new();
+                for (key, v) in state
+                    .other
+                    .range(vec![keys::AUDIT]..vec![keys::AUDIT + 1])
+                    .take(limit)
+                {
+                    let record: AuditEntry = serde_json::from_slice(&v.value)
+                        .map_err(|_| Error::Storage("corrupt audit record".into()))?;
+                    if record.at >= older_than {
+                        break;
+                    }
+                    doomed.push(key.clone());
+                }
+                let (Some(first), Some(last)) = (doomed.first(), doomed.last()) else {
+                    return Ok((0, vec![], vec![]));
+                };
+                let mut end = last.clone();
+                end.push(0);
+                // The audit head key is written by every append, so ids never repeat.
+                let op = delete_range(self.inner.key(first), self.inner.key(&end));
+                Ok((doomed.len(), vec![], vec![op]))
+            })
+            .await
+    }
+
+    fn touch(&self, id: SessionId, now: Timestamp) {
+        let mut touches = lock(&self.inner.touches);
+        let at = touches.entry(id).or_insert(now);
+        *at = (*at).max(now);
+    }
+
+    fn end_soon(&self, id: SessionId, policy: Arc<Policy>, now: Timestamp) {
+        if !lock(&self.inner.ending).insert(id) {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inner.enforce(vec![id], policy, now).await {
+                tracing::debug!(error = %e, "ending a session past its deadline failed; the sweeper will");
+            }
+            lock(&inner.ending).remove(&id);
+        });
+    }
+
+    async fn fence(&self) -> Result<()> {
+        let ticket = self.inner.fence_wanted.fetch_add(1, Ordering::SeqCst) + 1;
+        self.inner.fence_wake.notify_one();
+        let mut served = self.inner.fence_served.subscribe();
+        let held = tokio::time::timeout(FENCE_TIMEOUT, served.wait_for(|s| *s >= ticket))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        match held {
+            true => Ok(()),
+            false => Err(Error::Storage(
+                "cannot confirm with etcd that this replica is up to date (no quorum?)".into(),
+            )),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        let _ = self.inner.stop.send(true);
+        let tasks = std::mem::take(&mut *lock(&self.inner.tasks));
+        for task in tasks {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+}

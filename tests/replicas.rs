@@ -1,0 +1,211 @@
+//! Several replicas of the service on one etcd cluster (3 members on loopback), over real gRPC:
+//! they share sessions, revocations, limits and one event log.
+
+mod common;
+#[path = "common/etcd.rs"]
+mod etcd_cluster;
+
+use std::{sync::Arc, time::Duration};
+
+use common::{assert_not_valid, create, create_request, test_config, validate, TestServer, START};
+use etcd_cluster::EtcdCluster;
+use session_authority::{
+    clock::ManualClock,
+    config::{Config, StoreKind},
+    model::policy::LimitAction,
+    proto::v1::{self as pb, event_service_client::EventServiceClient, watch_events_response},
+};
+use tokio_stream::StreamExt;
+
+fn replica_config(cluster: &EtcdCluster, prefix: &str) -> Config {
+    Config {
+        store: StoreKind::Etcd,
+        etcd_endpoints: cluster.endpoints(),
+        etcd_prefix: prefix.into(),
+        ..test_config()
+    }
+}
+
+/// Two replicas on one cluster, sharing a clock.
+async fn two_replicas(config: Config) -> (TestServer, TestServer) {
+    let clock = Arc::new(ManualClock::new(START));
+    let a = TestServer::start_in(
+        Arc::new(tempfile::tempdir().expect("dir")),
+        clock.clone(),
+        config.clone(),
+    )
+    .await;
+    let b = TestServer::start_in(Arc::new(tempfile::tempdir().expect("dir")), clock, config).await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_on_one_replica_is_refused_at_once_by_the_other() {
+    let cluster = EtcdCluster::start(3);
+    let (a, b) = two_replicas(replica_config(&cluster, "/replicas/")).await;
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    for round in 0..20 {
+        let created = create(&mut on_a, "t", &format!("u{round}")).await;
+        let session = created.session.expect("session");
+        // Created on A: B validates it at once.
+        validate(&mut on_b, &created.token)
+            .await
+            .expect("valid on B");
+        // Revoked on B: A refuses it in the very next call.
+        on_b.revoke_session(pb::RevokeSessionRequest {
+            session_id: session.session_id.clone(),
+            reason: 0,
+        })
+        .await
+        .expect("revoke on B");
+        assert_not_valid(validate(&mut on_a, &created.token).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_over_two_replicas_never_exceed_the_limit() {
+    let cluster = EtcdCluster::start(3);
+    let config = Config {
+        max_sessions_per_user: 3,
+        limit_action: LimitAction::Reject,
+        ..replica_config(&cluster, "/limit/")
+    };
+    let (a, b) = two_replicas(config).await;
+    let (on_a, on_b) = (a.client().await, b.client().await);
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let mut client = if i % 2 == 0 {
+                on_a.clone()
+            } else {
+                on_b.clone()
+            };
+            tokio::spawn(async move { client.create_session(create_request("t", "u")).await })
+        })
+        .collect();
+    let mut created = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => created += 1,
+            Err(s) => assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}"),
+        }
+    }
+    assert_eq!(created, 3, "exactly the limit, across both replicas");
+}
+
+/// Both replicas' streams carry the same events in the same order, whichever replica wrote them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_on_both_replicas_receive_identical_streams() {
+    let cluster = EtcdCluster::start(3);
+    let (a, b) = two_replicas(replica_config(&cluster, "/watch/")).await;
+    let stream_a =
+        common::watch_from(EventServiceClient::new(a.channel().await), Some(0), false).await;
+    let stream_b =
+        common::watch_from(EventServiceClient::new(b.channel().await), Some(0), false).await;
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    for i in 0..10 {
+        let client = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        let created = create(client, "t", &format!("u{i}")).await;
+        client
+            .revoke_session(pb::RevokeSessionRequest {
+                session_id: created.session.expect("session").session_id,
+                reason: 0,
+            })
+            .await
+            .expect("revoke");
+    }
+    let take = |stream: tonic::Streaming<pb::WatchEventsResponse>| async move {
+        let events: Vec<(u64, String, String)> = stream
+            .filter_map(|m| match m.expect("message").message {
+                Some(watch_events_response::Message::Event(e)) => {
+                    Some((e.sequence, e.session_id.clone(), format!("{:?}", e.body)))
+                }
+                _ => None,
+            })
+            .take(20)
+            .timeout(Duration::from_secs(10))
+            .map(|e| e.expect("20 events within 10 s"))
+            .collect()
+            .await;
+        events
+    };
+    let (seen_a, seen_b) = tokio::join!(take(stream_a), take(stream_b));
+    assert_eq!(seen_a, seen_b);
+    let sequences: Vec<u64> = seen_a.iter().map(|e| e.0).collect();
+    assert_eq!(sequences, (1..=20).collect::<Vec<_>>(), "dense, in order");
+}
+
+/// A replica whose copy lags (its watch held) must not answer a validate from it: the read fence
+/// waits for the copy to catch up with etcd, and without quorum or progress fails UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_never_validates_a_session_revoked_elsewhere() {
+    use session_authority::{
+        error::Error,
+        model::session::RevokeReason,
+        sessions::{policies::Policies, NewSession, Sessions},
+        store::{EtcdOptions, EtcdStore, RevokeTarget},
+        token::TokenGenerator,
+    };
+    let cluster = EtcdCluster::start(3);
+    let clock = Arc::new(ManualClock::new(START));
+    let open = || async {
+        let options = EtcdOptions {
+            endpoints: cluster.endpoints(),
+            timeout: Duration::from_secs(5),
+            ..EtcdOptions::default()
+        };
+        let store = Arc::new(
+            EtcdStore::open(options, "/fence/", 4096, Duration::from_secs(86_400))
+                .await
+                .expect("open"),
+        );
+        let default = session_authority::model::policy::Policy::from(&test_config());
+        let policies = Arc::new(Policies::load(store.clone(), default).expect("policies"));
+        let sessions = Sessions::new(
+            store.clone(),
+            clock.clone(),
+            TokenGenerator::from_os().expect("seed"),
+            policies,
+            Duration::from_secs(10),
+        );
+        (store, sessions)
+    };
+    let (_, a) = open().await;
+    let (b_store, b) = open().await;
+    let created = a
+        .create(NewSession {
+            tenant_id: "t".into(),
+            user_id: "u".into(),
+            remember_me: false,
+            device: Default::default(),
+            attributes: Default::default(),
+        })
+        .await
+        .expect("create");
+    let token = created.token.expose().to_string();
+    b.validate(&token, false, None, None)
+        .await
+        .expect("valid on B");
+
+    b_store.hold_watch(true);
+    a.revoke(
+        RevokeTarget::Sessions {
+            ids: vec![created.session.id],
+            tenant: None,
+        },
+        RevokeReason::Admin,
+    )
+    .await
+    .expect("revoke on A");
+    let lagging = b.validate(&token, false, None, None).await;
+    assert!(
+        matches!(lagging, Err(Error::Storage(_))),
+        "a lagging copy must not answer: {lagging:?}"
+    );
+
+    b_store.hold_watch(false);
+    let caught_up = b.validate(&token, false, None, None).await;
+    assert!(
+        matches!(caught_up, Err(Error::SessionNotValid)),
+        "{caught_up:?}"
+    );
+}
