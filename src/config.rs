@@ -509,10 +509,6 @@ impl Config {
         T: Into<std::ffi::OsString> + Clone,
     {
         let cli = Cli::parse_from(args);
-        if let Some(tool) = cli.tool {
-            // Tools take their own arguments; the server's settings do not apply.
-            return Ok((Config::default(), Some(tool)));
-        }
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &cli.config {
             figment = figment.merge(Toml::file_exact(path));
@@ -522,6 +518,11 @@ impl Config {
             .merge(Serialized::defaults(&cli.settings))
             .extract()
             .map_err(Box::new)?;
+        if let Some(tool) = cli.tool {
+            // Tools take their own arguments; of the settings, `restore --to-etcd` reads the
+            // etcd ones.
+            return Ok((config, Some(tool)));
+        }
         config.validate()?;
         Ok((config, None))
     }

@@ -209,3 +209,106 @@ async fn a_lagging_replica_never_validates_a_session_revoked_elsewhere() {
         "{caught_up:?}"
     );
 }
+
+/// The way from one machine to a cluster: a backup of a running sled server, restored by the CLI
+/// into an empty etcd prefix, serves the same sessions from a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_moves_a_sled_store_into_etcd() {
+    use common::{connect, spawn_binary};
+    let cluster = EtcdCluster::start(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut sled_server, addr) = spawn_binary(&dir.path().join("data"), &[]).await;
+    let token = create(&mut connect(&addr).await, "t", "u").await.token;
+    let bin = env!("CARGO_BIN_EXE_session-authority");
+    let file = dir.path().join("b.sab");
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let file_arg = file.display().to_string();
+    run(vec![
+        "backup".into(),
+        "--server".into(),
+        format!("http://{addr}"),
+        "--out".into(),
+        file_arg.clone(),
+    ]);
+    sled_server.start_kill().expect("kill");
+    let endpoints = cluster.endpoints().join(",");
+    let etcd_args = vec![
+        "--store".to_string(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        endpoints,
+        "--etcd-prefix".into(),
+        "/moved/".into(),
+    ];
+    let restore = |extra: &[&str]| {
+        let mut args = etcd_args.clone();
+        args.extend(["restore", "--from", &file_arg].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let said = run(restore(&["--to-etcd"]));
+    assert!(said.contains("restored"), "{said}");
+    // A second restore into the same prefix is refused: it holds a store now.
+    let again = std::process::Command::new(bin)
+        .args(restore(&["--to-etcd"]))
+        .output()
+        .expect("run");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a store"));
+
+    let args: Vec<&str> = etcd_args.iter().map(String::as_str).collect();
+    let (_replica, addr) = spawn_binary(&dir.path().join("unused"), &args).await;
+    validate(&mut connect(&addr).await, &token)
+        .await
+        .expect("the session moved to etcd");
+}
+
+/// Killing the member a replica talks to (quorum intact) loses nothing acknowledged, and the
+/// replica goes on serving through the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_an_etcd_member_loses_nothing_acknowledged() {
+    let mut cluster = EtcdCluster::start(3);
+    let server = TestServer::start_with(replica_config(&cluster, "/failover/")).await;
+    let mut client = server.client().await;
+    let mut tokens = Vec::new();
+    for i in 0..10 {
+        tokens.push(create(&mut client, "t", &format!("before{i}")).await.token);
+    }
+    // The first endpoint is the one calls start on.
+    cluster.kill(0);
+    let mut refused = 0;
+    for i in 0..30 {
+        match client
+            .create_session(create_request("t", &format!("after{i}")))
+            .await
+        {
+            Ok(r) => tokens.push(r.into_inner().token),
+            // A write caught by the kill may fail (UNAVAILABLE), never be acknowledged and lost.
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused <= 3,
+        "the replica fails over at once ({refused} refused)"
+    );
+    for token in &tokens {
+        validate(&mut client, token)
+            .await
+            .expect("acknowledged, kept");
+    }
+    cluster.restart(0);
+}
