@@ -1,7 +1,8 @@
 //! # session-authority
 //!
 //! The one place where a company's user sessions are created, checked, listed, limited and
-//! revoked, served over gRPC and stored durably in an embedded sled database.
+//! revoked, served over gRPC and stored durably in an embedded sled database, or in an etcd
+//! cluster shared by several replicas.
 //!
 //! Data flows one way: **gRPC layer → domain → store**; the store publishes **events** after the
 //! flush that made them durable.
@@ -15,8 +16,10 @@
 //!   and [`run`], the one function that starts the server, for `main` and tests alike.
 //! - [`sessions`]: the domain: create, validate, rotate, list, revoke under each tenant's policy;
 //!   the policy registry; the background sweeper. No tonic, no sled.
-//! - [`store`]: the only code that touches sled: key encoding, records, the single-writer
-//!   group-commit write path. Behind the [`store::SessionStore`] trait.
+//! - [`store`]: the only code that touches sled or etcd, behind the [`store::SessionStore`]
+//!   trait: key encoding, records, the backup format; `sled_store` (the single-writer
+//!   group-commit write path) and `etcd` (several replicas: an in-memory copy per replica fed by
+//!   one watch, optimistic transactions, a shared read fence).
 //! - [`events`]: the live fan-out of durable events, and subscriptions (replay from the log,
 //!   then live).
 //! - [`metrics`]: Prometheus metrics, each recorded in one place; a leaf that takes plain labels.

@@ -312,3 +312,135 @@ async fn losing_an_etcd_member_loses_nothing_acknowledged() {
     }
     cluster.restart(0);
 }
+
+/// A policy set through one replica is in force on the other for its next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_set_on_one_replica_applies_on_the_other_at_once() {
+    use session_authority::proto::v1::policy_service_client::PolicyServiceClient;
+    let cluster = EtcdCluster::start(3);
+    let (a, b) = two_replicas(replica_config(&cluster, "/policy/")).await;
+    let mut on_b = b.client().await;
+    // B reads the default first, so it has the old policy cached.
+    create(&mut on_b, "t", "u").await;
+    PolicyServiceClient::new(a.channel().await)
+        .set_policy(pb::SetPolicyRequest {
+            policy: Some(pb::Policy {
+                tenant_id: "t".into(),
+                max_sessions_per_user: 1,
+                limit_action: pb::LimitAction::Reject as i32,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["max_sessions_per_user".into(), "limit_action".into()],
+            }),
+        })
+        .await
+        .expect("set on A");
+    let refused = on_b
+        .create_session(create_request("t", "u"))
+        .await
+        .expect_err("B follows A's policy: one session, REJECT");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+}
+
+/// One replica at a time runs the background work; when it stops, another takes over within
+/// seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_runs_the_background_work_and_another_takes_over() {
+    use session_authority::store::{EtcdOptions, EtcdStore, SessionStore};
+    let cluster = EtcdCluster::start(3);
+    let open = || async {
+        let options = EtcdOptions {
+            endpoints: cluster.endpoints(),
+            timeout: Duration::from_secs(5),
+            ..EtcdOptions::default()
+        };
+        EtcdStore::open(options, "/leader/", 4096, Duration::from_secs(86_400))
+            .await
+            .expect("open")
+    };
+    let stores = [open().await, open().await, open().await];
+    let leaders = || stores.iter().filter(|s| s.runs_background_work()).count();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while leaders() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "no leader elected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(leaders(), 1, "never two at once");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leader = stores
+        .iter()
+        .position(|s| s.runs_background_work())
+        .expect("a leader");
+    stores[leader].close().await.expect("close");
+    let others = || {
+        stores
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| *i != leader && s.runs_background_work())
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while others() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "nobody took over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Health follows etcd's quorum: NOT_SERVING while it is lost (and writes fail UNAVAILABLE),
+/// SERVING again by itself once it returns, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_quorum_of_etcd() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let mut cluster = EtcdCluster::start(3);
+    let server = TestServer::start_with(replica_config(&cluster, "/health/")).await;
+    let health = HealthClient::new(server.channel().await);
+    let status = |want: ServingStatus| {
+        let health = health.clone();
+        move || {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(HealthCheckRequest::default())
+                    .await
+                    .map(|r| r.into_inner().status())
+                    .ok()
+                    == Some(want)
+            }
+        }
+    };
+    let mut client = server.client().await;
+    create(&mut client, "t", "before").await;
+    cluster.kill(1);
+    cluster.kill(2);
+    // Within seconds: a probe of etcd every 500 ms, failing after 1.5 s without quorum.
+    let limit = Duration::from_secs(10);
+    common::eventually_within(
+        "NOT_SERVING without quorum",
+        limit,
+        status(ServingStatus::NotServing),
+    )
+    .await;
+    let refused = client
+        .create_session(create_request("t", "during"))
+        .await
+        .expect_err("no quorum, no write");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    cluster.restart(1);
+    cluster.restart(2);
+    common::eventually_within(
+        "SERVING once quorum returns",
+        limit,
+        status(ServingStatus::Serving),
+    )
+    .await;
+    create(&mut client, "t", "after").await;
+}

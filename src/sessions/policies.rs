@@ -18,6 +18,9 @@ pub struct Policies<S> {
     store: Arc<S>,
     default: Arc<Policy>,
     tenants: RwLock<BTreeMap<String, Arc<Policy>>>,
+    /// The store's `policy_version` the map was loaded at: when it moves, another replica
+    /// changed a policy, and the map is loaded again.
+    loaded: std::sync::atomic::AtomicU64,
     /// Held from a policy's durable write until the map shows it, so that concurrent writes
     /// reach the map in the order they reached the store (memory and disk never disagree).
     writes: tokio::sync::Mutex<()>,
@@ -26,6 +29,7 @@ pub struct Policies<S> {
 impl<S: SessionStore> Policies<S> {
     /// Loads every stored policy.
     pub fn load(store: Arc<S>, default: Policy) -> Result<Self> {
+        let loaded = store.policy_version();
         let tenants = store
             .policies()?
             .into_iter()
@@ -35,11 +39,22 @@ impl<S: SessionStore> Policies<S> {
             store,
             default: Arc::new(default),
             tenants: RwLock::new(tenants),
+            loaded: std::sync::atomic::AtomicU64::new(loaded),
             writes: tokio::sync::Mutex::new(()),
         })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Policy>>> {
+        use std::sync::atomic::Ordering;
+        let version = self.store.policy_version();
+        if version != self.loaded.load(Ordering::Acquire) {
+            // Another replica changed a policy: take the store's (already in memory) as they are.
+            if let Ok(stored) = self.store.policies() {
+                let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+                *tenants = stored.into_iter().map(|(t, p)| (t, Arc::new(p))).collect();
+                self.loaded.store(version, Ordering::Release);
+            }
+        }
         // Entries are replaced whole, so a panic elsewhere cannot leave the map half-written.
         self.tenants.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -49,6 +49,9 @@ pub async fn run_sweeper<S: SessionStore>(
         if *shutdown.borrow() {
             return;
         }
+        if !sessions.store().runs_background_work() {
+            continue; // another replica's turn
+        }
         if let Err(e) = sweep_once(&sessions, retention, &mut user_cursor).await {
             tracing::warn!(error = %e, "sweep failed; retrying next round");
         }

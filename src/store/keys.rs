@@ -57,6 +57,9 @@ pub const META_SECRET: &[u8] = b"msecret";
 pub const META_LOG_EPOCH: &[u8] = b"mlogepoch";
 /// The newest audit id at the last audit prune, so ids never repeat once the oldest are gone.
 pub const META_AUDIT_HEAD: &[u8] = b"maudithead";
+/// etcd only: the replica that runs background work, under its lease (not a record: backups
+/// leave it out).
+pub const META_LEADER: &[u8] = b"mleader";
 
 pub fn policy(tenant: &str) -> Vec<u8> {
     per_tenant(POLICY, tenant)

@@ -1,4 +1,5 @@
-//! Durable state: sessions, their indexes and the event log. The only code that touches sled.
+//! Durable state: sessions, their indexes and the event log. The only code that touches sled
+//! (`sled_store`) or etcd (`etcd`).
 //!
 //! The domain talks to a [`SessionStore`]: reads are plain calls, writes are whole operations
 //! (create with limit enforcement, revoke, rotate, sweep) that a store applies atomically, each
@@ -262,6 +263,19 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Asks for a session found past a deadline (under `policy`) to be ended, without waiting (a
     /// validate must answer at once). Exactly one event results, however often this is called.
     fn end_soon(&self, id: SessionId, policy: Arc<Policy>, now: Timestamp);
+
+    /// Changes whenever tenant policies change in the store by any other way than this process's
+    /// `put_policy` (another replica's write): the policy registry reloads when it moves. A single
+    /// process is the only writer of its policies, so 0 for ever.
+    fn policy_version(&self) -> u64 {
+        0
+    }
+
+    /// Whether this process runs the background work (sweeper, retention): with several
+    /// replicas, the elected one. A single process always does.
+    fn runs_background_work(&self) -> bool {
+        true
+    }
 
     /// Returns once this store's reads reflect every write acknowledged (by any replica) before
     /// the call began: a validate after a revoke's reply must refuse, whichever replica revoked.

@@ -232,12 +232,21 @@ pub async fn list_all(
 
 /// Polls `check` until it is true, for at most 5 s of real time (for background work such as the
 /// sweeper, which runs on its own schedule).
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    eventually_within(what, Duration::from_secs(5), check).await
+}
+
+/// As `eventually`, waiting up to `limit`.
+pub async fn eventually_within<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
         if check().await {
             return;

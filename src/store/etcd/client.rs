@@ -38,8 +38,10 @@ pub mod pb {
 }
 
 use pb::etcdserverpb::{
-    auth_client::AuthClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
-    watch_client::WatchClient, AlarmRequest, AuthenticateRequest, StatusRequest,
+    auth_client::AuthClient, kv_client::KvClient, lease_client::LeaseClient,
+    maintenance_client::MaintenanceClient, watch_client::WatchClient, AlarmRequest,
+    AuthenticateRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest,
+    StatusRequest,
 };
 pub use pb::etcdserverpb::{
     compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse,
@@ -61,6 +63,9 @@ pub struct EtcdOptions {
     pub timeout: Duration,
 }
 
+/// Longest wait for the health probe's read.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// A cluster connection shared by the store's tasks.
 pub struct EtcdClient {
     channels: Vec<(String, Channel)>,
@@ -68,7 +73,6 @@ pub struct EtcdClient {
     current: AtomicUsize,
     credentials: Option<(String, String)>,
     token: Mutex<Option<MetadataValue<tonic::metadata::Ascii>>>,
-    timeout: Duration,
 }
 
 /// Whether a failed call certainly never reached a server.
@@ -136,7 +140,6 @@ impl EtcdClient {
             current: AtomicUsize::new(0),
             credentials: options.credentials.clone(),
             token: Mutex::new(None),
-            timeout: options.timeout,
         })
     }
 
@@ -276,9 +279,12 @@ impl EtcdClient {
             count_only: true,
             ..Default::default()
         };
-        tokio::time::timeout(self.timeout, self.range(read))
+        // A linearizable read answers in milliseconds with a quorum; without one it hangs.
+        tokio::time::timeout(PROBE_TIMEOUT, self.range(read))
             .await
-            .map_err(|_| Error::Storage("etcd did not answer in time".into()))??;
+            .map_err(|_| {
+                Error::Storage("etcd did not answer a linearizable read in time".into())
+            })??;
         let alarms = self
             .call("alarm", AlarmRequest::default(), true, |ch, r| async move {
                 MaintenanceClient::new(ch).alarm(r).await
@@ -299,6 +305,50 @@ impl EtcdClient {
             )
             .await?;
         Ok(u64::try_from(status.db_size).unwrap_or(0))
+    }
+
+    /// A new lease of `ttl` seconds; its id.
+    pub async fn lease_grant(&self, ttl: i64) -> Result<i64> {
+        let request = LeaseGrantRequest { ttl, id: 0 };
+        let reply = self
+            .call("lease grant", request, false, |ch, r| async move {
+                LeaseClient::new(ch).lease_grant(r).await
+            })
+            .await?;
+        Ok(reply.id)
+    }
+
+    /// Renews lease `id` once; the seconds it has left (0 or less: it is gone).
+    pub async fn lease_keep_alive(&self, id: i64) -> Result<i64> {
+        let reply = self
+            .call("lease keep-alive", id, true, |ch, id| async move {
+                let (metadata, extensions, id) = id.into_parts();
+                let once = tokio_stream::iter([LeaseKeepAliveRequest { id }]);
+                let mut request = Request::from_parts(metadata, extensions, once);
+                request.set_timeout(Duration::from_secs(2));
+                let mut stream = LeaseClient::new(ch)
+                    .lease_keep_alive(request)
+                    .await?
+                    .into_inner();
+                match stream.message().await? {
+                    Some(reply) => Ok(tonic::Response::new(reply)),
+                    None => Err(Status::unavailable("keep-alive stream closed")),
+                }
+            })
+            .await?;
+        Ok(reply.ttl)
+    }
+
+    /// Ends lease `id` now, deleting the keys attached to it.
+    pub async fn lease_revoke(&self, id: i64) -> Result<()> {
+        self.call(
+            "lease revoke",
+            LeaseRevokeRequest { id },
+            true,
+            |ch, r| async move { LeaseClient::new(ch).lease_revoke(r).await },
+        )
+        .await
+        .map(drop)
     }
 
     /// A watch stream on `[key, range_end)` from `start_revision`, on the current endpoint.

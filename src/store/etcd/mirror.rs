@@ -44,6 +44,8 @@ pub struct State {
     pub events: BTreeMap<u64, Arc<Event>>,
     /// Everything else (meta, policies, per-user records, audit, marks), by key.
     pub other: BTreeMap<Vec<u8>, Versioned>,
+    /// Bumped by every change of a tenant policy.
+    pub policy_version: u64,
 }
 
 impl State {
@@ -159,6 +161,9 @@ impl State {
                 }
             }
             _ => {
+                if key.first() == Some(&keys::POLICY) {
+                    self.policy_version += 1;
+                }
                 match value {
                     Some(value) => {
                         self.other.insert(
@@ -265,6 +270,7 @@ impl Mirror {
             fresh.apply(key, Some(&kv.value), kv.mod_revision)?;
         }
         fresh.revision = revision;
+        fresh.policy_version = self.read().policy_version + 1;
         let published = self.bus.durable_head();
         let added: Vec<Arc<Event>> = fresh
             .events

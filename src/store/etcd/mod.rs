@@ -109,6 +109,10 @@ struct Inner {
     fence_wanted: AtomicU64,
     fence_wake: tokio::sync::Notify,
     fence_served: watch::Sender<u64>,
+    /// This replica's name in the leader key.
+    replica_id: String,
+    /// The lease this replica campaigns with, and until when it is surely alive.
+    lease: Mutex<Option<(i64, std::time::Instant)>>,
     /// Test seam: while true, the watch applies nothing (a replica whose copy lags).
     held: watch::Sender<bool>,
     stop: watch::Sender<bool>,
@@ -183,6 +187,8 @@ impl EtcdStore {
             fence_wake: tokio::sync::Notify::new(),
             fence_served: watch::channel(0).0,
             held: watch::channel(false).0,
+            replica_id: hex::encode(random_bytes::<8>()?),
+            lease: Mutex::new(None),
             stop,
             tasks: Mutex::new(Vec::new()),
         });
@@ -191,6 +197,7 @@ impl EtcdStore {
             tokio::spawn(watch_health(inner.clone())),
             tokio::spawn(flush_touches(inner.clone())),
             tokio::spawn(serve_fences(inner.clone())),
+            tokio::spawn(campaign(inner.clone())),
         ];
         *lock(&inner.tasks) = tasks;
         Ok(Self { inner })
@@ -454,6 +461,86 @@ async fn watch_health(inner: Arc<Inner>) {
             }
         }
         ticks += 1;
+    }
+}
+
+/// Seconds a leader's lease lasts without renewal: how soon another replica takes over the
+/// background work of one that died.
+const LEASE_TTL: i64 = 5;
+
+/// Campaigns for the background work (sweeper, enforcement, retention): the replica whose lease
+/// holds the leader key runs it. Correctness never depends on it (every write compares what it
+/// read, so two sweepers still end each session once); it saves the others the work.
+async fn campaign(inner: Arc<Inner>) {
+    use client::pb::etcdserverpb::{request_op::Request as Op, PutRequest};
+    let mut stop = inner.stop.subscribe();
+    let key = inner.key(keys::META_LEADER);
+    loop {
+        let held = *lock(&inner.lease);
+        let alive = match held {
+            Some((id, _)) => match inner.client.lease_keep_alive(id).await {
+                Ok(ttl) if ttl > 0 => Some((id, ttl)),
+                _ => None,
+            },
+            None => None,
+        };
+        let lease = match alive {
+            Some(lease) => Some(lease),
+            None => inner
+                .client
+                .lease_grant(LEASE_TTL)
+                .await
+                .ok()
+                .map(|id| (id, LEASE_TTL)),
+        };
+        match lease {
+            Some((id, ttl)) => {
+                let until = std::time::Instant::now() + Duration::from_secs(ttl.max(1) as u64 - 1);
+                *lock(&inner.lease) = Some((id, until));
+                let claim = TxnRequest {
+                    compare: vec![unchanged(key.clone(), 0)],
+                    success: vec![RequestOp {
+                        request: Some(Op::RequestPut(PutRequest {
+                            key: key.clone(),
+                            value: inner.replica_id.clone().into_bytes(),
+                            lease: id,
+                            ..Default::default()
+                        })),
+                    }],
+                    failure: vec![],
+                };
+                if let Ok(reply) = inner.client.txn(claim).await {
+                    if reply.succeeded {
+                        tracing::info!(replica = %inner.replica_id, "this replica now runs the background work");
+                    }
+                }
+            }
+            None => *lock(&inner.lease) = None,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => {
+                // Hand over at once rather than after the lease runs out.
+                let held = *lock(&inner.lease);
+                if let Some((id, _)) = held {
+                    let _ = inner.client.lease_revoke(id).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn leads(&self) -> bool {
+        let alive = lock(&self.lease).is_some_and(|(_, until)| until > std::time::Instant::now());
+        alive
+            && self
+                .mirror
+                .read()
+                .other
+                .get(keys::META_LEADER)
+                .is_some_and(|v| v.value == self.replica_id.as_bytes())
     }
 }
 
@@ -1070,7 +1157,8 @@ impl SessionStore for EtcdStore {
             let state = self.inner.mirror.read();
             let mut out = Vec::new();
             for (k, v) in &state.other {
-                let index = matches!(k.first(), Some(&keys::GUARD));
+                let index =
+                    matches!(k.first(), Some(&keys::GUARD)) || k.as_slice() == keys::META_LEADER;
                 if !index
                     && k.as_slice() != keys::META_FORMAT
                     && k.as_slice() != keys::META_LOG_EPOCH
@@ -1271,6 +1359,14 @@ impl SessionStore for EtcdStore {
             }
             lock(&inner.ending).remove(&id);
         });
+    }
+
+    fn policy_version(&self) -> u64 {
+        self.inner.mirror.read().policy_version
+    }
+
+    fn runs_background_work(&self) -> bool {
+        self.inner.leads()
     }
 
     async fn fence(&self) -> Result<()> {
