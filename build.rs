@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=src/store/etcd/proto");
     let fds = protox::compile(PROTOS, ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     // compile_fds does not write the descriptor set itself; reflection needs it.
@@ -44,7 +45,7 @@ fn compile_etcd(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Err
             "etcd/api/mvccpb/kv.proto",
             "etcd/api/authpb/auth.proto",
         ],
-        ["proto/third_party"],
+        ["src/store/etcd/proto"],
     )?;
     tonic_prost_build::configure()
         .build_client(true)

@@ -40,6 +40,11 @@ pub struct Config {
     /// etcd user, when the cluster has authentication on (`etcd_password` with it).
     pub etcd_username: Option<String>,
     pub etcd_password: Option<String>,
+    /// Whether a validate first makes sure this replica has seen every write acknowledged
+    /// anywhere before it (a linearizable read shared by the validates in flight). Off, a
+    /// revocation made through another replica may validate here for the few milliseconds the
+    /// watch takes (longer if this replica is cut off from etcd).
+    pub etcd_read_fence: bool,
     /// A session unused this long ends.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -237,6 +242,7 @@ impl Default for Config {
             etcd_key_file: None,
             etcd_username: None,
             etcd_password: None,
+            etcd_read_fence: true,
             idle_timeout: Duration::from_secs(30 * 60),
             absolute_timeout: Duration::from_secs(12 * 3600),
             remember_me_idle_timeout: Duration::from_secs(7 * 86400),
@@ -671,6 +677,10 @@ struct CliSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     etcd_username: Option<String>,
+    /// Validate waits until this replica has seen every write acknowledged before it [default: true]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_read_fence: Option<bool>,
     /// Store page cache in MiB [default: 512]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -120,6 +120,7 @@ pub fn etcd_options(config: &Config) -> Result<EtcdOptions> {
             .clone()
             .zip(config.etcd_password.clone()),
         timeout: Duration::from_secs(5),
+        no_read_fence: !config.etcd_read_fence,
     })
 }
 

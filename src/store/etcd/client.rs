@@ -23,7 +23,7 @@ use tonic::{
 
 use crate::error::{Error, Result};
 
-/// etcd's v3 API, compiled from `proto/third_party` by `build.rs`.
+/// etcd's v3 API, compiled from `src/store/etcd/proto` by `build.rs`.
 #[allow(clippy::all, clippy::pedantic, missing_docs, dead_code)]
 pub mod pb {
     pub mod mvccpb {
@@ -61,6 +61,8 @@ pub struct EtcdOptions {
     pub credentials: Option<(String, String)>,
     /// Longest wait for one call.
     pub timeout: Duration,
+    /// Turns off validate's read fence (see `etcd_read_fence`).
+    pub no_read_fence: bool,
 }
 
 /// Longest wait for the health probe's read.
