@@ -24,9 +24,12 @@ run overload --seconds 2 --callers 64 --pool 100
 run soak --minutes 0.1 --rate 50
 run scale --sessions 500,2000 --seconds 1 --callers 8
 run replay --log-events 3000 --replays 4 --pool 200 --seconds 1 --callers 8
+# etcd: the static etcd of the etcd-bin-vendored crate (a dev-dependency, fetched by the tests)
+run cluster --seconds 1 --callers 8 --connections 2 --pool 200 --revokes 10
 
 for s in health validate redis-validate create redis-create mixed batch50 cache-hit cache-eviction \
-         fanout overload soak scale replay; do
+         fanout overload soak scale replay cluster.validate.sled cluster.create.etcd_2_replicas \
+         cluster.revoke_to_refused; do
   grep -q "scenario=$s " "$out" || { echo "no line for scenario $s"; exit 1; }
 done
 grep -q "^compare=validate" "$out" && grep -q "^compare=create" "$out"

@@ -5,8 +5,12 @@ use session_authority::config::Config;
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn manifests() -> Vec<Yaml> {
-    let text = std::fs::read_to_string("deploy/kubernetes.yaml").expect("read manifests");
-    YamlLoader::load_from_str(&text).expect("deploy/kubernetes.yaml parses")
+    manifests_of("deploy/kubernetes.yaml")
+}
+
+fn manifests_of(path: &str) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(path).expect("read manifests");
+    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{path} parses: {e}"))
 }
 
 fn of_kind<'a>(docs: &'a [Yaml], kind: &str) -> &'a Yaml {
@@ -53,6 +57,52 @@ fn the_shipped_config_is_one_the_server_accepts() {
     assert!(!config.listen.ip().is_loopback());
     assert!(config.tls_cert.is_some() && config.auth_enabled());
     assert_eq!(config.health_listen.map(|a| a.port()), Some(8081));
+}
+
+#[test]
+fn the_replicas_manifests_run_stateless_replicas_on_etcd() {
+    let docs = manifests_of("deploy/kubernetes-replicas.yaml");
+    for kind in ["ConfigMap", "Service", "Deployment", "PodDisruptionBudget"] {
+        of_kind(&docs, kind);
+    }
+    let spec = &of_kind(&docs, "Deployment")["spec"];
+    assert!(
+        spec["replicas"].as_i64().unwrap_or(0) >= 2,
+        "several replicas"
+    );
+    let container = &spec["template"]["spec"]["containers"][0];
+    for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+        assert_eq!(
+            container[probe]["grpc"]["port"].as_i64(),
+            Some(8081),
+            "{probe}"
+        );
+    }
+    // A disruption budget that lets drains proceed one replica at a time.
+    assert_eq!(
+        of_kind(&docs, "PodDisruptionBudget")["spec"]["maxUnavailable"].as_i64(),
+        Some(1)
+    );
+    let toml = of_kind(&docs, "ConfigMap")["data"]["config.toml"]
+        .as_str()
+        .expect("config.toml in the ConfigMap");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, toml).expect("write");
+    let config = Config::load(["session-authority", "-c", path.to_str().expect("utf-8")])
+        .expect("the shipped config loads and validates");
+    assert_eq!(config.store, session_authority::config::StoreKind::Etcd);
+    assert_eq!(config.etcd_endpoints.len(), 3, "a list in TOML");
+    assert!(config.tls_cert.is_some() && config.auth_enabled());
+}
+
+#[test]
+fn the_try_cluster_script_is_valid_bash() {
+    let status = std::process::Command::new("bash")
+        .args(["-n", "deploy/try-cluster.sh"])
+        .status()
+        .expect("bash");
+    assert!(status.success());
 }
 
 #[test]

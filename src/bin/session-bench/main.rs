@@ -12,6 +12,7 @@
 //! target/release/session-bench cache --seconds 5
 //! target/release/session-bench overload
 //! target/release/session-bench replay --log-events 200000 --replays 8
+//! target/release/session-bench cluster --seconds 5
 //! target/release/session-bench soak --minutes 30
 //! ```
 //!
@@ -26,6 +27,7 @@ use std::{
 };
 
 mod cache;
+mod cluster;
 mod redis;
 mod replay;
 mod scale;
@@ -104,6 +106,10 @@ struct Args {
     /// Subscribers replaying the log at once in `replay`.
     #[arg(long, default_value_t = 8)]
     replays: usize,
+    /// The etcd binary for `cluster` (default: $ETCD_BIN, `etcd` on the PATH, or the one the
+    /// etcd-bin-vendored crate put in cargo's registry).
+    #[arg(long)]
+    etcd_bin: Option<PathBuf>,
     /// Session counts for `scale`, comma-separated: the first is the baseline.
     #[arg(long, value_delimiter = ',', default_value = "10000,10000000")]
     sessions: Vec<usize>,
@@ -131,6 +137,9 @@ enum Scenario {
     Soak,
     /// Validate p99, RSS, disk and restart time at each of --sessions (preloaded offline).
     Scale,
+    /// The etcd backend beside sled in one run: validate, create and revoke through 1 and 2
+    /// replicas over a local 3-member etcd, the read fence's cost, revoke-on-A to refused-on-B.
+    Cluster,
     /// Validate p99 alone, then while --replays subscribers replay a --log-events log through a
     /// filter that matches nothing.
     Replay,
@@ -150,6 +159,9 @@ async fn main() -> Result<(), Error> {
     }
     if args.scenarios.contains(&Scenario::Scale) {
         return scale::run(&args).await;
+    }
+    if args.scenarios.contains(&Scenario::Cluster) {
+        return cluster::run(&args).await;
     }
     let redis = match (args.redis, args.redis_addr) {
         (_, Some(addr)) if !addr.ip().is_loopback() => {
@@ -296,7 +308,7 @@ async fn run_once(
                 cache::run(addr, channels, args.pool, args.seconds, args.revokes).await?;
             }
             Scenario::Replay => replay::run(args, channels).await?,
-            Scenario::Overload | Scenario::Soak | Scenario::Scale => {}
+            Scenario::Overload | Scenario::Soak | Scenario::Scale | Scenario::Cluster => {}
         }
     }
     Ok(())

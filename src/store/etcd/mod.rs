@@ -81,6 +81,8 @@ const MAX_TXN_OPS: usize = 128;
 const ATTEMPTS: usize = 32;
 /// Longest wait for this replica's copy to apply a commit before replying anyway.
 const CATCH_UP: Duration = Duration::from_secs(5);
+/// How long a starting replica waits for etcd to answer.
+const START_WAIT: Duration = Duration::from_secs(60);
 /// Longest wait of a validate for its read fence.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often queued touches are written.
@@ -152,8 +154,24 @@ impl EtcdStore {
         let client = EtcdClient::new(&options)?;
         let no_read_fence = options.no_read_fence;
         let prefix = prefix.as_bytes().to_vec();
-        create_if_absent(&client, &prefix).await?;
-        let (kvs, revision) = load(&client, &prefix).await?;
+        // etcd may come up after the replicas (a fresh cluster, a restart of everything): wait
+        // for it a while rather than exit and be restarted in a loop.
+        let deadline = std::time::Instant::now() + START_WAIT;
+        let (kvs, revision) = loop {
+            let loaded = async {
+                create_if_absent(&client, &prefix).await?;
+                load(&client, &prefix).await
+            }
+            .await;
+            match loaded {
+                Ok(loaded) => break loaded,
+                Err(Error::Storage(e)) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "etcd not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let mirror = Mirror::load(prefix.clone(), kvs, revision, event_buffer)?;
         let (secret, log_epoch) = {
             let state = mirror.read();
