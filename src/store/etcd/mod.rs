@@ -99,6 +99,8 @@ struct Inner {
     prefix: Vec<u8>,
     /// One planned write at a time per replica: they would conflict on the log head anyway.
     writer: tokio::sync::Mutex<()>,
+    /// Creations waiting for the writer: whoever holds it commits a group of them at once.
+    creates: Mutex<std::collections::VecDeque<QueuedCreate>>,
     healthy: AtomicBool,
     db_size: AtomicU64,
     secret: [u8; 32],
@@ -198,6 +200,7 @@ impl EtcdStore {
             mirror,
             prefix,
             writer: tokio::sync::Mutex::new(()),
+            creates: Mutex::new(std::collections::VecDeque::new()),
             healthy: AtomicBool::new(true),
             db_size: AtomicU64::new(0),
             secret,
@@ -649,6 +652,31 @@ async fn flush_touches(inner: Arc<Inner>) {
 
 // === writes ===
 
+/// Most creations committed in one transaction (each puts a record, an event and a guard, and
+/// perhaps per-user records and evictions).
+const CREATE_GROUP: usize = 16;
+
+/// A creation waiting for the writer.
+struct QueuedCreate {
+    session: Session,
+    rules: CreateRules,
+    reply: tokio::sync::oneshot::Sender<Result<CreateOutcome>>,
+}
+
+fn answer_all(group: Vec<QueuedCreate>, e: &Error) {
+    for q in group {
+        let _ = q.reply.send(Err(copy_error(e)));
+    }
+}
+
+/// The same failure for each caller of a group (errors are not `Clone`).
+fn copy_error(e: &Error) -> Error {
+    match e {
+        Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
+        other => Error::Storage(other.to_string()),
+    }
+}
+
 /// A plan as etcd operations.
 struct Txn {
     compare: Vec<Compare>,
@@ -656,6 +684,112 @@ struct Txn {
 }
 
 impl Inner {
+    /// A creation, committed with the others queued meanwhile (group commit): under load, one
+    /// transaction and one etcd round trip carry many. A group holds creations for distinct
+    /// users only, so each plan reads only its own user's keys (and a fresh random id): planning
+    /// them one after another on one copy reads what separate commits would.
+    async fn create(&self, session: Session, rules: CreateRules) -> Result<CreateOutcome> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        lock(&self.creates).push_back(QueuedCreate {
+            session,
+            rules,
+            reply,
+        });
+        loop {
+            let _turn = self.writer.lock().await;
+            match answer.try_recv() {
+                Ok(result) => return result,
+                Err(TryRecvError::Closed) => {
+                    return Err(Error::Storage(
+                        "internal: a queued creation was dropped".into(),
+                    ))
+                }
+                Err(TryRecvError::Empty) => self.commit_creates().await,
+            }
+        }
+    }
+
+    /// Takes a group of queued creations and commits them in one transaction, answering each.
+    /// The caller holds the writer.
+    async fn commit_creates(&self) {
+        let group: Vec<QueuedCreate> = {
+            let mut queue = lock(&self.creates);
+            let mut users = HashSet::new();
+            let mut group = Vec::new();
+            let mut rest = std::collections::VecDeque::new();
+            while let Some(q) = queue.pop_front() {
+                let user = (q.session.tenant_id.clone(), q.session.user_id.clone());
+                if group.len() < CREATE_GROUP && users.insert(user) {
+                    group.push(q);
+                } else {
+                    rest.push_back(q);
+                }
+            }
+            *queue = rest;
+            group
+        };
+        if group.is_empty() {
+            return;
+        }
+        let mut group = group;
+        for _ in 0..ATTEMPTS {
+            let planned = self.plan_creates(&group);
+            let (results, txn) = match planned {
+                Ok(p) => p,
+                Err(e) => return answer_all(group, &e),
+            };
+            if txn.ops.len() > MAX_TXN_OPS && group.len() > 1 {
+                // Evictions made the group too big: commit the first alone, queue the rest again.
+                let mut queue = lock(&self.creates);
+                for q in group.drain(1..).rev() {
+                    queue.push_front(q);
+                }
+                continue;
+            }
+            match self.commit(txn).await {
+                Ok(true) => {
+                    for (q, result) in group.into_iter().zip(results) {
+                        let _ = q.reply.send(result);
+                    }
+                    return;
+                }
+                Ok(false) => continue,
+                Err(e) => return answer_all(group, &e),
+            }
+        }
+        answer_all(
+            group,
+            &Error::Storage(format!(
+                "gave up after {ATTEMPTS} tries: other replicas kept changing the same records"
+            )),
+        )
+    }
+
+    /// Plans each creation of a group on the copy, numbering events one after another.
+    fn plan_creates(&self, group: &[QueuedCreate]) -> Result<(Vec<Result<CreateOutcome>>, Txn)> {
+        let state = self.mirror.read();
+        let touched = |id: &SessionId| lock(&self.touches).get(id).copied();
+        let mut head = state.head()?;
+        let mut reads = BTreeMap::new();
+        let mut plans = Vec::new();
+        let mut results = Vec::new();
+        for q in group {
+            let view = Recording::new(&state, &touched);
+            let mut planner = Planner::new(&view, Plan::new(head, self.tombstone_retention));
+            let result = planner.create(q.session.clone(), q.rules.clone());
+            let plan = planner.plan;
+            if !matches!(result, Err(Error::Storage(_))) {
+                head = plan.head;
+                plans.push(plan);
+                reads.extend(view.reads.into_inner());
+            }
+            results.push(result);
+        }
+        let txn = self.txn_for(&state, &reads, plans)?;
+        Ok((results, txn))
+    }
+
     fn key(&self, k: &[u8]) -> Vec<u8> {
         [self.prefix.as_slice(), k].concat()
     }
@@ -680,7 +814,7 @@ impl Inner {
                 if matches!(result, Err(Error::Storage(_))) || plan.is_empty() {
                     return result;
                 }
-                let txn = self.txn_for(&state, &view, plan)?;
+                let txn = self.txn_for(&state, &view.reads.borrow(), vec![plan])?;
                 (result, txn)
             };
             if self.commit(txn).await? {
@@ -722,23 +856,40 @@ impl Inner {
 
     /// The operations of a plan: each session's final record, guards of users whose set of
     /// active sessions changed, per-user records, events and the head; compares on all reads.
-    fn txn_for(&self, state: &State, view: &Recording<'_>, plan: Plan) -> Result<Txn> {
-        let mut compare: Vec<Compare> = view
-            .reads
-            .borrow()
+    /// Several plans (a group of creations for distinct users) make one transaction: their reads
+    /// are disjoint but for nothing, their events numbered one after another.
+    fn txn_for(
+        &self,
+        state: &State,
+        reads: &BTreeMap<Vec<u8>, i64>,
+        plans: Vec<Plan>,
+    ) -> Result<Txn> {
+        let mut compare: Vec<Compare> = reads
             .iter()
             .map(|(k, rev)| unchanged(self.key(k), *rev))
             .collect();
         // etcd refuses a key twice in one transaction: keep each session's first and last state.
         let mut sessions: BTreeMap<SessionId, (Option<Session>, Option<Session>)> = BTreeMap::new();
-        for (old, new) in plan.sessions {
-            let Some(id) = old.as_ref().or(new.as_ref()).map(|s| s.id) else {
-                continue;
-            };
-            sessions
-                .entry(id)
-                .and_modify(|e| e.1 = new.clone())
-                .or_insert((old, new));
+        let mut last_seen = Vec::new();
+        let mut creations = Vec::new();
+        let mut events = Vec::new();
+        let mut head = None;
+        for plan in plans {
+            for (old, new) in plan.sessions {
+                let Some(id) = old.as_ref().or(new.as_ref()).map(|s| s.id) else {
+                    continue;
+                };
+                sessions
+                    .entry(id)
+                    .and_modify(|e| e.1 = new.clone())
+                    .or_insert((old, new));
+            }
+            last_seen.extend(plan.last_seen);
+            creations.extend(plan.creations);
+            if !plan.events.is_empty() {
+                head = Some(plan.head);
+            }
+            events.extend(plan.events);
         }
         let mut puts: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         for (id, (old, new)) in &sessions {
@@ -758,29 +909,26 @@ impl Inner {
                 None => puts.insert(keys::session(id).to_vec(), None),
             };
         }
-        for (tenant, user, seen) in &plan.last_seen {
+        for (tenant, user, seen) in &last_seen {
             puts.insert(
                 keys::per_user(keys::LAST_SEEN, tenant, user),
                 Some(records::encode_last_seen(seen)),
             );
         }
-        for (tenant, user, times) in &plan.creations {
+        for (tenant, user, times) in &creations {
             puts.insert(
                 keys::per_user(keys::CREATIONS, tenant, user),
                 Some(records::encode_creations(times)),
             );
         }
-        if !plan.events.is_empty() {
+        if let Some(head) = head {
             compare.push(unchanged(
                 self.key(keys::META_HEAD),
                 state.revision_of(keys::META_HEAD),
             ));
-            puts.insert(
-                keys::META_HEAD.to_vec(),
-                Some(plan.head.to_be_bytes().to_vec()),
-            );
+            puts.insert(keys::META_HEAD.to_vec(), Some(head.to_be_bytes().to_vec()));
         }
-        for event in &plan.events {
+        for event in &events {
             puts.insert(
                 keys::event(event.sequence).to_vec(),
                 Some(records::encode_event(event)),
@@ -1031,9 +1179,7 @@ impl SessionStore for EtcdStore {
     }
 
     async fn create(&self, session: Session, rules: CreateRules) -> Result<CreateOutcome> {
-        self.inner
-            .plan(|p| p.create(session.clone(), rules.clone()))
-            .await
+        self.inner.create(session, rules).await
     }
 
     async fn enforce(
