@@ -72,6 +72,33 @@ pub struct ListScope {
     pub user_id: Option<String>,
 }
 
+/// Where a listing of `scope` starts: just after `cursor` (which must come from this listing),
+/// else at its first key; and the key prefix it covers. One rule for both backends' indexes.
+fn list_start(
+    scope: &ListScope,
+    cursor: Option<&[u8]>,
+) -> Result<(Vec<u8>, std::ops::Bound<Vec<u8>>)> {
+    use std::ops::Bound;
+    let prefix = keys::user_prefix(&scope.tenant_id, scope.user_id.as_deref());
+    let start = match cursor {
+        Some(c) if !c.starts_with(&prefix) => {
+            return Err(crate::error::Error::invalid(
+                "page_token",
+                "does not belong to this listing",
+            ))
+        }
+        Some(c) => Bound::Excluded(c.to_vec()),
+        None => Bound::Included(prefix.clone()),
+    };
+    Ok((prefix, start))
+}
+
+/// The deadline-index keys of every session due at `now`.
+fn due_range(now: Timestamp) -> std::ops::RangeInclusive<[u8; 25]> {
+    let first = keys::deadline(Timestamp::from_millis(0), &SessionId::from_bytes([0; 16]));
+    first..=keys::deadline(now, &SessionId::from_bytes([0xff; 16]))
+}
+
 /// One page of a listing. `next` is an opaque cursor, `None` at the end.
 #[derive(Debug, Clone)]
 pub struct ListPage {

@@ -373,17 +373,7 @@ impl SessionStore for SledStore {
     }
 
     fn list(&self, scope: &ListScope, cursor: Option<&[u8]>, limit: usize) -> Result<ListPage> {
-        let prefix = keys::user_prefix(&scope.tenant_id, scope.user_id.as_deref());
-        let start = match cursor {
-            Some(c) if !c.starts_with(&prefix) => {
-                return Err(Error::invalid(
-                    "page_token",
-                    "does not belong to this listing",
-                ))
-            }
-            Some(c) => Bound::Excluded(c.to_vec()),
-            None => Bound::Included(prefix.clone()),
-        };
+        let (prefix, start) = super::list_start(scope, cursor)?;
         let mut sessions = Vec::with_capacity(limit.min(1024));
         let mut last_key = None;
         let mut more = false;
@@ -414,10 +404,9 @@ impl SessionStore for SledStore {
     }
 
     fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<SessionId>> {
-        let start = keys::deadline(Timestamp::from_millis(0), &SessionId::from_bytes([0; 16]));
-        let end = keys::deadline(now, &SessionId::from_bytes([0xff; 16]));
+        let range = super::due_range(now);
         let mut ids = Vec::new();
-        for entry in self.shared.tree.range(start..=end).take(limit) {
+        for entry in self.shared.tree.range(range).take(limit) {
             let (key, _) = entry?;
             let (_, id) = keys::parse_deadline(&key)
                 .ok_or_else(|| Error::Storage("corrupt deadline index key".into()))?;

@@ -1075,17 +1075,7 @@ impl SessionStore for EtcdStore {
     }
 
     fn list(&self, scope: &ListScope, cursor: Option<&[u8]>, limit: usize) -> Result<ListPage> {
-        let prefix = keys::user_prefix(&scope.tenant_id, scope.user_id.as_deref());
-        let start = match cursor {
-            Some(c) if !c.starts_with(&prefix) => {
-                return Err(Error::invalid(
-                    "page_token",
-                    "does not belong to this listing",
-                ))
-            }
-            Some(c) => Bound::Excluded(c.to_vec()),
-            None => Bound::Included(prefix.clone()),
-        };
+        let (prefix, start) = super::list_start(scope, cursor)?;
         let keys: Vec<Vec<u8>> = {
             let state = self.inner.mirror.read();
             state
@@ -1114,12 +1104,11 @@ impl SessionStore for EtcdStore {
     }
 
     fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<SessionId>> {
-        let start = keys::deadline(Timestamp::from_millis(0), &SessionId::from_bytes([0; 16]));
-        let end = keys::deadline(now, &SessionId::from_bytes([0xff; 16]));
+        let range = super::due_range(now);
         let state = self.inner.mirror.read();
         state
             .deadlines
-            .range(start..=end)
+            .range(range)
             .take(limit)
             .map(|k| {
                 keys::parse_deadline(k)
