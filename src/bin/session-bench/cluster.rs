@@ -62,11 +62,29 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     let mut on_both = connect(a.addr, conns.div_ceil(2)).await?;
     on_both.extend(connect(b.addr, conns / 2).await?);
 
+    let options = session_authority::store::EtcdOptions {
+        endpoints: cluster.endpoints(),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let size_before = session_authority::store::etcd::db_size(&options).await?;
+
     // validate
     let pool = Arc::new(make_pool(&on_sled, args.pool).await?);
     let sled_validate = validate_loop(args, &on_sled, pool).await;
     sled_validate.print("cluster.validate.sled", None);
     let pool = Arc::new(make_pool(&on_a, args.pool).await?);
+    // etcd's backend grows by every revision until compaction: this is the cost before it.
+    let size_after = session_authority::store::etcd::db_size(&options).await?;
+    let per_session = size_after.saturating_sub(size_before) as f64 / args.pool.max(1) as f64;
+    record("cluster.etcd_bytes_per_session".into(), per_session);
+    let quota: f64 = 8.0 * (1u64 << 30) as f64;
+    println!(
+        "scenario=cluster.etcd_storage sessions={} db_growth_bytes={} bytes_per_session={per_session:.0} sessions_per_8GiB_quota={:.0}",
+        args.pool,
+        size_after.saturating_sub(size_before),
+        quota / per_session.max(1.0)
+    );
     let one = validate_loop(args, &on_a, pool.clone()).await;
     one.print("cluster.validate.etcd_1_replica", None);
     let two = validate_loop(args, &on_both, pool.clone()).await;

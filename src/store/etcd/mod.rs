@@ -83,6 +83,8 @@ const ATTEMPTS: usize = 32;
 const CATCH_UP: Duration = Duration::from_secs(5);
 /// How long a starting replica waits for etcd to answer.
 const START_WAIT: Duration = Duration::from_secs(60);
+/// Fence rounds in flight at once.
+const FENCE_ROUNDS: usize = 4;
 /// Longest wait of a validate for its read fence.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often queued touches are written.
@@ -99,8 +101,8 @@ struct Inner {
     prefix: Vec<u8>,
     /// One planned write at a time per replica: they would conflict on the log head anyway.
     writer: tokio::sync::Mutex<()>,
-    /// Creations waiting for the writer: whoever holds it commits a group of them at once.
-    creates: Mutex<std::collections::VecDeque<QueuedCreate>>,
+    /// Planned writes waiting for the writer: whoever holds it commits a group of them at once.
+    queue: Mutex<std::collections::VecDeque<Queued>>,
     healthy: AtomicBool,
     db_size: AtomicU64,
     secret: [u8; 32],
@@ -200,7 +202,7 @@ impl EtcdStore {
             mirror,
             prefix,
             writer: tokio::sync::Mutex::new(()),
-            creates: Mutex::new(std::collections::VecDeque::new()),
+            queue: Mutex::new(std::collections::VecDeque::new()),
             healthy: AtomicBool::new(true),
             db_size: AtomicU64::new(0),
             secret,
@@ -296,6 +298,11 @@ impl EtcdStore {
         .await?;
         Ok(written)
     }
+}
+
+/// The size of etcd's backend on the member answering, in bytes (for sizing figures).
+pub async fn db_size(options: &EtcdOptions) -> Result<u64> {
+    EtcdClient::new(options)?.db_size().await
 }
 
 async fn commit_plain(client: &EtcdClient, ops: Vec<RequestOp>) -> Result<()> {
@@ -572,44 +579,66 @@ impl Inner {
 
 /// Read fences, shared: each round reads etcd's current revision (a linearizable read, one Raft
 /// round trip) and waits until the copy has applied it; that serves every ticket taken before the
-/// round began, however many validates wait on it.
+/// round began, however many validates wait on it. A validate that arrives while a round is in
+/// flight starts the next round at once (up to `FENCE_ROUNDS` at a time) rather than waiting for
+/// it to end: so a fence costs one round trip, not up to two.
 async fn serve_fences(inner: Arc<Inner>) {
     let mut stop = inner.stop.subscribe();
+    let rounds = Arc::new(tokio::sync::Semaphore::new(FENCE_ROUNDS));
+    // The newest ticket a round in flight (or done) covers.
+    let started = Arc::new(AtomicU64::new(0));
     loop {
         tokio::select! {
             _ = inner.fence_wake.notified() => {}
             _ = stop.changed() => return,
         }
         let upto = inner.fence_wanted.load(Ordering::SeqCst);
-        if upto <= *inner.fence_served.borrow() {
-            continue;
+        if upto
+            <= started
+                .load(Ordering::SeqCst)
+                .max(*inner.fence_served.borrow())
+        {
+            continue; // a round that began after these tickets is on its way
         }
-        let read = inner
-            .client
-            .range(RangeRequest {
-                key: inner.key(keys::META_HEAD),
-                count_only: true,
-                ..Default::default()
-            })
-            .await;
-        let revision = match read {
-            Ok(r) => r.header.map_or(0, |h| h.revision),
-            Err(e) => {
-                tracing::debug!(error = %e, "read fence failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                inner.fence_wake.notify_one();
-                continue;
-            }
+        let Ok(permit) = rounds.clone().acquire_owned().await else {
+            return;
         };
-        if inner.mirror.caught_up(revision, CATCH_UP).await {
-            inner.fence_served.send_if_modified(|s| {
-                let raised = upto > *s;
-                *s = (*s).max(upto);
-                raised
-            });
-        } else {
-            inner.fence_wake.notify_one();
-        }
+        // Tickets up to here are served by this round: it begins after they were taken.
+        let upto = inner.fence_wanted.load(Ordering::SeqCst);
+        started.fetch_max(upto, Ordering::SeqCst);
+        let (inner, started) = (inner.clone(), started.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let read = inner
+                .client
+                .range(RangeRequest {
+                    key: inner.key(keys::META_HEAD),
+                    count_only: true,
+                    ..Default::default()
+                })
+                .await;
+            let revision = match read {
+                Ok(r) => r.header.map_or(0, |h| h.revision),
+                Err(e) => {
+                    // Let the next wake start a round for these tickets again.
+                    tracing::debug!(error = %e, "read fence failed; retrying");
+                    started.store(*inner.fence_served.borrow(), Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    inner.fence_wake.notify_one();
+                    return;
+                }
+            };
+            if inner.mirror.caught_up(revision, CATCH_UP).await {
+                inner.fence_served.send_if_modified(|s| {
+                    let raised = upto > *s;
+                    *s = (*s).max(upto);
+                    raised
+                });
+            } else {
+                started.store(*inner.fence_served.borrow(), Ordering::SeqCst);
+                inner.fence_wake.notify_one();
+            }
+        });
     }
 }
 
@@ -627,11 +656,14 @@ async fn flush_touches(inner: Arc<Inner>) {
             .collect();
         for chunk in queued.chunks(CHUNK * 2) {
             let written = inner
-                .plan(|p| {
-                    for (id, at) in chunk {
-                        p.touch(*id, *at)?;
+                .plan({
+                    let chunk = chunk.to_vec();
+                    move |p| {
+                        for (id, at) in &chunk {
+                            p.touch(*id, *at)?;
+                        }
+                        Ok(())
                     }
-                    Ok(())
                 })
                 .await;
             if let Err(e) = written {
@@ -652,29 +684,54 @@ async fn flush_touches(inner: Arc<Inner>) {
 
 // === writes ===
 
-/// Most creations committed in one transaction (each puts a record, an event and a guard, and
-/// perhaps per-user records and evictions).
-const CREATE_GROUP: usize = 16;
-
-/// A creation waiting for the writer.
-struct QueuedCreate {
-    session: Session,
-    rules: CreateRules,
-    reply: tokio::sync::oneshot::Sender<Result<CreateOutcome>>,
-}
-
-fn answer_all(group: Vec<QueuedCreate>, e: &Error) {
-    for q in group {
-        let _ = q.reply.send(Err(copy_error(e)));
-    }
-}
-
-/// The same failure for each caller of a group (errors are not `Clone`).
+/// The same failure for each member of a group (errors are not `Clone`).
 fn copy_error(e: &Error) -> Error {
     match e {
         Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
         other => Error::Storage(other.to_string()),
     }
+}
+
+/// Most planned writes committed in one transaction.
+const GROUP: usize = 16;
+
+/// What a queued write answers: its planner's outcome, whatever its type.
+type Planned = Box<dyn std::any::Any + Send>;
+type PlanFn = Box<dyn Fn(&mut Planner<'_, Recording<'_>>) -> Result<Planned> + Send>;
+
+/// A planned write waiting for the writer.
+struct Queued {
+    write: PlanFn,
+    reply: tokio::sync::oneshot::Sender<Result<Planned>>,
+}
+
+/// What became of one member of a group this round.
+enum Fate {
+    /// In the transaction; its answer once it commits.
+    Included(Result<Planned>),
+    /// Answered without a commit (a storage error while planning).
+    Alone(Result<Planned>),
+    /// It reads or writes what an earlier member writes: the next group takes it.
+    Deferred,
+}
+
+/// The keys a plan writes (a superset: every changed session's guard), but for events and the
+/// head, which group members share by construction.
+fn written_keys(plan: &Plan) -> HashSet<Vec<u8>> {
+    let mut out = HashSet::new();
+    for (old, new) in &plan.sessions {
+        if let Some(s) = old.as_ref().or(new.as_ref()) {
+            out.insert(keys::session(&s.id).to_vec());
+            out.insert(keys::per_user(keys::GUARD, &s.tenant_id, &s.user_id));
+        }
+    }
+    for (tenant, user, _) in &plan.last_seen {
+        out.insert(keys::per_user(keys::LAST_SEEN, tenant, user));
+    }
+    for (tenant, user, _) in &plan.creations {
+        out.insert(keys::per_user(keys::CREATIONS, tenant, user));
+    }
+    out
 }
 
 /// A plan as etcd operations.
@@ -684,112 +741,6 @@ struct Txn {
 }
 
 impl Inner {
-    /// A creation, committed with the others queued meanwhile (group commit): under load, one
-    /// transaction and one etcd round trip carry many. A group holds creations for distinct
-    /// users only, so each plan reads only its own user's keys (and a fresh random id): planning
-    /// them one after another on one copy reads what separate commits would.
-    async fn create(&self, session: Session, rules: CreateRules) -> Result<CreateOutcome> {
-        use tokio::sync::oneshot::error::TryRecvError;
-        let (reply, mut answer) = tokio::sync::oneshot::channel();
-        lock(&self.creates).push_back(QueuedCreate {
-            session,
-            rules,
-            reply,
-        });
-        loop {
-            let _turn = self.writer.lock().await;
-            match answer.try_recv() {
-                Ok(result) => return result,
-                Err(TryRecvError::Closed) => {
-                    return Err(Error::Storage(
-                        "internal: a queued creation was dropped".into(),
-                    ))
-                }
-                Err(TryRecvError::Empty) => self.commit_creates().await,
-            }
-        }
-    }
-
-    /// Takes a group of queued creations and commits them in one transaction, answering each.
-    /// The caller holds the writer.
-    async fn commit_creates(&self) {
-        let group: Vec<QueuedCreate> = {
-            let mut queue = lock(&self.creates);
-            let mut users = HashSet::new();
-            let mut group = Vec::new();
-            let mut rest = std::collections::VecDeque::new();
-            while let Some(q) = queue.pop_front() {
-                let user = (q.session.tenant_id.clone(), q.session.user_id.clone());
-                if group.len() < CREATE_GROUP && users.insert(user) {
-                    group.push(q);
-                } else {
-                    rest.push_back(q);
-                }
-            }
-            *queue = rest;
-            group
-        };
-        if group.is_empty() {
-            return;
-        }
-        let mut group = group;
-        for _ in 0..ATTEMPTS {
-            let planned = self.plan_creates(&group);
-            let (results, txn) = match planned {
-                Ok(p) => p,
-                Err(e) => return answer_all(group, &e),
-            };
-            if txn.ops.len() > MAX_TXN_OPS && group.len() > 1 {
-                // Evictions made the group too big: commit the first alone, queue the rest again.
-                let mut queue = lock(&self.creates);
-                for q in group.drain(1..).rev() {
-                    queue.push_front(q);
-                }
-                continue;
-            }
-            match self.commit(txn).await {
-                Ok(true) => {
-                    for (q, result) in group.into_iter().zip(results) {
-                        let _ = q.reply.send(result);
-                    }
-                    return;
-                }
-                Ok(false) => continue,
-                Err(e) => return answer_all(group, &e),
-            }
-        }
-        answer_all(
-            group,
-            &Error::Storage(format!(
-                "gave up after {ATTEMPTS} tries: other replicas kept changing the same records"
-            )),
-        )
-    }
-
-    /// Plans each creation of a group on the copy, numbering events one after another.
-    fn plan_creates(&self, group: &[QueuedCreate]) -> Result<(Vec<Result<CreateOutcome>>, Txn)> {
-        let state = self.mirror.read();
-        let touched = |id: &SessionId| lock(&self.touches).get(id).copied();
-        let mut head = state.head()?;
-        let mut reads = BTreeMap::new();
-        let mut plans = Vec::new();
-        let mut results = Vec::new();
-        for q in group {
-            let view = Recording::new(&state, &touched);
-            let mut planner = Planner::new(&view, Plan::new(head, self.tombstone_retention));
-            let result = planner.create(q.session.clone(), q.rules.clone());
-            let plan = planner.plan;
-            if !matches!(result, Err(Error::Storage(_))) {
-                head = plan.head;
-                plans.push(plan);
-                reads.extend(view.reads.into_inner());
-            }
-            results.push(result);
-        }
-        let txn = self.txn_for(&state, &reads, plans)?;
-        Ok((results, txn))
-    }
-
     fn key(&self, k: &[u8]) -> Vec<u8> {
         [self.prefix.as_slice(), k].concat()
     }
@@ -797,33 +748,147 @@ impl Inner {
     /// Runs a planner on the copy and commits its plan, again on a fresher copy while other
     /// replicas change what it read. The plan is committed also when the planner refused (see
     /// `model::plan`), but not after a storage error.
-    async fn plan<T>(
+    ///
+    /// Group commit: the write is queued, and whoever holds the writer commits every queued
+    /// write that touches nothing an earlier one in the group writes, in one transaction and one
+    /// round trip (as sled's writer shares a flush). Their plans are made one after another on
+    /// one copy, their events numbered in that order.
+    async fn plan<T: Send + 'static>(
         &self,
-        write: impl Fn(&mut Planner<'_, Recording<'_>>) -> Result<T>,
+        write: impl Fn(&mut Planner<'_, Recording<'_>>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let _turn = self.writer.lock().await;
-        for _ in 0..ATTEMPTS {
-            let (result, txn) = {
-                let state = self.mirror.read();
-                let touched = |id: &SessionId| lock(&self.touches).get(id).copied();
-                let view = Recording::new(&state, &touched);
-                let mut planner =
-                    Planner::new(&view, Plan::new(state.head()?, self.tombstone_retention));
-                let result = write(&mut planner);
-                let plan = planner.plan;
-                if matches!(result, Err(Error::Storage(_))) || plan.is_empty() {
-                    return result;
+        use tokio::sync::oneshot::error::TryRecvError;
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        lock(&self.queue).push_back(Queued {
+            write: Box::new(move |p| write(p).map(|t| Box::new(t) as Planned)),
+            reply,
+        });
+        loop {
+            let _turn = self.writer.lock().await;
+            match answer.try_recv() {
+                Ok(result) => {
+                    return result.and_then(|b| {
+                        b.downcast::<T>()
+                            .map(|t| *t)
+                            .map_err(|_| Error::Storage("internal: a reply of another type".into()))
+                    })
                 }
-                let txn = self.txn_for(&state, &view.reads.borrow(), vec![plan])?;
-                (result, txn)
-            };
-            if self.commit(txn).await? {
-                return result;
+                Err(TryRecvError::Closed) => {
+                    return Err(Error::Storage(
+                        "internal: a queued write was dropped".into(),
+                    ))
+                }
+                Err(TryRecvError::Empty) => self.commit_group().await,
             }
         }
-        Err(Error::Storage(format!(
-            "gave up after {ATTEMPTS} tries: other replicas kept changing the same records"
-        )))
+    }
+
+    /// Takes queued writes and commits them as one transaction, answering each. The caller
+    /// holds the writer.
+    async fn commit_group(&self) {
+        let mut group: Vec<Queued> = {
+            let mut queue = lock(&self.queue);
+            let n = queue.len().min(GROUP);
+            queue.drain(..n).collect()
+        };
+        for _ in 0..ATTEMPTS {
+            if group.is_empty() {
+                return;
+            }
+            let (fates, txn) = match self.plan_group(&group) {
+                Ok(planned) => planned,
+                Err(e) => {
+                    for q in group {
+                        let _ = q.reply.send(Err(copy_error(&e)));
+                    }
+                    return;
+                }
+            };
+            let included = fates
+                .iter()
+                .filter(|f| matches!(f, Fate::Included(_)))
+                .count();
+            if txn.ops.len() > MAX_TXN_OPS && included > 1 {
+                // Too big together (evictions, say): the first alone, the rest queued again.
+                let mut queue = lock(&self.queue);
+                for q in group.drain(1..).rev() {
+                    queue.push_front(q);
+                }
+                continue;
+            }
+            let committed = if txn.ops.is_empty() {
+                Ok(true)
+            } else {
+                self.commit(txn).await
+            };
+            let failure = match committed {
+                Ok(false) => continue, // another replica changed what was read: plan again
+                Ok(true) => None,
+                Err(e) => Some(e),
+            };
+            let mut deferred = Vec::new();
+            for (q, fate) in group.into_iter().zip(fates) {
+                let answer = match (fate, &failure) {
+                    (Fate::Deferred, _) => {
+                        deferred.push(q);
+                        continue;
+                    }
+                    (Fate::Included(_), Some(e)) => Err(copy_error(e)),
+                    (Fate::Included(result) | Fate::Alone(result), _) => result,
+                };
+                let _ = q.reply.send(answer);
+            }
+            let mut queue = lock(&self.queue);
+            for q in deferred.into_iter().rev() {
+                queue.push_front(q);
+            }
+            return;
+        }
+        for q in group {
+            let _ = q.reply.send(Err(Error::Storage(format!(
+                "gave up after {ATTEMPTS} tries: other replicas kept changing the same records"
+            ))));
+        }
+    }
+
+    /// Plans each member of a group on one copy. A member that reads or writes a key an earlier
+    /// member writes waits for the next group, so every plan reads what it would have read
+    /// committed alone.
+    fn plan_group(&self, group: &[Queued]) -> Result<(Vec<Fate>, Txn)> {
+        let state = self.mirror.read();
+        let touched = |id: &SessionId| lock(&self.touches).get(id).copied();
+        let mut head = state.head()?;
+        let mut reads: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        let mut written: HashSet<Vec<u8>> = HashSet::new();
+        let mut plans = Vec::new();
+        let mut fates = Vec::new();
+        for q in group {
+            let view = Recording::new(&state, &touched);
+            let mut planner = Planner::new(&view, Plan::new(head, self.tombstone_retention));
+            let result = (q.write)(&mut planner);
+            let plan = planner.plan;
+            if matches!(result, Err(Error::Storage(_))) {
+                fates.push(Fate::Alone(result));
+                continue;
+            }
+            let its_reads = view.reads.into_inner();
+            let its_writes = written_keys(&plan);
+            let clash = its_reads.keys().any(|k| written.contains(k))
+                || its_writes
+                    .iter()
+                    .any(|k| written.contains(k) || reads.contains_key(k));
+            if clash {
+                fates.push(Fate::Deferred);
+                continue;
+            }
+            head = plan.head;
+            reads.extend(its_reads);
+            written.extend(its_writes);
+            plans.push(plan);
+            fates.push(Fate::Included(result));
+        }
+        let txn = self.txn_for(&state, &reads, plans)?;
+        Ok((fates, txn))
     }
 
     /// Commits; true if the compares held. Either way, returns once the copy has applied the
@@ -973,7 +1038,10 @@ impl Inner {
         let mut changed = 0;
         for chunk in ids.chunks(CHUNK) {
             changed += self
-                .plan(|p| p.enforce(chunk.to_vec(), &policy, now))
+                .plan({
+                    let (chunk, policy) = (chunk.to_vec(), policy.clone());
+                    move |p| p.enforce(chunk.clone(), &policy, now)
+                })
                 .await?;
         }
         Ok(changed)
@@ -1037,7 +1105,9 @@ impl Inner {
             sequence: 0,
         };
         for chunk in chunks {
-            let done = self.plan(|p| p.revoke(chunk.clone(), reason, now)).await?;
+            let done = self
+                .plan(move |p| p.revoke(chunk.clone(), reason, now))
+                .await?;
             total.revoked.extend(done.revoked);
             total.sessions.extend(done.sessions);
             total.sequence = done.sequence;
@@ -1168,7 +1238,9 @@ impl SessionStore for EtcdStore {
     }
 
     async fn create(&self, session: Session, rules: CreateRules) -> Result<CreateOutcome> {
-        self.inner.create(session, rules).await
+        self.inner
+            .plan(move |p| p.create(session.clone(), rules.clone()))
+            .await
     }
 
     async fn enforce(
@@ -1188,7 +1260,7 @@ impl SessionStore for EtcdStore {
         rules: TravelRules,
     ) -> Result<Session> {
         self.inner
-            .plan(|p| p.observe(id, location.clone(), now, rules))
+            .plan(move |p| p.observe(id, location.clone(), now, rules))
             .await
     }
 
@@ -1366,7 +1438,7 @@ impl SessionStore for EtcdStore {
         now: Timestamp,
     ) -> Result<RotateOutcome> {
         self.inner
-            .plan(|p| p.rotate(id, current, replacement, &policy, now))
+            .plan(move |p| p.rotate(id, current, replacement, &policy, now))
             .await
     }
 
@@ -1389,7 +1461,10 @@ impl SessionStore for EtcdStore {
         for chunk in ids.chunks(CHUNK) {
             expired += self
                 .inner
-                .plan(|p| p.sweep(chunk.to_vec(), &policy_of, now))
+                .plan({
+                    let (chunk, policy_of) = (chunk.to_vec(), policy_of.clone());
+                    move |p| p.sweep(chunk.clone(), &policy_of, now)
+                })
                 .await?;
         }
         Ok(expired)
