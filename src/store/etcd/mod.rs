@@ -684,6 +684,17 @@ async fn flush_touches(inner: Arc<Inner>) {
 
 // === writes ===
 
+/// The newest audit id ever stored: the newest kept, or the newest pruned.
+fn last_audit_id(state: &State) -> Result<u64> {
+    let kept = state
+        .other
+        .range(vec![keys::AUDIT]..vec![keys::AUDIT + 1])
+        .next_back()
+        .and_then(|(k, _)| k.get(1..9).and_then(|b| b.try_into().ok()))
+        .map_or(0, u64::from_be_bytes);
+    Ok(kept.max(state.u64_at(keys::META_AUDIT_HEAD)?))
+}
+
 /// The same failure for each member of a group (errors are not `Clone`).
 fn copy_error(e: &Error) -> Error {
     match e {
@@ -699,10 +710,18 @@ const GROUP: usize = 16;
 type Planned = Box<dyn std::any::Any + Send>;
 type PlanFn = Box<dyn Fn(&mut Planner<'_, Recording<'_>>) -> Result<Planned> + Send>;
 
-/// A planned write waiting for the writer.
+/// A write waiting for the writer.
 struct Queued {
-    write: PlanFn,
+    work: Work,
     reply: tokio::sync::oneshot::Sender<Result<Planned>>,
+}
+
+/// What a queued write does.
+enum Work {
+    /// Runs a planner; commits its plan.
+    Plan(PlanFn),
+    /// Appends to the audit trail; answers the id (a `u64`).
+    Audit(AuditEntry),
 }
 
 /// What became of one member of a group this round.
@@ -757,12 +776,20 @@ impl Inner {
         &self,
         write: impl Fn(&mut Planner<'_, Recording<'_>>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        let work = Work::Plan(Box::new(move |p| write(p).map(|t| Box::new(t) as Planned)));
+        self.submit(work).await
+    }
+
+    /// Appends to the audit trail in the next group; its id.
+    async fn audit(&self, entry: AuditEntry) -> Result<u64> {
+        self.submit(Work::Audit(entry)).await
+    }
+
+    /// Queues `work` and waits for its answer, committing groups while it is not done.
+    async fn submit<T: Send + 'static>(&self, work: Work) -> Result<T> {
         use tokio::sync::oneshot::error::TryRecvError;
         let (reply, mut answer) = tokio::sync::oneshot::channel();
-        lock(&self.queue).push_back(Queued {
-            write: Box::new(move |p| write(p).map(|t| Box::new(t) as Planned)),
-            reply,
-        });
+        lock(&self.queue).push_back(Queued { work, reply });
         loop {
             let _turn = self.writer.lock().await;
             match answer.try_recv() {
@@ -862,10 +889,35 @@ impl Inner {
         let mut written: HashSet<Vec<u8>> = HashSet::new();
         let mut plans = Vec::new();
         let mut fates = Vec::new();
+        // Audit entries take the ids after the newest ever stored, in queue order.
+        let mut audit_next = None;
+        let mut audit_puts = Vec::new();
         for q in group {
+            let write = match &q.work {
+                Work::Plan(write) => write,
+                Work::Audit(entry) => {
+                    let id = match audit_next {
+                        Some(id) => id,
+                        None => last_audit_id(&state)? + 1,
+                    };
+                    let mut entry = entry.clone();
+                    entry.id = id;
+                    match serde_json::to_vec(&entry) {
+                        Ok(value) => {
+                            audit_puts.push((keys::audit(id).to_vec(), value));
+                            audit_next = Some(id + 1);
+                            fates.push(Fate::Included(Ok(Box::new(id) as Planned)));
+                        }
+                        Err(e) => fates.push(Fate::Alone(Err(Error::Storage(format!(
+                            "encoding an audit record: {e}"
+                        ))))),
+                    }
+                    continue;
+                }
+            };
             let view = Recording::new(&state, &touched);
             let mut planner = Planner::new(&view, Plan::new(head, self.tombstone_retention));
-            let result = (q.write)(&mut planner);
+            let result = write(&mut planner);
             let plan = planner.plan;
             if matches!(result, Err(Error::Storage(_))) {
                 fates.push(Fate::Alone(result));
@@ -887,7 +939,21 @@ impl Inner {
             plans.push(plan);
             fates.push(Fate::Included(result));
         }
-        let txn = self.txn_for(&state, &reads, plans)?;
+        let mut txn = self.txn_for(&state, &reads, plans)?;
+        if let Some(next) = audit_next {
+            // The counter makes ids unique across replicas: two groups with audits conflict on it.
+            txn.compare.push(unchanged(
+                self.key(keys::META_AUDIT_HEAD),
+                state.revision_of(keys::META_AUDIT_HEAD),
+            ));
+            for (k, v) in audit_puts {
+                txn.ops.push(put(self.key(&k), v));
+            }
+            txn.ops.push(put(
+                self.key(keys::META_AUDIT_HEAD),
+                (next - 1).to_be_bytes().to_vec(),
+            ));
+        }
         Ok((fates, txn))
     }
 
@@ -1352,33 +1418,7 @@ impl SessionStore for EtcdStore {
     }
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
-        self.inner
-            .write_with(|state| {
-                let last = state
-                    .other
-                    .range(vec![keys::AUDIT]..vec![keys::AUDIT + 1])
-                    .next_back()
-                    .and_then(|(k, _)| k.get(1..9).and_then(|b| b.try_into().ok()))
-                    .map_or(0, u64::from_be_bytes);
-                let mut entry = entry.clone();
-                entry.id = last.max(state.u64_at(keys::META_AUDIT_HEAD)?) + 1;
-                let value = serde_json::to_vec(&entry)
-                    .map_err(|e| Error::Storage(format!("encoding an audit record: {e}")))?;
-                // The counter makes ids unique across replicas: two appends conflict on it.
-                let compare = vec![unchanged(
-                    self.inner.key(keys::META_AUDIT_HEAD),
-                    state.revision_of(keys::META_AUDIT_HEAD),
-                )];
-                let ops = vec![
-                    put(self.inner.key(&keys::audit(entry.id)), value),
-                    put(
-                        self.inner.key(keys::META_AUDIT_HEAD),
-                        entry.id.to_be_bytes().to_vec(),
-                    ),
-                ];
-                Ok((entry.id, compare, ops))
-            })
-            .await
+        self.inner.audit(entry).await
     }
 
     async fn snapshot(&self, path: std::path::PathBuf) -> Result<u64> {
