@@ -113,6 +113,16 @@ impl Shared {
 
     /// A session as stored, with any queued touch applied.
     fn read_session(&self, id: &SessionId) -> Result<Option<Session>> {
+        // The queued touch first, the record second. The writer applies a touch to the tree (and
+        // drops the cached record) before it removes the queued touch, so read in this order one
+        // of the two always has it. The other order could see the record from before the touch
+        // and then no queued touch, and call a session used a moment ago idle.
+        let queued = self
+            .queued_touches
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied();
         let mut session = match self.cache.get(id) {
             Some(cached) => Some(Session::clone(&cached)),
             None => {
@@ -124,14 +134,8 @@ impl Shared {
                 read
             }
         };
-        if let Some(s) = session.as_mut().filter(|s| s.is_active()) {
-            let touches = self
-                .queued_touches
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(at) = touches.get(id) {
-                s.last_seen_at = s.last_seen_at.max(*at);
-            }
+        if let (Some(s), Some(at)) = (session.as_mut().filter(|s| s.is_active()), queued) {
+            s.last_seen_at = s.last_seen_at.max(at);
         }
         Ok(session)
     }

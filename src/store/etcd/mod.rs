@@ -1196,16 +1196,17 @@ impl Drop for EtcdStore {
 
 impl SessionStore for EtcdStore {
     fn get(&self, id: &SessionId) -> Result<Option<Session>> {
+        // The queued touch before the record: the flusher drops a touch only once the copy has
+        // applied it, so one of the two always has it (see `SledStore`'s read for the race).
+        let queued = lock(&self.inner.touches).get(id).copied();
         let mut session = self
             .inner
             .mirror
             .read()
             .session(id)
             .map(|(s, _)| Session::clone(s));
-        if let Some(s) = session.as_mut().filter(|s| s.is_active()) {
-            if let Some(at) = lock(&self.inner.touches).get(id) {
-                s.last_seen_at = s.last_seen_at.max(*at);
-            }
+        if let (Some(s), Some(at)) = (session.as_mut().filter(|s| s.is_active()), queued) {
+            s.last_seen_at = s.last_seen_at.max(at);
         }
         Ok(session)
     }
