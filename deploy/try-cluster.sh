@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 etcd=${ETCD_BIN:-$(command -v etcd || true)}
 if [ -z "$etcd" ]; then
   cargo fetch --quiet
-  etcd=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*etcd-bin-vendored-linux-*/bin/etcd' | head -n1)
+  case "$(uname -m)" in
+    x86_64) platform=linux-amd64 ;;
+    aarch64) platform=linux-arm64 ;;
+    *) platform=unknown ;;
+  esac
+  etcd=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path "*etcd-bin-vendored-$platform-*/bin/etcd" | head -n1)
 fi
 [ -x "$etcd" ] || { echo "no etcd binary found; set ETCD_BIN" >&2; exit 1; }
 cargo build --release --quiet --bin session-authority

@@ -179,6 +179,17 @@ pub fn find_etcd() -> Option<PathBuf> {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    // The registry holds the crate of every platform that Cargo.lock names: take this one's.
+    let platform = match (std::env::consts::OS, std::env::consts::ARCH) {
+        ("linux", "x86_64") => "linux-amd64",
+        ("linux", "aarch64") => "linux-arm64",
+        ("linux", "powerpc64") => "linux-ppc64le",
+        ("linux", "s390x") => "linux-s390x",
+        ("macos", "x86_64") => "darwin-amd64",
+        ("macos", "aarch64") => "darwin-arm64",
+        _ => return None,
+    };
+    let wanted = format!("etcd-bin-vendored-{platform}-");
     let registry = std::fs::read_dir(home.join("registry/src")).ok()?;
     for index in registry.flatten() {
         let Ok(crates) = std::fs::read_dir(index.path()) else {
@@ -186,7 +197,7 @@ pub fn find_etcd() -> Option<PathBuf> {
         };
         for krate in crates.flatten() {
             let name = krate.file_name().to_string_lossy().into_owned();
-            if name.starts_with("etcd-bin-vendored-linux-") {
+            if name.starts_with(&wanted) {
                 let candidate = krate.path().join("bin/etcd");
                 if candidate.is_file() {
                     return Some(candidate);
