@@ -837,15 +837,6 @@ fn write_marker(dir: &Path, id: &str) -> Result<()> {
         .map_err(io)
 }
 
-/// Whether a key holds a record that a backup carries (see `super::snapshot`): not an index (the
-/// restore rebuilds them), not the format marker or the log epoch (a restore sets its own).
-fn is_record(key: &[u8]) -> bool {
-    match key.first() {
-        Some(&keys::USER) | Some(&keys::DEADLINE) => false,
-        _ => key != keys::META_FORMAT && key != keys::META_LOG_EPOCH,
-    }
-}
-
 /// Adds the index entries of a restored record: a session's deadline entry, and its user entry
 /// while it is active.
 fn index_restored(batch: &mut sled::Batch, key: &[u8], value: &[u8]) -> Result<()> {
@@ -1377,7 +1368,7 @@ impl<'a> Tx<'a> {
         let io = |e: std::io::Error| Error::Storage(format!("writing {}: {e}", path.display()));
         for entry in self.tree.iter() {
             let (key, value) = entry?;
-            if is_record(&key) {
+            if super::snapshot::is_record(&key) {
                 out.entry(&key, &value).map_err(io)?;
             }
         }

@@ -49,6 +49,17 @@ pub struct State {
 }
 
 impl State {
+    /// The copy of what a range read returned at `revision` (keys still carry `prefix`).
+    fn loaded(prefix: &[u8], kvs: &[mvccpb::KeyValue], revision: i64) -> Result<Self> {
+        let mut state = State::default();
+        for kv in kvs {
+            let key = kv.key.strip_prefix(prefix).unwrap_or(&kv.key);
+            state.apply(key, Some(&kv.value), kv.mod_revision)?;
+        }
+        state.revision = revision;
+        Ok(state)
+    }
+
     pub fn session(&self, id: &SessionId) -> Option<&(Arc<Session>, i64)> {
         self.sessions.get(id)
     }
@@ -200,12 +211,7 @@ impl Mirror {
         revision: i64,
         event_buffer: usize,
     ) -> Result<Self> {
-        let mut state = State::default();
-        for kv in &kvs {
-            let key = kv.key.strip_prefix(prefix.as_slice()).unwrap_or(&kv.key);
-            state.apply(key, Some(&kv.value), kv.mod_revision)?;
-        }
-        state.revision = revision;
+        let state = State::loaded(&prefix, &kvs, revision)?;
         let bus = Arc::new(EventBus::new(event_buffer, state.head()?));
         let (applied, _) = watch::channel(revision);
         Ok(Self {
@@ -261,15 +267,7 @@ impl Mirror {
 
     /// Replaces the copy with one loaded afresh (after the watch fell behind etcd's compaction).
     pub fn replace(&self, kvs: Vec<mvccpb::KeyValue>, revision: i64) -> Result<()> {
-        let mut fresh = State::default();
-        for kv in &kvs {
-            let key = kv
-                .key
-                .strip_prefix(self.prefix.as_slice())
-                .unwrap_or(&kv.key);
-            fresh.apply(key, Some(&kv.value), kv.mod_revision)?;
-        }
-        fresh.revision = revision;
+        let mut fresh = State::loaded(&self.prefix, &kvs, revision)?;
         fresh.policy_version = self.read().policy_version + 1;
         let published = self.bus.durable_head();
         let added: Vec<Arc<Event>> = fresh

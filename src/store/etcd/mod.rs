@@ -265,12 +265,11 @@ impl EtcdStore {
         let mut ops = Vec::new();
         let mut written = 0u64;
         for (k, v) in entries {
+            if !super::snapshot::is_record(k) {
+                continue;
+            }
             match k.first() {
-                Some(&keys::USER) | Some(&keys::DEADLINE) => continue,
                 Some(&keys::EVENT) => head = head.max(keys::parse_event(k).unwrap_or(0)),
-                _ if k.as_slice() == keys::META_LOG_EPOCH || k.as_slice() == keys::META_FORMAT => {
-                    continue
-                }
                 _ if k.as_slice() == keys::META_HEAD => {
                     head = head.max(v.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0))
                 }
@@ -1428,12 +1427,7 @@ impl SessionStore for EtcdStore {
             let state = self.inner.mirror.read();
             let mut out = Vec::new();
             for (k, v) in &state.other {
-                let index =
-                    matches!(k.first(), Some(&keys::GUARD)) || k.as_slice() == keys::META_LEADER;
-                if !index
-                    && k.as_slice() != keys::META_FORMAT
-                    && k.as_slice() != keys::META_LOG_EPOCH
-                {
+                if super::snapshot::is_record(k) {
                     out.push((k.clone(), v.value.clone()));
                 }
             }
