@@ -26,6 +26,11 @@ pub enum Error {
     #[error("{0}")]
     ResourceExhausted(String),
 
+    /// The store is out of space (etcd's NOSPACE alarm): it takes deletes only, so creations
+    /// are refused and revocations are made by deleting (see the etcd backend).
+    #[error("{0}")]
+    StoreFull(String),
+
     /// The tenant's policy does not allow what was asked (e.g. "remember me").
     #[error("{0}")]
     FailedPrecondition(String),
@@ -84,7 +89,7 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::SessionNotValid => Code::Unauthenticated,
             Error::SessionNotFound(_) => Code::NotFound,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::ResourceExhausted(_) | Error::StoreFull(_) => Code::ResourceExhausted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Storage(_)
@@ -94,7 +99,10 @@ impl From<Error> for Status {
             | Error::StreamEnded(_) => Code::Unavailable,
             Error::CursorOutOfRange { .. } | Error::LogEpochChanged { .. } => Code::OutOfRange,
         };
-        if matches!(e, Error::Storage(_) | Error::DataDir(_) | Error::Server(_)) {
+        if matches!(
+            e,
+            Error::Storage(_) | Error::DataDir(_) | Error::Server(_) | Error::StoreFull(_)
+        ) {
             tracing::warn!(error = %e, "request failed: service unavailable");
         }
         let mut status = Status::new(code, e.to_string());

@@ -572,3 +572,178 @@ async fn audit_ids_are_unique_across_replicas() {
     .await;
     assert_eq!(stored(), (1..=40).collect::<Vec<u64>>());
 }
+
+/// A full etcd (NOSPACE alarm: it takes reads and deletes only) refuses creations with a message
+/// that says so, and never stops a logout: revocations through either replica still end the
+/// sessions for both at once, and their events reach subscribers, in order and without holes,
+/// once an operator frees space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_etcd_refuses_creations_and_still_revokes() {
+    use session_authority::store::{etcd, EtcdOptions};
+    let cluster = EtcdCluster::start_with_quota(3, 2 * 1024 * 1024);
+    let (a, b) = two_replicas(replica_config(&cluster, "/full/")).await;
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let first = create(&mut on_a, "t", "victim").await;
+    let second = create(&mut on_a, "t", "victim").await;
+    let bystander = create(&mut on_b, "t", "bystander").await;
+    let head = second.sequence.max(bystander.sequence);
+    let events = common::watch_from(
+        EventServiceClient::new(b.channel().await),
+        Some(head),
+        false,
+    )
+    .await;
+
+    // Fill it: sessions with every attribute at its largest.
+    let big = |i: usize| pb::CreateSessionRequest {
+        attributes: (0..16)
+            .map(|k| {
+                (
+                    format!("{k:02}{}", "k".repeat(62)),
+                    format!("{i}{}", "v".repeat(250)),
+                )
+            })
+            .collect(),
+        ..create_request("t", &format!("filler{i}"))
+    };
+    let mut refused = None;
+    for i in 0..5_000 {
+        match on_a.create_session(big(i)).await {
+            Ok(_) => {}
+            Err(s) => {
+                refused = Some(s);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("etcd filled up within 5,000 creations");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("out of space"), "{refused:?}");
+    let on_b_too = on_b
+        .create_session(create_request("t", "late"))
+        .await
+        .expect_err("full for B too");
+    assert_eq!(
+        on_b_too.code(),
+        tonic::Code::ResourceExhausted,
+        "{on_b_too:?}"
+    );
+
+    // A logout on B: both replicas refuse the session at once; the bystander is untouched.
+    let first_id = first.session.expect("session").session_id;
+    on_b.revoke_session(pb::RevokeSessionRequest {
+        session_id: first_id.clone(),
+        reason: pb::RevokeReason::UserLogout as i32,
+    })
+    .await
+    .expect("a logout works on a full store");
+    assert_not_valid(validate(&mut on_a, &first.token).await);
+    assert_not_valid(validate(&mut on_b, &first.token).await);
+    validate(&mut on_a, &bystander.token)
+        .await
+        .expect("others stay valid");
+    // Said again: the same answer, not NOT_FOUND.
+    on_b.revoke_session(pb::RevokeSessionRequest {
+        session_id: first_id.clone(),
+        reason: pb::RevokeReason::UserLogout as i32,
+    })
+    .await
+    .expect("a repeated logout is answered the same");
+    // Everywhere, on A: the user's other session ends too.
+    let everywhere = on_a
+        .revoke_user_sessions(pb::RevokeUserSessionsRequest {
+            tenant_id: "t".into(),
+            user_id: "victim".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("log out everywhere works on a full store")
+        .into_inner();
+    let second_id = second.session.expect("session").session_id;
+    assert_eq!(everywhere.revoked_session_ids, vec![second_id.clone()]);
+    assert_not_valid(validate(&mut on_b, &second.token).await);
+
+    // The operator frees space; the revocations' events follow, right after what came before.
+    etcd::free_space(&EtcdOptions {
+        endpoints: cluster.endpoints(),
+        ..EtcdOptions::default()
+    })
+    .await
+    .expect("compact, defragment, disarm");
+    let logged: Vec<(u64, String, String)> = events
+        .filter_map(|m| match m.expect("message").message {
+            Some(watch_events_response::Message::Event(e)) => {
+                Some((e.sequence, e.session_id.clone(), format!("{:?}", e.body)))
+            }
+            _ => None,
+        })
+        .filter(|e| e.1 == first_id || e.1 == second_id)
+        .take(2)
+        .timeout(Duration::from_secs(20))
+        .map(|e| e.expect("the revocations' events within 20 s of freeing space"))
+        .collect()
+        .await;
+    // Each replica writes its own when space returns: the order across replicas is theirs.
+    let reason_of = |id: &str| logged.iter().find(|e| e.1 == id).map(|e| e.2.clone());
+    assert!(
+        reason_of(&first_id).is_some_and(|b| b.contains("reason: UserLogout")),
+        "{logged:?}"
+    );
+    assert!(
+        reason_of(&second_id).is_some_and(|b| b.contains("reason: Admin")),
+        "{logged:?}"
+    );
+    let last = logged[0].0.max(logged[1].0);
+    // The log has no holes and no duplicates: every sequence after the head, each once.
+    let mut replay = common::watch_from(
+        EventServiceClient::new(a.channel().await),
+        Some(head),
+        false,
+    )
+    .await;
+    let mut sequences = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), replay.next()).await {
+        if let Some(watch_events_response::Message::Event(e)) = m.expect("message").message {
+            sequences.push(e.sequence);
+            if e.sequence == last {
+                break;
+            }
+        }
+    }
+    assert_eq!(sequences, (head + 1..=last).collect::<Vec<_>>());
+    // The audit trail has the admin's revocation made while full.
+    let audit = pb::audit_service_client::AuditServiceClient::new(b.channel().await)
+        .list_audit_records(pb::ListAuditRecordsRequest::default())
+        .await
+        .expect("audit")
+        .into_inner();
+    assert!(
+        audit
+            .records
+            .iter()
+            .any(|r| r.action == "RevokeUserSessions" && r.detail.contains("victim")),
+        "{audit:?}"
+    );
+    // And creations work again.
+    eventually_creates(&mut on_a).await;
+}
+
+async fn eventually_creates(
+    client: &mut pb::session_service_client::SessionServiceClient<tonic::transport::Channel>,
+) {
+    for _ in 0..100 {
+        if client
+            .create_session(create_request("t", "after"))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("creations did not work again after space was freed");
+}

@@ -103,7 +103,7 @@ pub trait View {
 }
 
 /// What one write changes, to be committed atomically.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Plan {
     /// Session records as read and as they must be written (`None`: deleted). A session may
     /// appear more than once; writes apply in order.
@@ -134,6 +134,18 @@ impl Plan {
             ended: HashSet::new(),
             tombstone_retention,
         }
+    }
+
+    /// The same changes with their events numbered anew after `head`: for a plan committed in
+    /// part, without its events (the etcd backend's revocations while its store is full, whose
+    /// events are written when space returns).
+    pub fn renumbered(mut self, head: u64) -> Self {
+        self.head = head;
+        for e in &mut self.events {
+            self.head += 1;
+            e.sequence = self.head;
+        }
+        self
     }
 
     pub fn is_empty(&self) -> bool {

@@ -215,6 +215,8 @@ pub trait SessionStore: Send + Sync + 'static {
     fn log_epoch(&self) -> u64;
 
     /// Appends an entry to the audit trail, durably; its `id` is assigned here and returned.
+    /// 0 (never an id) if the store is full and the entry is written once space returns: the
+    /// etcd backend's revocations on a full store are audited that way, not refused.
     fn append_audit(&self, entry: AuditEntry) -> impl Future<Output = Result<u64>> + Send;
 
     /// Writes a consistent snapshot of the whole store to `path` (see `snapshot`); returns

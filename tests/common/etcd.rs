@@ -37,6 +37,11 @@ impl EtcdCluster {
         Self(LocalCluster::start(&etcd_binary(), n, None).expect("start etcd"))
     }
 
+    /// Starts `n` members whose backends are full past `bytes` (`--quota-backend-bytes`).
+    pub fn start_with_quota(n: usize, bytes: u64) -> Self {
+        Self(LocalCluster::start(&etcd_binary(), n, Some(bytes)).expect("start etcd"))
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.0.endpoints()
     }

@@ -38,10 +38,10 @@ pub mod pb {
 }
 
 use pb::etcdserverpb::{
-    auth_client::AuthClient, kv_client::KvClient, lease_client::LeaseClient,
-    maintenance_client::MaintenanceClient, watch_client::WatchClient, AlarmRequest,
-    AuthenticateRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest,
-    StatusRequest,
+    alarm_request::AlarmAction, auth_client::AuthClient, kv_client::KvClient,
+    lease_client::LeaseClient, maintenance_client::MaintenanceClient, watch_client::WatchClient,
+    AlarmRequest, AuthenticateRequest, CompactionRequest, DefragmentRequest, LeaseGrantRequest,
+    LeaseKeepAliveRequest, LeaseRevokeRequest, StatusRequest,
 };
 pub use pb::etcdserverpb::{
     compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse,
@@ -49,7 +49,7 @@ pub use pb::etcdserverpb::{
 };
 
 /// How to reach the cluster.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EtcdOptions {
     /// `http://host:port` or `https://host:port`, at least one.
     pub endpoints: Vec<String>,
@@ -63,6 +63,20 @@ pub struct EtcdOptions {
     pub timeout: Duration,
     /// Turns off validate's read fence (see `etcd_read_fence`).
     pub no_read_fence: bool,
+}
+
+impl Default for EtcdOptions {
+    /// No endpoints yet, no TLS or credentials, 5 s per call, with the read fence.
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            ca_pem: None,
+            identity_pem: None,
+            credentials: None,
+            timeout: Duration::from_secs(5),
+            no_read_fence: false,
+        }
+    }
 }
 
 /// Longest wait for the health probe's read.
@@ -96,7 +110,7 @@ fn retry_read(status: &Status) -> bool {
 /// etcd's answers in the service's terms.
 pub fn storage_error(what: &str, status: &Status) -> Error {
     if status.code() == Code::ResourceExhausted && status.message().contains("space") {
-        return Error::ResourceExhausted(format!(
+        return Error::StoreFull(format!(
             "the etcd cluster is out of space (NOSPACE alarm: {}); creations are refused until an \
              operator compacts, defragments and disarms it; revocations still work",
             status.message()
@@ -307,6 +321,60 @@ impl EtcdClient {
             )
             .await?;
         Ok(u64::try_from(status.db_size).unwrap_or(0))
+    }
+
+    /// What an operator does after a NOSPACE alarm (`etcdctl compact`, `defrag` on each member,
+    /// `alarm disarm`): drops the history before the current revision, gives each member's
+    /// freed pages back, and lifts the alarms. Defragmenting blocks each member while it runs.
+    pub async fn free_space(&self) -> Result<()> {
+        let status = self
+            .call(
+                "status",
+                StatusRequest::default(),
+                true,
+                |ch, r| async move { MaintenanceClient::new(ch).status(r).await },
+            )
+            .await?;
+        let revision = status.header.map_or(0, |h| h.revision);
+        let compact = CompactionRequest {
+            revision,
+            physical: true,
+        };
+        if let Err(e) = self
+            .call("compact", compact, true, |ch, r| async move {
+                KvClient::new(ch).compact(r).await
+            })
+            .await
+        {
+            // Compacted to this revision already: nothing more to drop.
+            if !e.to_string().contains("compacted") {
+                return Err(e);
+            }
+        }
+        for (url, channel) in &self.channels {
+            let request = self.request(DefragmentRequest {}).await?;
+            MaintenanceClient::new(channel.clone())
+                .defragment(request)
+                .await
+                .map_err(|s| storage_error(&format!("defragment {url}"), &s))?;
+        }
+        let alarms = self
+            .call("alarm", AlarmRequest::default(), true, |ch, r| async move {
+                MaintenanceClient::new(ch).alarm(r).await
+            })
+            .await?;
+        for alarm in alarms.alarms {
+            let disarm = AlarmRequest {
+                action: AlarmAction::Deactivate as i32,
+                member_id: alarm.member_id,
+                alarm: alarm.alarm,
+            };
+            self.call("alarm disarm", disarm, true, |ch, r| async move {
+                MaintenanceClient::new(ch).alarm(r).await
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// A new lease of `ttl` seconds; its id.

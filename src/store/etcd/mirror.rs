@@ -308,25 +308,31 @@ impl Mirror {
 pub struct Recording<'a> {
     pub state: &'a State,
     pub reads: RefCell<BTreeMap<Vec<u8>, i64>>,
-    touched: &'a (dyn Fn(&SessionId) -> Option<Timestamp> + Sync),
+    pending: &'a dyn Pending,
+}
+
+/// What a replica knows that its copy does not hold yet.
+pub trait Pending: Sync {
+    /// When the session was last used, if that is not written yet.
+    fn touched(&self, id: &SessionId) -> Option<Timestamp>;
+    /// The tombstone of a session revoked by deleting its record while etcd was full, until the
+    /// tombstone is written.
+    fn unlogged(&self, id: &SessionId) -> Option<Session>;
 }
 
 impl<'a> Recording<'a> {
-    pub fn new(
-        state: &'a State,
-        touched: &'a (dyn Fn(&SessionId) -> Option<Timestamp> + Sync),
-    ) -> Self {
+    pub fn new(state: &'a State, pending: &'a dyn Pending) -> Self {
         Self {
             state,
             reads: RefCell::new(BTreeMap::new()),
-            touched,
+            pending,
         }
     }
 
     fn with_touch(&self, s: &Session) -> Session {
         let mut s = s.clone();
         if s.is_active() {
-            if let Some(at) = (self.touched)(&s.id) {
+            if let Some(at) = self.pending.touched(&s.id) {
                 s.last_seen_at = s.last_seen_at.max(at);
             }
         }
@@ -342,7 +348,10 @@ impl<'a> Recording<'a> {
 impl View for Recording<'_> {
     fn session(&self, id: &SessionId) -> Result<Option<Session>> {
         self.note(&keys::session(id));
-        Ok(self.state.session(id).map(|(s, _)| self.with_touch(s)))
+        Ok(match self.state.session(id) {
+            Some((s, _)) => Some(self.with_touch(s)),
+            None => self.pending.unlogged(id),
+        })
     }
 
     fn user_sessions(&self, tenant: &str, user: &str) -> Result<Vec<Session>> {

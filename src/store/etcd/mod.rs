@@ -35,7 +35,7 @@ pub mod local;
 mod mirror;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     ops::Bound,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -51,7 +51,7 @@ use client::{
     delete, delete_range, prefix_end, put, unchanged, Compare, EtcdClient, RangeRequest, RequestOp,
     TxnRequest,
 };
-use mirror::{Mirror, Recording, State};
+use mirror::{Mirror, Pending, Recording, State};
 
 use super::{
     keys, records, CreateOutcome, CreateRules, ListPage, ListScope, LogBounds, PolicyOf,
@@ -112,6 +112,9 @@ struct Inner {
     touches: Mutex<HashMap<SessionId, Timestamp>>,
     /// Sessions an `end_soon` is ending now, so a burst of validates ends each once.
     ending: Mutex<HashSet<SessionId>>,
+    /// What was done while etcd was full but not written yet, oldest first: `log_unlogged`
+    /// writes it when etcd takes writes again.
+    unlogged: Mutex<std::collections::VecDeque<Unlogged>>,
     /// Read fences: tickets asked for, and the newest ticket whose fence holds (see `fence`).
     fence_wanted: AtomicU64,
     fence_wake: tokio::sync::Notify,
@@ -210,6 +213,7 @@ impl EtcdStore {
             tombstone_retention,
             touches: Mutex::new(HashMap::new()),
             ending: Mutex::new(HashSet::new()),
+            unlogged: Mutex::new(std::collections::VecDeque::new()),
             fence_wanted: AtomicU64::new(0),
             fence_wake: tokio::sync::Notify::new(),
             fence_served: watch::channel(0).0,
@@ -224,6 +228,7 @@ impl EtcdStore {
             tokio::spawn(follow(inner.clone())),
             tokio::spawn(watch_health(inner.clone())),
             tokio::spawn(flush_touches(inner.clone())),
+            tokio::spawn(log_unlogged(inner.clone())),
             tokio::spawn(serve_fences(inner.clone())),
             tokio::spawn(campaign(inner.clone())),
         ];
@@ -302,6 +307,12 @@ impl EtcdStore {
 /// The size of etcd's backend on the member answering, in bytes (for sizing figures).
 pub async fn db_size(options: &EtcdOptions) -> Result<u64> {
     EtcdClient::new(options)?.db_size().await
+}
+
+/// Recovers a cluster from a NOSPACE alarm the way an operator does with `etcdctl` (compact,
+/// defragment every member, disarm); see `EtcdClient::free_space`. For tests and trying it out.
+pub async fn free_space(options: &EtcdOptions) -> Result<()> {
+    EtcdClient::new(options)?.free_space().await
 }
 
 async fn commit_plain(client: &EtcdClient, ops: Vec<RequestOp>) -> Result<()> {
@@ -681,6 +692,29 @@ async fn flush_touches(inner: Arc<Inner>) {
     }
 }
 
+/// Writes the tombstones and events of revocations made by deleting while etcd was full, once
+/// it takes writes again (tried every second). Caches learn of those revocations then; the
+/// revocations themselves held from the start.
+async fn log_unlogged(inner: Arc<Inner>) {
+    let mut stop = inner.stop.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+        loop {
+            match inner.log_oldest_unlogged().await {
+                Ok(true) => tracing::info!("logged a revocation made while etcd was full"),
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "revocations made while etcd was full: not logged yet");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 // === writes ===
 
 /// The newest audit id ever stored: the newest kept, or the newest pruned.
@@ -698,6 +732,7 @@ fn last_audit_id(state: &State) -> Result<u64> {
 fn copy_error(e: &Error) -> Error {
     match e {
         Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
+        Error::StoreFull(m) => Error::StoreFull(m.clone()),
         other => Error::Storage(other.to_string()),
     }
 }
@@ -752,6 +787,15 @@ fn written_keys(plan: &Plan) -> HashSet<Vec<u8>> {
     out
 }
 
+/// Done while etcd was full (it takes deletes only), to be written when space returns.
+#[derive(Clone)]
+enum Unlogged {
+    /// A revocation committed as deletes: its plan, whose tombstones and events are not written.
+    Revocation(Plan),
+    /// An audit entry of such a revocation.
+    Audit(AuditEntry),
+}
+
 /// A plan as etcd operations.
 struct Txn {
     compare: Vec<Compare>,
@@ -779,9 +823,17 @@ impl Inner {
         self.submit(work).await
     }
 
-    /// Appends to the audit trail in the next group; its id.
+    /// Appends to the audit trail in the next group; its id. On a full etcd the entry waits
+    /// for space (0): it audits a revocation, which a full store must not refuse.
     async fn audit(&self, entry: AuditEntry) -> Result<u64> {
-        self.submit(Work::Audit(entry)).await
+        match self.submit(Work::Audit(entry.clone())).await {
+            Err(Error::StoreFull(why)) => {
+                tracing::warn!(%why, action = %entry.action, "audit entry held until etcd has space");
+                lock(&self.unlogged).push_back(Unlogged::Audit(entry));
+                Ok(0)
+            }
+            other => other,
+        }
     }
 
     /// Queues `work` and waits for its answer, committing groups while it is not done.
@@ -882,7 +934,6 @@ impl Inner {
     /// committed alone.
     fn plan_group(&self, group: &[Queued]) -> Result<(Vec<Fate>, Txn)> {
         let state = self.mirror.read();
-        let touched = |id: &SessionId| lock(&self.touches).get(id).copied();
         let mut head = state.head()?;
         let mut reads: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
         let mut written: HashSet<Vec<u8>> = HashSet::new();
@@ -914,7 +965,7 @@ impl Inner {
                     continue;
                 }
             };
-            let view = Recording::new(&state, &touched);
+            let view = Recording::new(&state, self);
             let mut planner = Planner::new(&view, Plan::new(head, self.tombstone_retention));
             let result = write(&mut planner);
             let plan = planner.plan;
@@ -1170,9 +1221,17 @@ impl Inner {
             sequence: 0,
         };
         for chunk in chunks {
-            let done = self
-                .plan(move |p| p.revoke(chunk.clone(), reason, now))
-                .await?;
+            let planned = self
+                .plan({
+                    let chunk = chunk.clone();
+                    move |p| p.revoke(chunk.clone(), reason, now)
+                })
+                .await;
+            let done = match planned {
+                // Never let a full store stop a logout: etcd still takes deletes.
+                Err(Error::StoreFull(_)) => self.revoke_by_deleting(chunk, reason, now).await?,
+                other => other?,
+            };
             total.revoked.extend(done.revoked);
             total.sessions.extend(done.sessions);
             total.sequence = done.sequence;
@@ -1181,6 +1240,133 @@ impl Inner {
             total.sequence = self.mirror.bus().durable_head();
         }
         Ok(total)
+    }
+}
+
+impl Inner {
+    /// A revoke while etcd is full (NOSPACE alarm: it takes reads and deletes only). The same
+    /// planner decides what ends; the records of those sessions are deleted, compared on what
+    /// the plan read, so every replica refuses them at once. Their tombstones and events are
+    /// written when space returns (`log_unlogged`); until then this replica answers for the
+    /// tombstones, and the reply's sequence is the log's head.
+    async fn revoke_by_deleting(
+        &self,
+        target: RevokeTarget,
+        reason: RevokeReason,
+        now: Timestamp,
+    ) -> Result<RevokeOutcome> {
+        let _turn = self.writer.lock().await;
+        for _ in 0..ATTEMPTS {
+            let (outcome, plan, txn) = {
+                let state = self.mirror.read();
+                let view = Recording::new(&state, self);
+                let mut planner =
+                    Planner::new(&view, Plan::new(state.head()?, self.tombstone_retention));
+                let outcome = planner.revoke(target.clone(), reason, now)?;
+                let plan = planner.plan;
+                let compare = view
+                    .reads
+                    .into_inner()
+                    .into_iter()
+                    .map(|(k, rev)| unchanged(self.key(&k), rev))
+                    .collect();
+                let ids: BTreeSet<SessionId> = plan
+                    .sessions
+                    .iter()
+                    .filter_map(|(old, new)| old.as_ref().or(new.as_ref()).map(|s| s.id))
+                    .collect();
+                let ops = ids
+                    .iter()
+                    .map(|id| delete(self.key(&keys::session(id))))
+                    .collect();
+                (outcome, plan, Txn { compare, ops })
+            };
+            let sequence = self.mirror.bus().durable_head();
+            if txn.ops.is_empty() {
+                return Ok(RevokeOutcome {
+                    sequence,
+                    ..outcome
+                });
+            }
+            if self.commit(txn).await? {
+                tracing::warn!(
+                    sessions = outcome.revoked.len(),
+                    "etcd is full: revoked by deleting the records; their events follow when \
+                     space returns"
+                );
+                lock(&self.unlogged).push_back(Unlogged::Revocation(plan));
+                return Ok(RevokeOutcome {
+                    sequence,
+                    ..outcome
+                });
+            }
+        }
+        Err(Error::Storage(format!(
+            "gave up after {ATTEMPTS} tries: other replicas kept changing the same records"
+        )))
+    }
+
+    /// Writes the oldest of what was done while etcd was full. A revocation: its tombstones and
+    /// events, numbered from the head now, for the sessions whose key nobody wrote since
+    /// (compared absent). False when there is nothing.
+    async fn log_oldest_unlogged(&self) -> Result<bool> {
+        let oldest = lock(&self.unlogged).front().cloned();
+        let plan = match oldest {
+            None => return Ok(false),
+            Some(Unlogged::Revocation(plan)) => plan,
+            Some(Unlogged::Audit(entry)) => {
+                self.submit::<u64>(Work::Audit(entry)).await?;
+                lock(&self.unlogged).pop_front();
+                return Ok(true);
+            }
+        };
+        self.write_with(|state| {
+            let mut plan = plan.clone();
+            // A session whose key was written since (an eviction's tombstone, say) has a record
+            // and an event already: leave it out.
+            let gone: HashSet<SessionId> = plan
+                .sessions
+                .iter()
+                .filter_map(|(old, new)| old.as_ref().or(new.as_ref()).map(|s| s.id))
+                .filter(|id| state.session(id).is_none())
+                .collect();
+            plan.sessions.retain(|(old, new)| {
+                old.as_ref()
+                    .or(new.as_ref())
+                    .is_some_and(|s| gone.contains(&s.id))
+            });
+            plan.events.retain(|e| gone.contains(&e.session_id));
+            let plan = plan.renumbered(state.head()?);
+            let reads = gone
+                .iter()
+                .map(|id| (keys::session(id).to_vec(), 0))
+                .collect();
+            let txn = self.txn_for(state, &reads, vec![plan])?;
+            Ok(((), txn.compare, txn.ops))
+        })
+        .await?;
+        lock(&self.unlogged).pop_front();
+        Ok(true)
+    }
+}
+
+impl Pending for Inner {
+    fn touched(&self, id: &SessionId) -> Option<Timestamp> {
+        lock(&self.touches).get(id).copied()
+    }
+
+    fn unlogged(&self, id: &SessionId) -> Option<Session> {
+        let unlogged = lock(&self.unlogged);
+        unlogged.iter().rev().find_map(|done| {
+            let Unlogged::Revocation(plan) = done else {
+                return None;
+            };
+            plan.sessions
+                .iter()
+                .rev()
+                .find(|(old, new)| old.as_ref().or(new.as_ref()).is_some_and(|s| s.id == *id))
+                .and_then(|(_, new)| new.clone())
+        })
     }
 }
 
@@ -1198,12 +1384,10 @@ impl SessionStore for EtcdStore {
         // The queued touch before the record: the flusher drops a touch only once the copy has
         // applied it, so one of the two always has it (see `SledStore`'s read for the race).
         let queued = lock(&self.inner.touches).get(id).copied();
-        let mut session = self
-            .inner
-            .mirror
-            .read()
-            .session(id)
-            .map(|(s, _)| Session::clone(s));
+        let mut session = match self.inner.mirror.read().session(id) {
+            Some((s, _)) => Some(Session::clone(s)),
+            None => self.inner.unlogged(id),
+        };
         if let (Some(s), Some(at)) = (session.as_mut().filter(|s| s.is_active()), queued) {
             s.last_seen_at = s.last_seen_at.max(at);
         }
