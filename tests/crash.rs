@@ -11,10 +11,15 @@
 //!   state, and its sequence continues after the restart;
 //! - no user has more live sessions than the limit; the store opened cleanly.
 //!
+//! The cluster rounds run the same workload over two replicas on a 3-member etcd and kill replicas,
+//! etcd members or both (see `cluster_round`), then also check that both replicas serve one log.
+//!
 //! `CRASH_ROUNDS=300 cargo test --release --test crash -- --nocapture` runs many rounds (CI
 //! runs a few); `CRASH_SEED=<seed>` replays one round's workload choices and kill moment.
 
 mod common;
+#[path = "common/etcd.rs"]
+mod etcd_cluster;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -26,6 +31,7 @@ use std::{
 };
 
 use common::*;
+use etcd_cluster::EtcdCluster;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use session_authority::proto::v1::{
@@ -174,7 +180,27 @@ async fn worker(
             let _ = validate(&mut client, &k.token).await;
             continue;
         };
+        let unknown = matches!(
+            op,
+            Op::Create {
+                result: Outcome::Unknown,
+                ..
+            } | Op::Rotate {
+                result: Outcome::Unknown,
+                ..
+            } | Op::Revoke {
+                result: Outcome::Unknown,
+                ..
+            } | Op::RevokeAll {
+                result: Outcome::Unknown,
+                ..
+            }
+        );
         history.ops.lock().expect("lock").push(op);
+        if unknown {
+            // Its server is down (a killed replica): wait rather than record a flood of calls.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -364,6 +390,18 @@ async fn round(seed: u64) {
 
     let (_child, addr) = spawn_binary(&data, &args).await;
     let channel = connect_channel(&addr).await;
+    check(
+        seed,
+        channel,
+        &history,
+        format!("killed after {kill_after:?}"),
+    )
+    .await;
+}
+
+/// The checks after a crash, through a server started since: what was acknowledged is there,
+/// what was revoked stays revoked, the log is whole and agrees with the state, limits hold.
+async fn check(seed: u64, channel: Channel, history: &History, what: String) {
     let mut client = SessionServiceClient::new(channel.clone());
     let ops = history.ops.lock().expect("lock").clone();
     let fates = fates(&ops);
@@ -474,13 +512,119 @@ async fn round(seed: u64) {
         "seed {seed}: the sequence continues"
     );
     println!(
-        "crash round seed={seed}: killed after {kill_after:?}, {} calls recorded ({acked_creates} acknowledged creates, {unknown} unknown), log head {head}: ok",
+        "crash round seed={seed}: {what}, {} calls recorded ({acked_creates} acknowledged creates, {unknown} unknown), log head {head}: ok",
         ops.len()
     );
 }
 
+/// The same workload over two replicas (the workers split between them) on a 3-member etcd;
+/// at a random moment SIGKILL takes one replica, both, an etcd member, or a replica and a
+/// member at once; the survivors run on a moment; what died restarts; the same checks run
+/// through one replica, and the other serves the same log.
+async fn cluster_round(seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut etcd = EtcdCluster::start(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = [dir.path().join("a"), dir.path().join("b")];
+    let limit = LIMIT.to_string();
+    let endpoints = etcd.endpoints().join(",");
+    let args = [
+        "--max-sessions-per-user",
+        limit.as_str(),
+        "--heartbeat-interval",
+        "50ms",
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        endpoints.as_str(),
+        "--etcd-prefix",
+        "/crash/",
+    ];
+    let mut replicas = [
+        spawn_binary(&data[0], &args).await,
+        spawn_binary(&data[1], &args).await,
+    ];
+    let channels = [
+        connect_channel(&replicas[0].1).await,
+        connect_channel(&replicas[1].1).await,
+    ];
+    let history = Arc::new(History {
+        ops: Mutex::new(Vec::new()),
+        known: Mutex::new(Vec::new()),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            tokio::spawn(worker(
+                SessionServiceClient::new(channels[(w % 2) as usize].clone()),
+                history.clone(),
+                seed.wrapping_mul(31).wrapping_add(w),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let kill_after = Duration::from_millis(300 + rng.next_u64() % 1500);
+    tokio::time::sleep(kill_after).await;
+    let choice = rng.next_u32() % 4;
+    let member = (rng.next_u32() % 3) as usize;
+    let (killed_replicas, kill_member): (&[usize], bool) = match choice {
+        0 => (&[0], false),
+        1 => (&[], true),
+        2 => (&[0, 1], false),
+        _ => (&[1], true),
+    };
+    for &r in killed_replicas {
+        replicas[r].0.start_kill().expect("kill -9");
+        replicas[r].0.wait().await.expect("reaped");
+    }
+    if kill_member {
+        etcd.kill(member);
+    }
+    // The survivors carry on without what died.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    drop(channels);
+    if kill_member {
+        etcd.restart(member);
+    }
+    for &r in killed_replicas {
+        replicas[r] = spawn_binary(&data[r], &args).await;
+    }
+    let what = format!(
+        "killed replicas {killed_replicas:?}{} after {kill_after:?}",
+        if kill_member {
+            format!(" and etcd member {member}")
+        } else {
+            String::new()
+        }
+    );
+    let a = connect_channel(&replicas[0].1).await;
+    let b = connect_channel(&replicas[1].1).await;
+    check(seed, a.clone(), &history, what).await;
+    let (on_a, head_a) = whole_log(a).await;
+    let (on_b, head_b) = whole_log(b).await;
+    assert_eq!(head_a, head_b, "seed {seed}: the replicas' logs end alike");
+    assert_eq!(on_a, on_b, "seed {seed}: the replicas serve the same log");
+}
+
 #[tokio::test]
 async fn acknowledged_changes_survive_sigkill_in_every_round() {
+    rounds(4, |seed| Box::pin(round(seed))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_changes_survive_sigkill_of_replicas_and_etcd_members() {
+    rounds(3, |seed| Box::pin(cluster_round(seed))).await;
+}
+
+/// Runs `CRASH_ROUNDS` rounds (default `default`) of fresh seeds, or the one `CRASH_SEED`.
+async fn rounds(
+    default: u64,
+    round: impl Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>,
+) {
     if let Ok(seed) = std::env::var("CRASH_SEED") {
         round(seed.parse().expect("CRASH_SEED is a number")).await;
         return;
@@ -488,7 +632,7 @@ async fn acknowledged_changes_survive_sigkill_in_every_round() {
     let rounds: u64 = std::env::var("CRASH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(default);
     let base = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
