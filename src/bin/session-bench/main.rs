@@ -110,9 +110,19 @@ struct Args {
     /// etcd-bin-vendored crate put in cargo's registry).
     #[arg(long)]
     etcd_bin: Option<PathBuf>,
+    /// The store `scale` runs on: `sled`, or `etcd` (a local 3-member cluster, found like
+    /// `cluster`'s, with the bench's server as its one replica).
+    #[arg(long, value_enum, default_value = "sled")]
+    scale_store: ScaleStore,
     /// Session counts for `scale`, comma-separated: the first is the baseline.
     #[arg(long, value_delimiter = ',', default_value = "10000,10000000")]
     sessions: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ScaleStore {
+    Sled,
+    Etcd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -49,15 +49,13 @@ pub struct State {
 }
 
 impl State {
-    /// The copy of what a range read returned at `revision` (keys still carry `prefix`).
-    fn loaded(prefix: &[u8], kvs: &[mvccpb::KeyValue], revision: i64) -> Result<Self> {
-        let mut state = State::default();
+    /// Adds a page of what a range read returned (keys still carry `prefix`).
+    pub fn load_page(&mut self, prefix: &[u8], kvs: &[mvccpb::KeyValue]) -> Result<()> {
         for kv in kvs {
             let key = kv.key.strip_prefix(prefix).unwrap_or(&kv.key);
-            state.apply(key, Some(&kv.value), kv.mod_revision)?;
+            self.apply(key, Some(&kv.value), kv.mod_revision)?;
         }
-        state.revision = revision;
-        Ok(state)
+        Ok(())
     }
 
     pub fn session(&self, id: &SessionId) -> Option<&(Arc<Session>, i64)> {
@@ -205,13 +203,9 @@ pub struct Mirror {
 
 impl Mirror {
     /// A copy loaded from `kvs` (as read at `revision`); publishes to a new bus from its head.
-    pub fn load(
-        prefix: Vec<u8>,
-        kvs: Vec<mvccpb::KeyValue>,
-        revision: i64,
-        event_buffer: usize,
-    ) -> Result<Self> {
-        let state = State::loaded(&prefix, &kvs, revision)?;
+    /// A copy that starts as `state` (loaded at `state.revision`).
+    pub fn load(prefix: Vec<u8>, state: State, event_buffer: usize) -> Result<Self> {
+        let revision = state.revision;
         let bus = Arc::new(EventBus::new(event_buffer, state.head()?));
         let (applied, _) = watch::channel(revision);
         Ok(Self {
@@ -266,8 +260,7 @@ impl Mirror {
     }
 
     /// Replaces the copy with one loaded afresh (after the watch fell behind etcd's compaction).
-    pub fn replace(&self, kvs: Vec<mvccpb::KeyValue>, revision: i64) -> Result<()> {
-        let mut fresh = State::loaded(&self.prefix, &kvs, revision)?;
+    pub fn replace(&self, mut fresh: State) -> Result<()> {
         fresh.policy_version = self.read().policy_version + 1;
         let published = self.bus.durable_head();
         let added: Vec<Arc<Event>> = fresh

@@ -33,6 +33,7 @@
 mod client;
 pub mod local;
 mod mirror;
+mod scan;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -164,7 +165,7 @@ impl EtcdStore {
         // etcd may come up after the replicas (a fresh cluster, a restart of everything): wait
         // for it a while rather than exit and be restarted in a loop.
         let deadline = std::time::Instant::now() + START_WAIT;
-        let (kvs, revision) = loop {
+        let state = loop {
             let loaded = async {
                 create_if_absent(&client, &prefix).await?;
                 load(&client, &prefix).await
@@ -179,7 +180,7 @@ impl EtcdStore {
                 Err(e) => return Err(e),
             }
         };
-        let mirror = Mirror::load(prefix.clone(), kvs, revision, event_buffer)?;
+        let mirror = Mirror::load(prefix.clone(), state, event_buffer)?;
         let (secret, log_epoch) = {
             let state = mirror.read();
             match state.other.get(keys::META_FORMAT) {
@@ -258,8 +259,16 @@ impl EtcdStore {
     ) -> Result<u64> {
         let client = EtcdClient::new(&options)?;
         let prefix = prefix.as_bytes().to_vec();
-        let (existing, _) = load(&client, &prefix).await?;
-        if !existing.is_empty() {
+        let existing = client
+            .range(RangeRequest {
+                key: prefix.clone(),
+                range_end: prefix_end(&prefix),
+                limit: 1,
+                keys_only: true,
+                ..Default::default()
+            })
+            .await?;
+        if !existing.kvs.is_empty() {
             return Err(Error::DataDir(format!(
                 "etcd prefix {:?} already holds a store",
                 String::from_utf8_lossy(&prefix)
@@ -362,37 +371,15 @@ async fn create_if_absent(client: &EtcdClient, prefix: &[u8]) -> Result<()> {
 }
 
 /// Everything under `prefix`, read page by page at one revision.
-async fn load(
-    client: &EtcdClient,
-    prefix: &[u8],
-) -> Result<(Vec<client::pb::mvccpb::KeyValue>, i64)> {
-    let end = prefix_end(prefix);
-    let mut key = prefix.to_vec();
-    let mut revision = 0;
-    let mut kvs = Vec::new();
-    loop {
-        let page = client
-            .range(RangeRequest {
-                key: key.clone(),
-                range_end: end.clone(),
-                limit: 10_000,
-                revision,
-                ..Default::default()
-            })
-            .await?;
-        if revision == 0 {
-            revision = page.header.as_ref().map_or(0, |h| h.revision);
-        }
-        let more = page.more;
-        if let Some(last) = page.kvs.last() {
-            key = last.key.clone();
-            key.push(0);
-        }
-        kvs.extend(page.kvs);
-        if !more {
-            return Ok((kvs, revision));
-        }
-    }
+/// A copy of everything under `prefix`, read at one revision.
+async fn load(client: &EtcdClient, prefix: &[u8]) -> Result<State> {
+    let mut state = State::default();
+    let revision = scan::scan(client, prefix.to_vec(), prefix_end(prefix), 0, |kvs| {
+        state.load_page(prefix, &kvs)
+    })
+    .await?;
+    state.revision = revision;
+    Ok(state)
 }
 
 // === background tasks ===
@@ -445,8 +432,8 @@ async fn follow(inner: Arc<Inner>) {
                     "etcd compacted past this replica's copy; reloading it"
                 );
                 match load(&inner.client, &inner.prefix).await {
-                    Ok((kvs, revision)) => {
-                        if let Err(e) = inner.mirror.replace(kvs, revision) {
+                    Ok(state) => {
+                        if let Err(e) = inner.mirror.replace(state) {
                             tracing::error!(error = %e, "reloading the copy failed");
                         }
                     }
@@ -1846,5 +1833,107 @@ impl SessionStore for EtcdStore {
             let _ = task.await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod at_size {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        model::{
+            event::EventKind,
+            session::{Device, SessionState},
+        },
+        token::TokenGenerator,
+    };
+
+    fn rss_mib() -> f64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+
+    /// How long a replica takes to open a store of `SIZE_SESSIONS` sessions (each with its
+    /// created event), and the memory its copy takes. A measurement, not a check:
+    /// `SIZE_SESSIONS=1000000 cargo test --release --lib open_at_size -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement: minutes at a million sessions"]
+    async fn open_at_size() {
+        let n: u64 = std::env::var("SIZE_SESSIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let etcd = local::find_etcd().expect("an etcd binary");
+        let cluster = local::LocalCluster::start(&etcd, 3, Some(8 << 30)).expect("etcd");
+        let options = EtcdOptions {
+            endpoints: cluster.endpoints(),
+            ..EtcdOptions::default()
+        };
+        let g = TokenGenerator::from_seed([7; 32]);
+        let mut entries = Vec::new();
+        for i in 0..n {
+            let id = g.session_id();
+            let now = Timestamp::from_millis(1_800_000_000_000 + i);
+            let s = Session {
+                id,
+                tenant_id: "t".into(),
+                user_id: format!("user-{i}"),
+                token_hash: g.issue(&id).hash,
+                created_at: now,
+                last_seen_at: now,
+                idle_timeout: Duration::from_secs(1800),
+                absolute_expires_at: now.saturating_add(Duration::from_secs(43_200)),
+                remember_me: false,
+                device: Device::default(),
+                attributes: BTreeMap::new(),
+                state: SessionState::Active,
+                rotation_count: 0,
+                max_age_at: None,
+                flags: Vec::new(),
+                purge_at: None,
+            };
+            let e = Event {
+                sequence: i + 1,
+                occurred_at: now,
+                tenant_id: s.tenant_id.clone(),
+                user_id: s.user_id.clone(),
+                session_id: id,
+                kind: EventKind::Created {
+                    device: Device::default(),
+                    remember_me: false,
+                    evicted: Vec::new(),
+                },
+            };
+            entries.push((keys::session(&id).to_vec(), records::encode_session(&s)));
+            if std::env::var_os("SIZE_NO_EVENTS").is_none() {
+                entries.push((keys::event(i + 1).to_vec(), records::encode_event(&e)));
+            }
+        }
+        entries.push((keys::META_SECRET.to_vec(), vec![9; 32]));
+        let started = std::time::Instant::now();
+        EtcdStore::restore_entries(options.clone(), "/size/", &entries)
+            .await
+            .expect("restore");
+        println!("loaded {n} sessions into etcd in {:?}", started.elapsed());
+        drop(entries);
+        let before = rss_mib();
+        let started = std::time::Instant::now();
+        let store = EtcdStore::open(options, "/size/", 4096, Duration::from_secs(86_400))
+            .await
+            .expect("open");
+        println!(
+            "opened {n} sessions in {:?}; copy {:.0} MiB (RSS {:.0} MiB)",
+            started.elapsed(),
+            rss_mib() - before,
+            rss_mib()
+        );
+        drop(store);
     }
 }
