@@ -41,7 +41,9 @@ pub struct State {
     pub users: BTreeSet<Vec<u8>>,
     /// `keys::deadline` of each session: what the sweeper looks at next.
     pub deadlines: BTreeSet<[u8; 25]>,
-    pub events: BTreeMap<u64, Arc<Event>>,
+    /// The log, as stored (encoded): a third of the memory of decoded events, and a replica
+    /// holds every event kept. Decoded when read.
+    pub events: BTreeMap<u64, Box<[u8]>>,
     /// Everything else (meta, policies, per-user records, audit, marks), by key.
     pub other: BTreeMap<Vec<u8>, Versioned>,
     /// Bumped by every change of a tenant policy.
@@ -133,13 +135,19 @@ impl State {
         }
     }
 
-    /// Applies one change (key without the prefix). Returns the event it added, if any.
-    pub fn apply(
-        &mut self,
-        key: &[u8],
-        value: Option<&[u8]>,
-        revision: i64,
-    ) -> Result<Option<Arc<Event>>> {
+    /// The events of `range`, decoded, in order.
+    pub fn events_in(
+        &self,
+        range: impl std::ops::RangeBounds<u64>,
+    ) -> impl DoubleEndedIterator<Item = Result<Event>> + '_ {
+        self.events
+            .range(range)
+            .map(|(seq, value)| records::decode_event(*seq, value))
+    }
+
+    /// Applies one change (key without the prefix). Returns the sequence of the event it
+    /// added, if any.
+    pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>, revision: i64) -> Result<Option<u64>> {
         match key.first() {
             Some(&keys::SESSION) => {
                 let id = SessionId::from_slice(&key[1..])
@@ -159,9 +167,8 @@ impl State {
                     .ok_or_else(|| Error::Storage("corrupt event key in etcd".into()))?;
                 match value {
                     Some(value) => {
-                        let event = Arc::new(records::decode_event(seq, value)?);
-                        self.events.insert(seq, event.clone());
-                        Ok(Some(event))
+                        self.events.insert(seq, value.into());
+                        Ok(Some(seq))
                     }
                     None => {
                         self.events.remove(&seq);
@@ -253,9 +260,14 @@ impl Mirror {
                 top = top.max(kv.mod_revision);
             }
             state.revision = top.max(revision);
-            state.head()?
+            added.sort_unstable();
+            let added = added
+                .iter()
+                .filter_map(|seq| state.events_in(*seq..=*seq).next())
+                .collect::<Result<Vec<Event>>>()?;
+            (added, state.head()?)
         };
-        self.publish(added, head);
+        self.publish(head.0, head.1);
         Ok(())
     }
 
@@ -263,21 +275,18 @@ impl Mirror {
     pub fn replace(&self, mut fresh: State) -> Result<()> {
         fresh.policy_version = self.read().policy_version + 1;
         let published = self.bus.durable_head();
-        let added: Vec<Arc<Event>> = fresh
-            .events
-            .range(published + 1..)
-            .map(|(_, e)| e.clone())
-            .collect();
+        let added = fresh
+            .events_in(published + 1..)
+            .collect::<Result<Vec<Event>>>()?;
         let head = fresh.head()?;
         *self.write() = fresh;
         self.publish(added, head);
         Ok(())
     }
 
-    fn publish(&self, mut added: Vec<Arc<Event>>, head: u64) {
+    fn publish(&self, mut added: Vec<Event>, head: u64) {
         added.sort_by_key(|e| e.sequence);
-        let events = added.into_iter().map(|e| Event::clone(&e)).collect();
-        self.bus.publish(events, head);
+        self.bus.publish(added, head);
         let revision = self.read().revision;
         self.applied.send_if_modified(|r| {
             let raised = revision > *r;

@@ -1431,22 +1431,18 @@ impl SessionStore for EtcdStore {
             return Ok(Vec::new());
         }
         let state = self.inner.mirror.read();
-        Ok(state
-            .events
-            .range(after + 1..=head)
-            .take(limit)
-            .map(|(_, e)| Event::clone(e))
-            .collect())
+        state.events_in(after + 1..=head).take(limit).collect()
     }
 
     fn visit_events_since(&self, since: Timestamp, visit: &mut dyn FnMut(&Event)) -> Result<()> {
         let head = self.inner.mirror.bus().durable_head();
         let state = self.inner.mirror.read();
-        for (_, event) in state.events.range(..=head).rev() {
+        for event in state.events_in(..=head).rev() {
+            let event = event?;
             if event.occurred_at < since {
                 break;
             }
-            visit(event);
+            visit(&event);
         }
         Ok(())
     }
@@ -1605,8 +1601,8 @@ impl SessionStore for EtcdStore {
             for s in state.sessions() {
                 out.push((keys::session(&s.id).to_vec(), records::encode_session(s)));
             }
-            for (seq, e) in &state.events {
-                out.push((keys::event(*seq).to_vec(), records::encode_event(e)));
+            for (seq, value) in &state.events {
+                out.push((keys::event(*seq).to_vec(), value.to_vec()));
             }
             out.sort();
             out
@@ -1680,15 +1676,15 @@ impl SessionStore for EtcdStore {
         self.inner
             .write_with(|state| {
                 let head = state.head()?;
-                let doomed: Vec<u64> = state
-                    .events
-                    .iter()
-                    .take(10_000)
-                    .take_while(|(seq, e)| {
-                        head.saturating_sub(**seq) >= keep || e.occurred_at < older_than
-                    })
-                    .map(|(seq, _)| *seq)
-                    .collect();
+                let mut doomed: Vec<u64> = Vec::new();
+                for e in state.events_in(..).take(10_000) {
+                    let e = e?;
+                    if head.saturating_sub(e.sequence) >= keep || e.occurred_at < older_than {
+                        doomed.push(e.sequence);
+                    } else {
+                        break;
+                    }
+                }
                 let (Some(first), Some(last)) = (doomed.first(), doomed.last()) else {
                     return Ok((0, vec![], vec![]));
                 };
