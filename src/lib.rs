@@ -15,13 +15,13 @@
 //! - [`service`]: the tonic layer (decode and validate requests, call the domain, encode replies)
 //!   and [`run`], the one function that starts the server, for `main` and tests alike.
 //! - [`sessions`]: the domain: create, validate, rotate, list, revoke under each tenant's policy;
-//!   the policy registry; the background sweeper. No tonic, no sled.
+//!   the policy registry; the background sweeper; event subscriptions (replay from the log, then
+//!   live). No tonic, no sled.
 //! - [`store`]: the only code that touches sled or etcd, behind the [`store::SessionStore`]
 //!   trait: key encoding, records, the backup format; `sled_store` (the single-writer
 //!   group-commit write path) and `etcd` (several replicas: an in-memory copy per replica fed by
 //!   one watch, optimistic transactions, a shared read fence).
-//! - [`events`]: the live fan-out of durable events, and subscriptions (replay from the log,
-//!   then live).
+//! - [`events`]: the live fan-out of durable events (below the store, which publishes to it).
 //! - [`metrics`]: Prometheus metrics, each recorded in one place; a leaf that takes plain labels.
 //! - [`security`]: caller identity (API keys, client certificates), the per-method role table,
 //!   tenant binding, throttling of failed validations, load shedding, TLS.

@@ -4,8 +4,6 @@
 //! [`EventBus::publish`] only after the flush that made it durable. So a subscriber never sees an
 //! event that a crash could take back, and the live stream and the durable log agree on order.
 
-pub mod subscription;
-
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, watch};

@@ -8,13 +8,14 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use crate::{
     clock::Timestamp,
     error::{Error, Result},
-    events::{subscription::Filter, Event, EventKind, EventType},
+    events::{Event, EventKind, EventType},
     model::{
         policy::{CookieAdvice, LimitAction, Policy, SameSite, TravelAction},
         session::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
         travel::TravelFlag,
     },
     proto::v1 as pb,
+    sessions::subscription::Filter,
     sessions::{limits, ListQuery, MatchQuery, NewSession, SessionFilter},
     store::{ListScope, RevokeTarget},
     token::SessionId,

@@ -12,9 +12,9 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{event_to_proto, timestamp, watch_filter};
 use crate::{
-    events::subscription::{self, WatchItem, WatchSettings},
     proto::v1::{self as pb, event_service_server::EventService},
     security::layer::caller,
+    sessions::subscription::{self, WatchItem, WatchSettings},
     store::SessionStore,
 };
 

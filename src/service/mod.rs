@@ -23,7 +23,6 @@ use crate::{
     clock::Clock,
     config::{Config, StoreKind},
     error::{Error, Result},
-    events::subscription::WatchSettings,
     model::policy::Policy,
     proto::{
         self,
@@ -37,6 +36,7 @@ use crate::{
     },
     security::{self, layer::GuardLayer, throttle::FailureThrottle, Authenticator},
     sessions::policies::Policies,
+    sessions::subscription::WatchSettings,
     sessions::{run_sweeper, Retention, Sessions},
     store::{EtcdOptions, EtcdStore, SessionStore, SledStore},
     token::TokenGenerator,

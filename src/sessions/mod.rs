@@ -3,6 +3,7 @@
 //! sled: it talks to a [`SessionStore`] and reads time from a [`Clock`].
 
 pub mod policies;
+pub mod subscription;
 pub mod sweeper;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};

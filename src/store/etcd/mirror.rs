@@ -147,7 +147,12 @@ impl State {
 
     /// Applies one change (key without the prefix). Returns the sequence of the event it
     /// added, if any.
-    pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>, revision: i64) -> Result<Option<u64>> {
+    pub fn apply(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        revision: i64,
+    ) -> Result<Option<u64>> {
         match key.first() {
             Some(&keys::SESSION) => {
                 let id = SessionId::from_slice(&key[1..])

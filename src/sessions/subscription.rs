@@ -19,10 +19,10 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use tokio::sync::{broadcast, mpsc, watch};
 
-use super::{Event, EventType};
 use crate::{
     clock::{Clock, Timestamp},
     error::{Error, Result},
+    events::{Event, EventType},
     store::{self, SessionStore},
 };
 
