@@ -26,11 +26,13 @@ run scale --sessions 500,2000 --seconds 1 --callers 8
 run replay --log-events 3000 --replays 4 --pool 200 --seconds 1 --callers 8
 # etcd: the static etcd of the etcd-bin-vendored crate (a dev-dependency, fetched by the tests)
 run cluster --seconds 1 --callers 8 --connections 2 --pool 200 --revokes 10
+run scale --scale-store etcd --sessions 200,500 --seconds 1 --callers 8
 
 for s in health validate redis-validate create redis-create mixed batch50 cache-hit cache-eviction \
          fanout overload soak scale replay cluster.validate.sled cluster.create.etcd_2_replicas \
          cluster.revoke_to_refused; do
   grep -q "scenario=$s " "$out" || { echo "no line for scenario $s"; exit 1; }
 done
+grep -q "scenario=scale store=Etcd " "$out" || { echo "no line for scale on etcd"; exit 1; }
 grep -q "^compare=validate" "$out" && grep -q "^compare=create" "$out"
 echo "bench smoke: every scenario ran"
