@@ -84,6 +84,28 @@ enum Op {
     },
 }
 
+impl Op {
+    /// Whether it may or may not have happened.
+    fn is_unknown(&self) -> bool {
+        matches!(
+            self,
+            Op::Create {
+                result: Outcome::Unknown,
+                ..
+            } | Op::Rotate {
+                result: Outcome::Unknown,
+                ..
+            } | Op::Revoke {
+                result: Outcome::Unknown,
+                ..
+            } | Op::RevokeAll {
+                result: Outcome::Unknown,
+                ..
+            }
+        )
+    }
+}
+
 /// A session a worker knows of: id and the latest token it was given.
 #[derive(Debug, Clone)]
 struct Known {
@@ -180,22 +202,7 @@ async fn worker(
             let _ = validate(&mut client, &k.token).await;
             continue;
         };
-        let unknown = matches!(
-            op,
-            Op::Create {
-                result: Outcome::Unknown,
-                ..
-            } | Op::Rotate {
-                result: Outcome::Unknown,
-                ..
-            } | Op::Revoke {
-                result: Outcome::Unknown,
-                ..
-            } | Op::RevokeAll {
-                result: Outcome::Unknown,
-                ..
-            }
-        );
+        let unknown = op.is_unknown();
         history.ops.lock().expect("lock").push(op);
         if unknown {
             // Its server is down (a killed replica): wait rather than record a flood of calls.
@@ -406,27 +413,7 @@ async fn check(seed: u64, channel: Channel, history: &History, what: String) {
     let ops = history.ops.lock().expect("lock").clone();
     let fates = fates(&ops);
     let acked_creates = fates.len();
-    let unknown = ops
-        .iter()
-        .filter(|op| {
-            matches!(
-                op,
-                Op::Create {
-                    result: Outcome::Unknown,
-                    ..
-                } | Op::Rotate {
-                    result: Outcome::Unknown,
-                    ..
-                } | Op::Revoke {
-                    result: Outcome::Unknown,
-                    ..
-                } | Op::RevokeAll {
-                    result: Outcome::Unknown,
-                    ..
-                }
-            )
-        })
-        .count();
+    let unknown = ops.iter().filter(|op| op.is_unknown()).count();
 
     // Sessions and tokens.
     for (id, fate) in &fates {

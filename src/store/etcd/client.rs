@@ -310,32 +310,27 @@ impl EtcdClient {
         Ok(alarms.alarms.iter().any(|a| a.alarm == 1))
     }
 
+    /// The status of the member answering.
+    async fn status(&self) -> Result<pb::etcdserverpb::StatusResponse> {
+        self.call(
+            "status",
+            StatusRequest::default(),
+            true,
+            |ch, r| async move { MaintenanceClient::new(ch).status(r).await },
+        )
+        .await
+    }
+
     /// The backend's size on the member answering, in bytes.
     pub async fn db_size(&self) -> Result<u64> {
-        let status = self
-            .call(
-                "status",
-                StatusRequest::default(),
-                true,
-                |ch, r| async move { MaintenanceClient::new(ch).status(r).await },
-            )
-            .await?;
-        Ok(u64::try_from(status.db_size).unwrap_or(0))
+        Ok(u64::try_from(self.status().await?.db_size).unwrap_or(0))
     }
 
     /// What an operator does after a NOSPACE alarm (`etcdctl compact`, `defrag` on each member,
     /// `alarm disarm`): drops the history before the current revision, gives each member's
     /// freed pages back, and lifts the alarms. Defragmenting blocks each member while it runs.
     pub async fn free_space(&self) -> Result<()> {
-        let status = self
-            .call(
-                "status",
-                StatusRequest::default(),
-                true,
-                |ch, r| async move { MaintenanceClient::new(ch).status(r).await },
-            )
-            .await?;
-        let revision = status.header.map_or(0, |h| h.revision);
+        let revision = self.status().await?.header.map_or(0, |h| h.revision);
         let compact = CompactionRequest {
             revision,
             physical: true,
