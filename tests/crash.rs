@@ -211,6 +211,34 @@ async fn worker(
     }
 }
 
+/// `WORKERS` workers recording into one history, spread over `channels` (one server's, or each
+/// replica's in turn), until the flag is set.
+fn start_workers(
+    channels: &[Channel],
+    seed: u64,
+) -> (
+    Arc<History>,
+    Arc<AtomicBool>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let history = Arc::new(History {
+        ops: Mutex::new(Vec::new()),
+        known: Mutex::new(Vec::new()),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = (0..WORKERS)
+        .map(|w| {
+            tokio::spawn(worker(
+                SessionServiceClient::new(channels[w as usize % channels.len()].clone()),
+                history.clone(),
+                seed.wrapping_mul(31).wrapping_add(w),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    (history, stop, workers)
+}
+
 /// What the history says about one acknowledged session.
 #[derive(Debug, Default)]
 struct Fate {
@@ -370,21 +398,7 @@ async fn round(seed: u64) {
     let (mut child, addr) = spawn_binary(&data, &args).await;
     let channel = connect_channel(&addr).await;
 
-    let history = Arc::new(History {
-        ops: Mutex::new(Vec::new()),
-        known: Mutex::new(Vec::new()),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            tokio::spawn(worker(
-                SessionServiceClient::new(channel.clone()),
-                history.clone(),
-                seed.wrapping_mul(31).wrapping_add(w),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let (history, stop, workers) = start_workers(std::slice::from_ref(&channel), seed);
     let kill_after = Duration::from_millis(150 + rng.next_u64() % 1200);
     tokio::time::sleep(kill_after).await;
     child.start_kill().expect("kill -9");
@@ -535,21 +549,7 @@ async fn cluster_round(seed: u64) {
         connect_channel(&replicas[0].1).await,
         connect_channel(&replicas[1].1).await,
     ];
-    let history = Arc::new(History {
-        ops: Mutex::new(Vec::new()),
-        known: Mutex::new(Vec::new()),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            tokio::spawn(worker(
-                SessionServiceClient::new(channels[(w % 2) as usize].clone()),
-                history.clone(),
-                seed.wrapping_mul(31).wrapping_add(w),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let (history, stop, workers) = start_workers(&channels, seed);
     let kill_after = Duration::from_millis(300 + rng.next_u64() % 1500);
     tokio::time::sleep(kill_after).await;
     let choice = rng.next_u32() % 4;

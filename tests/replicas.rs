@@ -86,7 +86,7 @@ async fn concurrent_creates_over_two_replicas_never_exceed_the_limit() {
     for task in tasks {
         match task.await.expect("task") {
             Ok(_) => created += 1,
-            Err(s) => assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}"),
+            Err(s) => assert_exhausted(&s),
         }
     }
     assert_eq!(created, 3, "exactly the limit, across both replicas");
@@ -340,11 +340,7 @@ async fn a_policy_set_on_one_replica_applies_on_the_other_at_once() {
         .create_session(create_request("t", "u"))
         .await
         .expect_err("B follows A's policy: one session, REJECT");
-    assert_eq!(
-        refused.code(),
-        tonic::Code::ResourceExhausted,
-        "{refused:?}"
-    );
+    assert_exhausted(&refused);
 }
 
 /// One replica at a time runs the background work; when it stops, another takes over within
@@ -617,21 +613,13 @@ async fn a_full_etcd_refuses_creations_and_still_revokes() {
         }
     }
     let refused = refused.expect("etcd filled up within 5,000 creations");
-    assert_eq!(
-        refused.code(),
-        tonic::Code::ResourceExhausted,
-        "{refused:?}"
-    );
+    assert_exhausted(&refused);
     assert!(refused.message().contains("out of space"), "{refused:?}");
     let on_b_too = on_b
         .create_session(create_request("t", "late"))
         .await
         .expect_err("full for B too");
-    assert_eq!(
-        on_b_too.code(),
-        tonic::Code::ResourceExhausted,
-        "{on_b_too:?}"
-    );
+    assert_exhausted(&on_b_too);
 
     // A logout on B: both replicas refuse the session at once; the bystander is untouched.
     let first_id = first.session.expect("session").session_id;
@@ -730,6 +718,10 @@ async fn a_full_etcd_refuses_creations_and_still_revokes() {
     );
     // And creations work again.
     eventually_creates(&mut on_a).await;
+}
+
+fn assert_exhausted(status: &tonic::Status) {
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
 }
 
 async fn eventually_creates(
