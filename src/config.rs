@@ -109,11 +109,12 @@ pub struct Config {
     /// Capacity of the in-memory live event fan-out; a subscriber further behind reads from the
     /// durable log instead.
     pub event_buffer: usize,
-    /// Memory for the store's page cache, in MiB.
+    /// Memory for sled's page cache, in MiB: what the store's writes need in memory.
     pub cache_mib: u64,
-    /// Memory for decoded sessions kept in front of the store (validate's hot path), in MiB. Bound
-    /// by bytes, not entries: a session with the largest allowed attributes and user agent is
-    /// about 8 KiB, a plain one a few hundred bytes. 0 turns the cache off.
+    /// Memory for the live sessions kept in front of the store (validate's hot path), in MiB.
+    /// Bound by bytes, not entries: a browser session costs about 330 bytes, one with the largest
+    /// allowed attributes and user agent about 8 KiB. Size it to hold every live session (README,
+    /// "Sizing the embedded store"). 0 turns the cache off.
     pub session_cache_mib: u64,
     /// Log format: `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
@@ -266,8 +267,8 @@ impl Default for Config {
             audit_retention: Duration::from_secs(365 * 86_400),
             heartbeat_interval: Duration::from_secs(15),
             event_buffer: 4096,
-            cache_mib: 512,
-            session_cache_mib: 128,
+            cache_mib: 256,
+            session_cache_mib: 384,
             log_format: LogFormat::Text,
             metrics_listen: None,
             health_listen: None,
@@ -681,11 +682,11 @@ struct CliSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     etcd_read_fence: Option<bool>,
-    /// Store page cache in MiB [default: 512]
+    /// sled's page cache in MiB, for the store's writes [default: 256]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     cache_mib: Option<u64>,
-    /// Decoded-session cache in MiB [default: 128]
+    /// Live sessions kept in memory for validate, in MiB (about 330 per million) [default: 384]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     session_cache_mib: Option<u64>,

@@ -12,6 +12,9 @@
 //! | `session_authority_store_flush_seconds` | histogram | | the group committer (flush + fdatasync) |
 //! | `session_authority_store_group_size` | histogram | | the group committer |
 //! | `session_authority_store_bytes` | gauge | | the health loop, every few seconds |
+//! | `session_authority_session_cache_entries` | gauge | | the health loop (sled: sessions in memory) |
+//! | `session_authority_session_cache_bytes` | gauge | | the health loop (against `session_cache_mib`) |
+//! | `session_authority_session_cache_misses_total` | counter | | the health loop (reads that went to disk) |
 //! | `session_authority_failed_validations_total` | counter | caller | the throttle, per invalid token |
 //! | `session_authority_failed_validations_over_limit_total` | counter | caller | the throttle, per invalid token beyond the caller's limit |
 
@@ -74,6 +77,12 @@ pub fn flush(seconds: f64, group: usize) {
 
 pub fn store_bytes(bytes: u64) {
     metrics::gauge!("session_authority_store_bytes").set(bytes as f64);
+}
+
+pub fn session_cache(entries: usize, bytes: usize, misses: u64) {
+    metrics::gauge!("session_authority_session_cache_entries").set(entries as f64);
+    metrics::gauge!("session_authority_session_cache_bytes").set(bytes as f64);
+    metrics::counter!("session_authority_session_cache_misses_total").absolute(misses);
 }
 
 pub fn failed_validation(caller: &str) {

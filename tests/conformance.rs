@@ -12,7 +12,7 @@ mod etcd_cluster;
 use std::{sync::Arc, time::Duration};
 
 use session_authority::{
-    clock::{ManualClock, Timestamp},
+    clock::{Clock, ManualClock, Timestamp},
     config::Config,
     error::Error,
     model::{
@@ -330,6 +330,51 @@ async fn one_of_many_racing_rotations_wins<B: Backend>(b: B) {
     assert_eq!(rotations, 1);
 }
 
+/// A use slides the idle deadline: the sweeper leaves the session alone at its first deadline
+/// (even a backend that files touches lazily must not expire it, nor keep finding it due), and
+/// ends it once at the deadline its last use gave it.
+async fn a_used_session_outlives_its_first_idle_deadline_and_expires_at_its_last<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {})).await;
+    let s = &h.sessions;
+    let created = s.create(new_session("t", "u")).await.expect("create");
+    let token = created.token.expose().to_string();
+    let retention = Retention {
+        age: Duration::from_secs(86_400),
+        count: 1_000_000,
+        user_state: Duration::from_secs(86_400),
+        audit: Duration::from_secs(86_400),
+    };
+    h.clock.advance(Duration::from_secs(300));
+    s.validate(&token, true, None, None).await.expect("a use");
+    // Past the idle deadline of creation (600 s), before that of the use (900 s).
+    h.clock.advance(Duration::from_secs(310));
+    sweep_once(s, retention, &mut None).await.expect("sweep");
+    s.validate(&token, false, None, None)
+        .await
+        .expect("still live after its first deadline");
+    // Nothing stays due: a backend may file the use late (etcd writes touches in the
+    // background), but once it has, the sweeper stops finding the session.
+    let now = h.clock.now();
+    let mut due = s.store().due(now, 100).expect("due");
+    for _ in 0..100 {
+        if due.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sweep_once(s, retention, &mut None).await.expect("sweep");
+        due = s.store().due(now, 100).expect("due");
+    }
+    assert!(due.is_empty(), "still due after every sweep: {due:?}");
+    h.clock.advance(Duration::from_secs(300));
+    sweep_once(s, retention, &mut None).await.expect("sweep");
+    assert!(is_not_valid(s.validate(&token, false, None, None).await));
+    let expiries = events(&h)
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Expired { .. }))
+        .count();
+    assert_eq!(expiries, 1);
+}
+
 async fn an_expiry_is_recorded_once_however_many_notice_it<B: Backend>(b: B) {
     let h = harness(&b, policy(|_| {})).await;
     let s = &h.sessions;
@@ -592,6 +637,7 @@ macro_rules! conformance {
                 the_login_quota_counts_a_rolling_day,
                 one_of_many_racing_rotations_wins,
                 an_expiry_is_recorded_once_however_many_notice_it,
+                a_used_session_outlives_its_first_idle_deadline_and_expires_at_its_last,
                 event_sequences_are_gapless_under_concurrent_writes,
                 impossible_travel_with_revoke_ends_every_session_of_the_user,
                 policies_audit_and_sessions_survive_a_reopen,

@@ -361,6 +361,9 @@ async fn follow_store_health<S: SessionStore>(
             if let Ok(bytes) = store.size_on_disk() {
                 crate::metrics::store_bytes(bytes);
             }
+            if let Some(c) = store.cache_stats() {
+                crate::metrics::session_cache(c.entries, c.bytes, c.misses);
+            }
         }
         let healthy = store.is_healthy();
         if healthy != serving {

@@ -14,10 +14,19 @@
 //! | `l`    | user_lastseen           | tenant, 0, user, 0                                | LastSeenRecord |
 //! | `q`    | user_creations          | tenant, 0, user, 0                                | timestamps     |
 //! | `a`    | auditid_record          | id (8)                                            | entry (JSON)   |
+//! | `t`    | sessionid_lastuse       | session id (16)                                   | LastUse (16)   |
 //!
 //! `user_sessionid` holds active sessions only, so counting a user's sessions for the limit is a
 //! short prefix scan. `deadline_sessionid` holds every session under the instant the sweeper must
 //! look at it again (idle deadline while active, absolute deadline for a tombstone).
+//!
+//! `sessionid_lastuse` (sled only, since format 3) holds a session's last use when it is newer
+//! than its record's: a touch writes this one small key instead of rewriting the record and
+//! moving its deadline entry (three writes, each copying a node of sled's tree; at a million
+//! sessions touches were most of the store's work). It also holds the last use the deadline entry
+//! is still filed under, so the entry can be found: it may be early, never late, and the sweeper
+//! re-files a session it finds due but touched since. Every full write of the record folds the
+//! last use in and deletes the entry; readers take the later of the two.
 
 use crate::{clock::Timestamp, token::SessionId};
 
@@ -29,6 +38,8 @@ pub const POLICY: u8 = b'p';
 pub const LAST_SEEN: u8 = b'l';
 pub const CREATIONS: u8 = b'q';
 pub const AUDIT: u8 = b'a';
+/// sled only: see `sessionid_lastuse` above.
+pub const TOUCH: u8 = b't';
 /// Tenants whose policy changed and whose open sessions are not all enforced yet: tenant -> nonce.
 pub const ENFORCE: u8 = b'n';
 /// etcd only: a per-user key rewritten whenever the user's set of active sessions changes, so a
@@ -44,7 +55,10 @@ pub fn audit(id: u64) -> [u8; 9] {
 
 /// Marks a directory as ours, with the layout version. Checked at open.
 pub const META_FORMAT: &[u8] = b"mformat";
-pub const FORMAT_VALUE: &[u8] = b"session-authority/2";
+pub const FORMAT_VALUE: &[u8] = b"session-authority/3";
+/// The format before `sessionid_lastuse`: the same keys without it, so it opens as it is and is
+/// marked 3 (releases that know only 2 then refuse it instead of misreading last uses).
+pub const FORMAT_VALUE_2: &[u8] = b"session-authority/2";
 /// The newest event sequence at the last prune; with the last event key it gives the head, even
 /// when pruning emptied the log.
 pub const META_HEAD: &[u8] = b"mhead";
@@ -81,8 +95,16 @@ pub fn per_user(prefix: u8, tenant: &str, user: &str) -> Vec<u8> {
 }
 
 pub fn session(id: &SessionId) -> [u8; 17] {
+    by_id(SESSION, id)
+}
+
+pub fn touch(id: &SessionId) -> [u8; 17] {
+    by_id(TOUCH, id)
+}
+
+fn by_id(prefix: u8, id: &SessionId) -> [u8; 17] {
     let mut k = [0u8; 17];
-    k[0] = SESSION;
+    k[0] = prefix;
     k[1..].copy_from_slice(id.as_bytes());
     k
 }

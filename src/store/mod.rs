@@ -11,6 +11,7 @@ pub mod etcd;
 mod keys;
 mod records;
 mod session_cache;
+pub use session_cache::CacheStats;
 mod sled_store;
 pub mod snapshot;
 
@@ -141,6 +142,12 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64>;
+
+    /// The sessions held in memory in front of the store, for the metrics; `None` for a backend
+    /// that holds every session in memory anyway (etcd's replicas).
+    fn cache_stats(&self) -> Option<CacheStats> {
+        None
+    }
 
     /// The fan-out this store publishes its durable events to.
     fn events(&self) -> Arc<EventBus>;

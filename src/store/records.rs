@@ -422,6 +422,36 @@ pub fn decode_policy(bytes: &[u8]) -> Result<Policy, Error> {
 }
 
 /// A user's recent session creations (login quota): big-endian millisecond timestamps.
+/// A session's entry in `sessionid_lastuse` (sled): its last use, and the last use its deadline
+/// entry is filed under (its record's, which touches leave as it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastUse {
+    pub at: Timestamp,
+    pub filed: Timestamp,
+}
+
+/// Two big-endian millisecond counts: `at`, then `filed`.
+pub fn encode_last_use(l: &LastUse) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&l.at.as_millis().to_be_bytes());
+    out[8..].copy_from_slice(&l.filed.as_millis().to_be_bytes());
+    out
+}
+
+pub fn decode_last_use(bytes: &[u8]) -> Result<LastUse, Error> {
+    let millis = |b: &[u8]| -> Result<Timestamp, Error> {
+        let b: [u8; 8] = b.try_into().map_err(|_| corrupt("last use"))?;
+        Ok(Timestamp::from_millis(u64::from_be_bytes(b)))
+    };
+    if bytes.len() != 16 {
+        return Err(corrupt("last use"));
+    }
+    Ok(LastUse {
+        at: millis(&bytes[..8])?,
+        filed: millis(&bytes[8..])?,
+    })
+}
+
 pub fn encode_creations(times: &[Timestamp]) -> Vec<u8> {
     times
         .iter()

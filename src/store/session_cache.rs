@@ -1,106 +1,136 @@
-//! Decoded sessions in memory, in front of sled: a validate becomes a hash lookup instead of a
-//! B-tree walk and a decode (the walk was most of a validate's own cost in profiles).
+//! Session records in memory, in front of sled, so that a validate is a hash lookup instead of a
+//! B-tree walk. At a million sessions and more, a validate that misses reads a leaf of sled's tree
+//! that is rarely in its page cache (sled materialises the whole leaf to read one key): about an
+//! eighth of the rate of a hit. So this cache is built to hold every live session of a store of
+//! real size, not a hot few:
+//! - it holds records **encoded** (about 200-300 bytes for a browser session, a third of the
+//!   decoded form), decoded on each hit;
+//! - the writer puts every session it writes **through** into it, so new sessions are in memory
+//!   from their creation, not from their first miss;
+//! - at open, the writer **warms** it from the tree (see `SledStore::open`), so a restarted store
+//!   answers from memory again within seconds, while it already serves reads from sled;
+//! - it is bounded by bytes (`session_cache_mib`), evicting an arbitrary entry when full.
 //!
 //! Correctness rests on one rule: only the writer changes sessions, and it brackets every batch
-//! with an epoch that is odd while the batch is being applied and its sessions dropped from here.
+//! with an epoch that is odd while the batch is being applied and its entries replaced here.
 //! A reader that missed fills the entry only if the epoch is even and unchanged since before it
-//! read sled (checked under the entry's shard lock, which the writer also takes to drop entries).
-//! So a value read before a write can never be put back after that write dropped it.
+//! read sled (checked under the entry's shard lock, which the writer also takes). So a value read
+//! before a write can never be put back after that write replaced or dropped it.
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, PoisonError,
+        Mutex, MutexGuard, PoisonError,
     },
 };
 
-use crate::{model::session::Session, token::SessionId};
+use crate::token::SessionId;
 
 const SHARDS: usize = 16;
-/// What an entry costs beyond its value: the map's slot, the key, the `Arc` header.
-const ENTRY_OVERHEAD: usize = 64;
+/// What an entry costs beyond its bytes: its slot in the table (id, pointer, length, control byte,
+/// at the table's load factor) and the allocator's header and rounding.
+pub const ENTRY_OVERHEAD: usize = 80;
 
-/// Roughly the bytes a value holds, so the cache can be bounded by memory rather than by entries:
-/// sessions range from a few hundred bytes to about 8 KiB (all attributes, longest user agent).
-pub trait Weigh {
-    fn weight(&self) -> usize;
-}
+/// Session ids are random, made by this service: their bytes are already a good hash, and since
+/// only ids the service made are ever inserted, nobody can choose colliding ones. (The shard is
+/// chosen by the first byte, so the hash takes other bytes.)
+#[derive(Default)]
+struct IdHasher(u64);
 
-impl Weigh for Session {
-    fn weight(&self) -> usize {
-        let string = std::mem::size_of::<String>();
-        let location = self
-            .device
-            .location
-            .as_ref()
-            .map_or(0, |l| l.country.len() + l.city.len());
-        std::mem::size_of::<Session>()
-            + self.tenant_id.len()
-            + self.user_id.len()
-            + self.device.user_agent.len()
-            + self.device.label.len()
-            + location
-            + self
-                .attributes
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 2 * string + 16)
-                .sum::<usize>()
-            + self.flags.len() * std::mem::size_of::<crate::model::travel::TravelFlag>()
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
     }
-}
 
-impl Weigh for String {
-    fn weight(&self) -> usize {
-        std::mem::size_of::<String>() + self.len()
-    }
-}
-
-/// One shard's entries, each with its weight, and their total.
-struct Shard<V> {
-    entries: HashMap<SessionId, (Arc<V>, usize)>,
-    bytes: usize,
-}
-
-impl<V> Shard<V> {
-    fn remove(&mut self, id: &SessionId) {
-        if let Some((_, w)) = self.entries.remove(id) {
-            self.bytes -= w;
+    fn write(&mut self, bytes: &[u8]) {
+        // `SessionId` hashes as its 16 bytes (after a length prefix, which lands here too).
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
         }
     }
 }
 
-/// Generic over the value only so that tests can use plain values.
-pub struct SessionCache<V = Session> {
-    shards: Vec<Mutex<Shard<V>>>,
+type Table = HashMap<SessionId, Box<[u8]>, BuildHasherDefault<IdHasher>>;
+
+/// One shard's entries and the bytes they are counted at.
+#[derive(Default)]
+struct Shard {
+    entries: Table,
+    bytes: usize,
+}
+
+impl Shard {
+    fn remove(&mut self, id: &SessionId) {
+        if let Some(v) = self.entries.remove(id) {
+            self.bytes -= weight(&v);
+        }
+    }
+
+    /// Puts `record` in, evicting others while over `budget`.
+    fn insert(&mut self, id: SessionId, record: Box<[u8]>, budget: usize) {
+        self.remove(&id);
+        let w = weight(&record);
+        if w > budget {
+            return;
+        }
+        while self.bytes + w > budget {
+            // Any entry will do: sessions are used at random, and sled still holds what this drops.
+            let Some(victim) = self.entries.keys().next().copied() else {
+                break;
+            };
+            self.remove(&victim);
+        }
+        self.entries.insert(id, record);
+        self.bytes += w;
+    }
+}
+
+fn weight(record: &[u8]) -> usize {
+    record.len() + ENTRY_OVERHEAD
+}
+
+pub struct SessionCache {
+    shards: Vec<Mutex<Shard>>,
     epoch: AtomicU64,
+    /// Reads that went to sled, for the metrics: how an operator sees the cache is too small.
+    misses: AtomicU64,
     /// Bytes each shard may hold.
     per_shard: usize,
+}
+
+/// The session cache as the metrics show it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub entries: usize,
+    /// What the entries are counted at against `session_cache_mib`.
+    pub bytes: usize,
+    /// Reads that were not in memory, since the store opened.
+    pub misses: u64,
 }
 
 /// Where a reader stood before it read sled.
 #[derive(Clone, Copy, Debug)]
 pub struct ReadTicket(u64);
 
-impl<V: Weigh> SessionCache<V> {
-    /// Holds at most about `capacity_bytes` of sessions (0 turns it off).
+/// What a batch did to one session: its new record, or `None` when the cache must forget it.
+pub type Change = (SessionId, Option<Box<[u8]>>);
+
+impl SessionCache {
+    /// Holds at most about `capacity_bytes` of records (0 turns it off).
     pub fn new(capacity_bytes: usize) -> Self {
         SessionCache {
-            shards: (0..SHARDS)
-                .map(|_| {
-                    Mutex::new(Shard {
-                        entries: HashMap::new(),
-                        bytes: 0,
-                    })
-                })
-                .collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             epoch: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
             per_shard: capacity_bytes / SHARDS,
         }
     }
 
-    fn shard(&self, id: &SessionId) -> MutexGuard<'_, Shard<V>> {
-        // Session ids are random: their first byte spreads them evenly.
+    fn shard(&self, id: &SessionId) -> MutexGuard<'_, Shard> {
         let i = id.as_bytes()[0] as usize % SHARDS;
         // Plain values: a panic elsewhere cannot leave a map half-updated.
         self.shards[i]
@@ -108,36 +138,43 @@ impl<V: Weigh> SessionCache<V> {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn get(&self, id: &SessionId) -> Option<Arc<V>> {
-        self.shard(id).entries.get(id).map(|(v, _)| v.clone())
+    /// Reads a cached record in place (decoding it under the shard's lock costs less than copying
+    /// it out).
+    pub fn get<T>(&self, id: &SessionId, read: impl FnOnce(&[u8]) -> T) -> Option<T> {
+        self.shard(id).entries.get(id).map(|v| read(v))
     }
 
     /// Call before reading sled on a miss; `None` while a write is in progress.
     pub fn before_read(&self) -> Option<ReadTicket> {
+        self.misses.fetch_add(1, Ordering::Relaxed);
         let e = self.epoch.load(Ordering::SeqCst);
         (e % 2 == 0).then_some(ReadTicket(e))
     }
 
     /// Keeps what was read from sled, unless a write began since `ticket`.
-    pub fn fill(&self, ticket: ReadTicket, id: SessionId, session: Arc<V>) {
-        let weight = session.weight() + ENTRY_OVERHEAD;
-        if weight > self.per_shard {
+    pub fn fill(&self, ticket: ReadTicket, id: SessionId, record: &[u8]) {
+        if weight(record) > self.per_shard {
             return;
         }
         let mut shard = self.shard(&id);
         if self.epoch.load(Ordering::SeqCst) != ticket.0 {
             return;
         }
-        shard.remove(&id);
-        while shard.bytes + weight > self.per_shard {
-            // Any entry will do: sled's own cache still holds what this one drops.
-            let Some(victim) = shard.entries.keys().next().copied() else {
-                break;
-            };
-            shard.remove(&victim);
+        shard.insert(id, record.into(), self.per_shard);
+    }
+
+    /// The writer only, outside any batch: adds a record read from the tree if there is room
+    /// without evicting. False once the cache is full (warming stops there).
+    pub fn warm(&self, id: SessionId, record: &[u8]) -> bool {
+        let mut shard = self.shard(&id);
+        if shard.bytes + weight(record) > self.per_shard {
+            return false;
         }
-        shard.entries.insert(id, (session, weight));
-        shard.bytes += weight;
+        if !shard.entries.contains_key(&id) {
+            shard.bytes += weight(record);
+            shard.entries.insert(id, record.into());
+        }
+        true
     }
 
     /// The writer, before applying a batch.
@@ -145,12 +182,38 @@ impl<V: Weigh> SessionCache<V> {
         self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// The writer, after applying a batch (or failing to): drops every session it wrote.
-    pub fn write_ends(&self, changed: &[SessionId]) {
-        for id in changed {
-            self.shard(id).remove(id);
+    /// The writer, after applying a batch: puts in the records it wrote, in order, and forgets the
+    /// sessions it ended or deleted. If the batch failed, forgets every session it touched.
+    pub fn write_ends(&self, changes: Vec<Change>, applied: bool) {
+        for (id, record) in changes {
+            let mut shard = self.shard(&id);
+            match record.filter(|_| applied) {
+                Some(record) => shard.insert(id, record, self.per_shard),
+                None => shard.remove(&id),
+            }
         }
         self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// What the metrics show of it.
+    pub fn stats(&self) -> CacheStats {
+        let (entries, bytes) = self.held();
+        CacheStats {
+            entries,
+            bytes,
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Entries and the bytes they are counted at.
+    fn held(&self) -> (usize, usize) {
+        self.shards
+            .iter()
+            .map(|s| {
+                let s = s.lock().unwrap_or_else(PoisonError::into_inner);
+                (s.entries.len(), s.bytes)
+            })
+            .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2))
     }
 }
 
@@ -158,80 +221,109 @@ impl<V: Weigh> SessionCache<V> {
 mod tests {
     use super::*;
 
-    fn session(id: SessionId) -> Arc<String> {
-        Arc::new(id.to_string())
+    fn id(i: u8) -> SessionId {
+        SessionId::from_bytes([i; 16])
+    }
+
+    fn get(cache: &SessionCache, id: &SessionId) -> Option<Vec<u8>> {
+        cache.get(id, <[u8]>::to_vec)
     }
 
     #[test]
     fn a_fill_is_kept_when_no_write_intervened() {
-        let cache = SessionCache::<String>::new(100 * 1024);
-        let id = SessionId::from_bytes([1; 16]);
+        let cache = SessionCache::new(100 * 1024);
         let t = cache.before_read().expect("no write in progress");
-        cache.fill(t, id, session(id));
-        assert!(cache.get(&id).is_some());
+        cache.fill(t, id(1), b"v0");
+        assert_eq!(get(&cache, &id(1)).as_deref(), Some(&b"v0"[..]));
+    }
+
+    #[test]
+    fn a_write_replaces_what_it_wrote_and_forgets_what_it_ended() {
+        let cache = SessionCache::new(100 * 1024);
+        let t = cache.before_read().expect("ticket");
+        cache.fill(t, id(1), b"v0");
         cache.write_begins();
-        cache.write_ends(&[id]);
-        assert!(cache.get(&id).is_none(), "a write drops what it changed");
+        cache.write_ends(
+            vec![(id(1), Some(b"v1".to_vec().into())), (id(2), None)],
+            true,
+        );
+        assert_eq!(get(&cache, &id(1)).as_deref(), Some(&b"v1"[..]));
+        cache.write_begins();
+        cache.write_ends(vec![(id(1), None)], true);
+        assert_eq!(get(&cache, &id(1)), None, "an ended session is forgotten");
+    }
+
+    #[test]
+    fn a_failed_write_forgets_instead_of_writing_through() {
+        let cache = SessionCache::new(100 * 1024);
+        let t = cache.before_read().expect("ticket");
+        cache.fill(t, id(1), b"v0");
+        cache.write_begins();
+        cache.write_ends(vec![(id(1), Some(b"v1".to_vec().into()))], false);
+        assert_eq!(get(&cache, &id(1)), None);
     }
 
     #[test]
     fn a_value_read_before_a_write_is_never_put_back_after_it() {
-        let cache = SessionCache::<String>::new(100 * 1024);
-        let id = SessionId::from_bytes([2; 16]);
-        // Read sled, then the writer applies and drops, then the reader tries to fill.
+        let cache = SessionCache::new(100 * 1024);
+        // Read sled, then the writer applies and writes through, then the reader tries to fill.
         let t = cache.before_read().expect("ticket");
         cache.write_begins();
-        cache.write_ends(&[id]);
-        cache.fill(t, id, session(id));
-        assert!(cache.get(&id).is_none());
+        cache.write_ends(vec![(id(2), Some(b"revoked".to_vec().into()))], true);
+        cache.fill(t, id(2), b"active");
+        assert_eq!(get(&cache, &id(2)).as_deref(), Some(&b"revoked"[..]));
+        // The same when the write forgot the session.
+        let t = cache.before_read().expect("ticket");
+        cache.write_begins();
+        cache.write_ends(vec![(id(2), None)], true);
+        cache.fill(t, id(2), b"active");
+        assert_eq!(get(&cache, &id(2)), None);
         // A write still in progress: no ticket at all.
         cache.write_begins();
         assert!(cache.before_read().is_none());
-        cache.write_ends(&[]);
+        cache.write_ends(Vec::new(), true);
         assert!(cache.before_read().is_some());
-    }
-
-    fn held(cache: &SessionCache<String>) -> (usize, usize) {
-        cache
-            .shards
-            .iter()
-            .map(|s| {
-                s.lock()
-                    .map(|m| (m.entries.len(), m.bytes))
-                    .unwrap_or((0, 0))
-            })
-            .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2))
     }
 
     #[test]
     fn the_byte_bound_holds_whatever_the_sizes() {
         let budget = SHARDS * 4096;
-        let cache = SessionCache::<String>::new(budget);
+        let cache = SessionCache::new(budget);
         for i in 0..=255u8 {
-            let id = SessionId::from_bytes([i; 16]);
-            let t = cache.before_read().expect("ticket");
-            // Small and large values alike, as sessions with and without attributes.
+            // Small and large records alike, as sessions with and without attributes.
             let size = if i % 2 == 0 { 100 } else { 3000 };
-            cache.fill(t, id, Arc::new("x".repeat(size)));
+            cache.write_begins();
+            cache.write_ends(vec![(id(i), Some(vec![i; size].into()))], true);
         }
-        let (entries, bytes) = held(&cache);
+        let (entries, bytes) = cache.held();
         assert!(entries > 0);
         assert!(bytes <= budget, "{bytes} bytes held, budget {budget}");
-        // What is counted is what is there: drop everything and nothing is left over.
+        // What is counted is what is there: forget everything and nothing is left over.
         cache.write_begins();
-        let all: Vec<SessionId> = (0..=255u8)
-            .map(|i| SessionId::from_bytes([i; 16]))
-            .collect();
-        cache.write_ends(&all);
-        assert_eq!(held(&cache), (0, 0));
+        cache.write_ends((0..=255u8).map(|i| (id(i), None)).collect(), true);
+        assert_eq!(cache.held(), (0, 0));
+    }
+
+    #[test]
+    fn warming_stops_when_full_and_never_evicts() {
+        let cache = SessionCache::new(SHARDS * (ENTRY_OVERHEAD + 100));
+        // All in one shard (same first byte): room for exactly one.
+        let a = SessionId::from_bytes([7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let b = SessionId::from_bytes([7, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(cache.warm(a, &[1; 100]));
+        assert!(!cache.warm(b, &[2; 100]), "full: warming stops");
+        assert!(get(&cache, &a).is_some(), "and keeps what it had");
+        assert!(get(&cache, &b).is_none());
     }
 
     #[test]
     fn a_zero_budget_keeps_nothing() {
-        let cache = SessionCache::<String>::new(0);
-        let id = SessionId::from_bytes([3; 16]);
+        let cache = SessionCache::new(0);
         let t = cache.before_read().expect("ticket");
-        cache.fill(t, id, session(id));
-        assert!(cache.get(&id).is_none());
+        cache.fill(t, id(3), b"v");
+        cache.write_begins();
+        cache.write_ends(vec![(id(4), Some(b"v".to_vec().into()))], true);
+        assert!(!cache.warm(id(5), b"v"));
+        assert_eq!(cache.held(), (0, 0));
     }
 }

@@ -41,8 +41,10 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    keys, records, session_cache::SessionCache, CreateOutcome, CreateRules, ListPage, ListScope,
-    LogBounds, PolicyOf, RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
+    keys, records,
+    session_cache::{Change, SessionCache},
+    CreateOutcome, CreateRules, ListPage, ListScope, LogBounds, PolicyOf, RevokeOutcome,
+    RevokeTarget, RotateOutcome, SessionStore,
 };
 use crate::{
     clock::Timestamp,
@@ -98,7 +100,7 @@ struct Shared {
     /// A read-write lock: every validate reads it, while touches (at most one per session per
     /// `touch_interval`) rarely write it.
     queued_touches: RwLock<HashMap<SessionId, Timestamp>>,
-    /// Decoded sessions for reads; the writer drops what it changes (see `session_cache`).
+    /// Session records for reads; the writer writes through it (see `session_cache`).
     cache: SessionCache,
 }
 
@@ -109,6 +111,17 @@ impl Shared {
         self.queued_touches
             .write()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The writer, after applying (or failing) a touch: the tree now answers for it. Keeps a newer
+    /// queued touch of the same session.
+    fn touches_applied(&self, touch: Option<(SessionId, Timestamp)>) {
+        if let Some((id, at)) = touch {
+            let mut touches = self.touches();
+            if touches.get(&id).is_some_and(|queued| *queued <= at) {
+                touches.remove(&id);
+            }
+        }
     }
 
     /// A session as stored, with any queued touch applied.
@@ -123,15 +136,19 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .copied();
-        let mut session = match self.cache.get(id) {
-            Some(cached) => Some(Session::clone(&cached)),
+        let mut session = match self.cache.get(id, |r| records::decode_session(*id, r)) {
+            Some(cached) => Some(cached?),
             None => {
                 let ticket = self.cache.before_read();
-                let read = read_session(&self.tree, id)?;
-                if let (Some(ticket), Some(s)) = (ticket, &read) {
-                    self.cache.fill(ticket, *id, Arc::new(s.clone()));
+                match read_stored(&self.tree, id)? {
+                    None => None,
+                    Some((session, record)) => {
+                        if let Some(ticket) = ticket {
+                            self.cache.fill(ticket, *id, &record);
+                        }
+                        Some(session)
+                    }
                 }
-                read
             }
         };
         if let (Some(s), Some(at)) = (session.as_mut().filter(|s| s.is_active()), queued) {
@@ -203,6 +220,10 @@ enum Op {
         older_than: Timestamp,
         limit: usize,
     },
+    /// Put the next sessions after `after` into the cache (see `warm_cache`). Writes nothing.
+    Warm {
+        after: Option<SessionId>,
+    },
     /// Stop after everything queued before it is durable.
     Close,
 }
@@ -215,6 +236,8 @@ enum Outcome {
     Revoked(RevokeOutcome),
     Count(usize),
     Purged(usize, Option<Vec<u8>>),
+    /// Where warming goes on from; `None` when it is done.
+    Warmed(Option<SessionId>),
     Nothing,
 }
 
@@ -285,6 +308,11 @@ impl SledStore {
                 .spawn(move || flusher_loop(&shared, pending_rx))
                 .map_err(|e| Error::Storage(format!("cannot start flusher thread: {e}")))?
         };
+        let warmer = commands.clone();
+        std::thread::Builder::new()
+            .name("store-warmer".into())
+            .spawn(move || warm_until_full(&warmer))
+            .map_err(|e| Error::Storage(format!("cannot start the cache warmer: {e}")))?;
         Ok(Self {
             shared,
             commands,
@@ -467,6 +495,10 @@ impl SessionStore for SledStore {
 
     fn size_on_disk(&self) -> Result<u64> {
         Ok(self.shared.db.size_on_disk()?)
+    }
+
+    fn cache_stats(&self) -> Option<super::CacheStats> {
+        Some(self.shared.cache.stats())
     }
 
     fn events(&self) -> Arc<EventBus> {
@@ -740,6 +772,13 @@ fn check_dir(dir: &Path) -> Result<()> {
 fn check_format(db: &sled::Db, tree: &sled::Tree, dir: &Path, marked: bool) -> Result<()> {
     match tree.get(keys::META_FORMAT)? {
         Some(v) if v.as_ref() == keys::FORMAT_VALUE => Ok(()),
+        Some(v) if v.as_ref() == keys::FORMAT_VALUE_2 => {
+            // Format 2 is format 3 without last uses: nothing to convert, only the mark.
+            tree.insert(keys::META_FORMAT, keys::FORMAT_VALUE)?;
+            db.flush()?;
+            tracing::info!(dir = %dir.display(), "store format 2 upgraded to 3");
+            Ok(())
+        }
         Some(v) => Err(Error::DataDir(format!(
             "{} holds an incompatible store format {:?}",
             dir.display(),
@@ -955,11 +994,107 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
     }
 }
 
-fn read_session(tree: &sled::Tree, id: &SessionId) -> Result<Option<Session>> {
+/// A session as stored (its record, with a later last use from `sessionid_lastuse` taken in),
+/// and its record as the cache keeps it.
+fn read_stored(tree: &sled::Tree, id: &SessionId) -> Result<Option<(Session, sled::IVec)>> {
     match tree.get(keys::session(id))? {
         None => Ok(None),
-        Some(bytes) => records::decode_session(*id, &bytes).map(Some),
+        Some(record) => with_last_use(tree, *id, record).map(Some),
     }
+}
+
+fn read_last_use(tree: &sled::Tree, id: &SessionId) -> Result<Option<records::LastUse>> {
+    tree.get(keys::touch(id))?
+        .map(|v| records::decode_last_use(&v))
+        .transpose()
+}
+
+/// `record` with the session's later last use, if one was written since (re-encoded then).
+fn with_last_use(
+    tree: &sled::Tree,
+    id: SessionId,
+    record: sled::IVec,
+) -> Result<(Session, sled::IVec)> {
+    let mut session = records::decode_session(id, &record)?;
+    let Some(last_use) = read_last_use(tree, &id)? else {
+        return Ok((session, record));
+    };
+    if !session.is_active() || last_use.at <= session.last_seen_at {
+        return Ok((session, record));
+    }
+    session.last_seen_at = last_use.at;
+    let merged = records::encode_session(&session).into();
+    Ok((session, merged))
+}
+
+// === warming the cache ===
+
+/// Sessions one warming command reads: about a millisecond of the writer's time, so writes queued
+/// behind it hardly wait.
+const WARM_CHUNK: usize = 1_024;
+
+/// Fills the session cache from the tree, a chunk at a time through the writer, until every live
+/// session is in or the cache is full. Reads served meanwhile miss and read sled, as before.
+/// Stops quietly when the store closes or fails.
+fn warm_until_full(commands: &mpsc::Sender<Command>) {
+    let started = std::time::Instant::now();
+    let mut after = None;
+    loop {
+        let (reply, answer) = oneshot::channel();
+        let op = Op::Warm { after };
+        if commands
+            .blocking_send(Command {
+                op,
+                reply: Some(reply),
+            })
+            .is_err()
+        {
+            return;
+        }
+        match answer.blocking_recv() {
+            Ok(Ok(Outcome::Warmed(Some(next)))) => after = Some(next),
+            Ok(Ok(Outcome::Warmed(None))) => break,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "warming the session cache stopped");
+                return;
+            }
+            _ => return,
+        }
+    }
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "session cache warmed"
+    );
+}
+
+/// One chunk of warming, on the writer (the only thread that changes sessions, so what it reads
+/// from the tree is what the cache may hold): the live sessions after `after`. Returns where to go
+/// on from, or `None` when done or full.
+fn warm_cache(
+    tree: &sled::Tree,
+    cache: &SessionCache,
+    after: Option<SessionId>,
+) -> Result<Option<SessionId>> {
+    let start = match after {
+        Some(id) => Bound::Excluded(keys::session(&id).to_vec()),
+        None => Bound::Included(vec![keys::SESSION]),
+    };
+    let end = Bound::Excluded(vec![keys::SESSION + 1]);
+    let mut last = None;
+    for (n, entry) in tree.range::<Vec<u8>, _>((start, end)).enumerate() {
+        if n == WARM_CHUNK {
+            return Ok(last);
+        }
+        let (key, record) = entry?;
+        let id = SessionId::from_slice(&key[1..])
+            .ok_or_else(|| Error::Storage("corrupt session key".into()))?;
+        let (session, record) = with_last_use(tree, id, record)?;
+        if session.is_active() && !cache.warm(id, &record) {
+            return Ok(None);
+        }
+        last = Some(id);
+    }
+    Ok(None)
 }
 
 // === the writer ===
@@ -967,6 +1102,10 @@ fn read_session(tree: &sled::Tree, id: &SessionId) -> Result<Option<Session>> {
 /// Most creations applied as one sled batch. sled's cost is mostly per batch (its log
 /// reservation and page updates), so queued creations share one.
 const MAX_CREATE_GROUP: usize = 64;
+/// Most touches applied as one sled batch. Every validate of a session not used for
+/// `touch_interval` queues one; at a million sessions they arrive by the thousand per second, and
+/// one batch each kept creations and revocations waiting behind them for seconds.
+const MAX_TOUCH_GROUP: usize = 512;
 
 fn writer_loop(
     shared: &Shared,
@@ -979,13 +1118,8 @@ fn writer_loop(
         let Some(first) = carried.take().or_else(|| commands.blocking_recv()) else {
             break;
         };
-        let group = if is_create(&first.op) {
-            let (group, next) = create_group(first, &mut commands);
-            carried = next;
-            group
-        } else {
-            vec![first]
-        };
+        let (group, next) = gather(first, &mut commands);
+        carried = next;
         if group.len() > 1 {
             if !apply_group(shared, group, &pending, &mut head) {
                 break;
@@ -1009,10 +1143,15 @@ fn writer_loop(
             refuse(reply);
             continue;
         }
-        let touched = match &op {
-            Op::Touch { id, now } => Some((*id, *now)),
-            _ => None,
-        };
+        if let Op::Warm { after } = op {
+            // Nothing to make durable: answered here, not by the flusher.
+            let warmed = warm_cache(&shared.tree, &shared.cache, after).map(Outcome::Warmed);
+            if let Some(reply) = reply {
+                let _ = reply.send(warmed);
+            }
+            continue;
+        }
+        let touched = touched(&op);
         let mut tx = Tx::new(shared, head);
         let result = tx.run(op);
         let (outcome, events) = match tx.commit() {
@@ -1022,13 +1161,7 @@ fn writer_loop(
             }
             Err(e) => (Err(e), Vec::new()),
         };
-        if let Some((id, at)) = touched {
-            // Applied (or moot): the tree now answers for it. Keep a newer queued touch.
-            let mut touches = shared.touches();
-            if touches.get(&id).is_some_and(|queued| *queued <= at) {
-                touches.remove(&id);
-            }
-        }
+        shared.touches_applied(touched);
         if pending
             .send(Pending {
                 reply,
@@ -1044,36 +1177,51 @@ fn writer_loop(
     // Commands still queued are dropped here; their callers see ShuttingDown, with nothing applied.
 }
 
-fn is_create(op: &Op) -> bool {
-    matches!(op, Op::Create { .. })
+/// What makes a command able to share a batch with the commands queued behind it.
+#[derive(PartialEq, Eq, Hash)]
+enum Sharing {
+    /// A creation, for this user.
+    Create(String, String),
+    /// A touch of this session.
+    Touch(SessionId),
 }
 
-fn create_user(op: &Op) -> Option<(&str, &str)> {
+fn sharing(op: &Op) -> Option<Sharing> {
     match op {
-        Op::Create { session, .. } => Some((&session.tenant_id, &session.user_id)),
+        Op::Create { session, .. } => Some(Sharing::Create(
+            session.tenant_id.clone(),
+            session.user_id.clone(),
+        )),
+        Op::Touch { id, .. } => Some(Sharing::Touch(*id)),
         _ => None,
     }
 }
 
-/// `first` (a creation) and the creations queued right behind it, for distinct users, up to
-/// `MAX_CREATE_GROUP`. Each creation reads only its own user's keys (and its fresh random id), so
-/// for distinct users, applying them one after another in one batch reads exactly what applying
-/// them in separate batches would. The first command that does not fit is handed back.
-fn create_group(
+/// `first` and the commands queued right behind it that may share its batch: creations for
+/// distinct users (up to `MAX_CREATE_GROUP`), or touches of distinct sessions (up to
+/// `MAX_TOUCH_GROUP`). Each reads only its own user's or session's keys (a creation also its fresh
+/// random id), so applying them one after another in one batch reads exactly what applying them in
+/// separate batches would. The first command that does not fit is handed back.
+fn gather(
     first: Command,
     commands: &mut mpsc::Receiver<Command>,
 ) -> (Vec<Command>, Option<Command>) {
-    let mut users: HashSet<(String, String)> = HashSet::new();
-    if let Some((t, u)) = create_user(&first.op) {
-        users.insert((t.to_owned(), u.to_owned()));
-    }
+    let Some(kind) = sharing(&first.op) else {
+        return (vec![first], None);
+    };
+    let max = match kind {
+        Sharing::Create(..) => MAX_CREATE_GROUP,
+        Sharing::Touch(_) => MAX_TOUCH_GROUP,
+    };
+    let same_kind = std::mem::discriminant(&kind);
+    let mut seen = HashSet::from([kind]);
     let mut group = vec![first];
-    while group.len() < MAX_CREATE_GROUP {
+    while group.len() < max {
         let Ok(next) = commands.try_recv() else {
             break;
         };
-        let fits =
-            create_user(&next.op).is_some_and(|(t, u)| users.insert((t.to_owned(), u.to_owned())));
+        let fits = sharing(&next.op)
+            .is_some_and(|k| std::mem::discriminant(&k) == same_kind && seen.insert(k));
         if !fits {
             return (group, Some(next));
         }
@@ -1082,8 +1230,15 @@ fn create_group(
     (group, None)
 }
 
-/// Applies a group of creations as one batch; each keeps its own outcome. False once the flusher
-/// is gone.
+fn touched(op: &Op) -> Option<(SessionId, Timestamp)> {
+    match op {
+        Op::Touch { id, now } => Some((*id, *now)),
+        _ => None,
+    }
+}
+
+/// Applies a group (see `gather`) as one batch; each command keeps its own outcome. False once
+/// the flusher is gone.
 fn apply_group(
     shared: &Shared,
     group: Vec<Command>,
@@ -1096,7 +1251,9 @@ fn apply_group(
     }
     let mut tx = Tx::new(shared, *head);
     let mut results = Vec::with_capacity(group.len());
+    let mut touches = Vec::new();
     for Command { op, reply } in group {
+        touches.extend(touched(&op));
         results.push((reply, tx.run(op)));
     }
     let (committed, mut events) = match tx.commit() {
@@ -1106,6 +1263,9 @@ fn apply_group(
         }
         Err(e) => (Err(e), Vec::new()),
     };
+    for t in touches {
+        shared.touches_applied(Some(t));
+    }
     for (reply, result) in results {
         let outcome = match &committed {
             Ok(()) => result,
@@ -1180,8 +1340,16 @@ fn flusher_loop(shared: &Shared, pending: std_mpsc::Receiver<Pending>) {
 struct Tx<'a> {
     tree: &'a sled::Tree,
     cache: &'a SessionCache,
-    /// Sessions whose records this batch writes, to drop from the cache.
-    changed: Vec<SessionId>,
+    /// What this batch does to each session it writes, in order, for the cache.
+    changed: Vec<Change>,
+    /// Set while a touch's plan is applied: its puts change the last use only.
+    touching: bool,
+    /// For sessions read in this batch that have a last use newer than their record: the last
+    /// use their deadline entry is filed under (see `keys`). A `RefCell` because planners read
+    /// through `&self`; only the writer thread has a `Tx`.
+    filed: std::cell::RefCell<HashMap<SessionId, Timestamp>>,
+    /// Sessions this batch writes in full.
+    written: HashSet<SessionId>,
     batch: sled::Batch,
     events: Vec<Event>,
     head: u64,
@@ -1195,6 +1363,9 @@ impl<'a> Tx<'a> {
             tree: &shared.tree,
             cache: &shared.cache,
             changed: Vec::new(),
+            touching: false,
+            filed: Default::default(),
+            written: HashSet::new(),
             batch: sled::Batch::default(),
             events: Vec::new(),
             head,
@@ -1210,7 +1381,7 @@ impl<'a> Tx<'a> {
         if self.dirty {
             self.cache.write_begins();
             let applied = self.tree.apply_batch(self.batch);
-            self.cache.write_ends(&self.changed);
+            self.cache.write_ends(self.changed, applied.is_ok());
             applied?;
         }
         Ok((self.head, self.events))
@@ -1265,11 +1436,18 @@ impl<'a> Tx<'a> {
                 ids,
                 policy_of,
                 now,
-            } => self
-                .plan(|p| p.sweep(ids, &policy_of, now))
-                .map(Outcome::Count),
+            } => {
+                let swept = self.plan(|p| p.sweep(ids.clone(), &policy_of, now))?;
+                self.refile(&ids)?;
+                Ok(Outcome::Count(swept))
+            }
             Op::Prune { older_than, keep } => self.prune(older_than, keep).map(Outcome::Count),
-            Op::Touch { id, now } => self.plan(|p| p.touch(id, now)).map(|()| Outcome::Nothing),
+            Op::Touch { id, now } => {
+                self.touching = true;
+                let touched = self.plan(|p| p.touch(id, now)).map(|()| Outcome::Nothing);
+                self.touching = false;
+                touched
+            }
             Op::PurgeUserState {
                 older_than,
                 now,
@@ -1282,6 +1460,7 @@ impl<'a> Tx<'a> {
                 self.prune_audit(older_than, limit).map(Outcome::Count)
             }
             Op::Close => Ok(Outcome::Nothing),
+            Op::Warm { after } => warm_cache(self.tree, self.cache, after).map(Outcome::Warmed),
         }
     }
 
@@ -1331,10 +1510,23 @@ impl<'a> Tx<'a> {
     /// Writes `new` in place of `old`, moving index entries: the user index holds active sessions
     /// only, the deadline index every session under its next deadline. `None` deletes.
     fn put(&mut self, old: Option<&Session>, new: Option<&Session>) {
-        self.changed.extend(old.or(new).map(|s| s.id));
+        if let (true, Some(old), Some(new)) = (self.touching, old, new) {
+            return self.put_last_use(old, new);
+        }
         if let Some(old) = old {
+            self.written.insert(old.id);
+            // The record written below (or its deletion) takes in any later last use, and the
+            // deadline entry moves from where it was filed.
+            let filed = self.filed.borrow_mut().remove(&old.id);
+            if filed.is_some() {
+                self.batch.remove(&keys::touch(&old.id)[..]);
+            }
+            let as_filed = Session {
+                last_seen_at: filed.unwrap_or(old.last_seen_at),
+                ..old.clone()
+            };
             self.batch
-                .remove(&keys::deadline(old.next_deadline(), &old.id)[..]);
+                .remove(&keys::deadline(as_filed.next_deadline(), &old.id)[..]);
             if old.is_active() {
                 self.batch.remove(keys::user_session(
                     &old.tenant_id,
@@ -1345,11 +1537,16 @@ impl<'a> Tx<'a> {
             }
             if new.is_none() {
                 self.batch.remove(&keys::session(&old.id)[..]);
+                self.changed.push((old.id, None));
             }
         }
         if let Some(new) = new {
-            self.batch
-                .insert(&keys::session(&new.id)[..], records::encode_session(new));
+            let record = records::encode_session(new);
+            self.batch.insert(&keys::session(&new.id)[..], &record[..]);
+            // Live sessions go through to the cache; ended ones leave it (a read puts a tombstone
+            // back if one is asked for), so that it spends its bytes on sessions that validate.
+            self.changed
+                .push((new.id, new.is_active().then(|| record.into_boxed_slice())));
             self.batch
                 .insert(&keys::deadline(new.next_deadline(), &new.id)[..], &[][..]);
             if new.is_active() {
@@ -1362,12 +1559,57 @@ impl<'a> Tx<'a> {
         self.dirty = true;
     }
 
+    /// A touch: only the last use is written; the record and its deadline entry stay, so the
+    /// entry may now be early. The sweeper finds such a session due, sees it is not, and re-files
+    /// it (`refile`). One small key instead of a record and two index moves.
+    fn put_last_use(&mut self, old: &Session, new: &Session) {
+        let filed = *self
+            .filed
+            .borrow_mut()
+            .entry(old.id)
+            .or_insert(old.last_seen_at);
+        let last_use = records::LastUse {
+            at: new.last_seen_at,
+            filed,
+        };
+        self.batch.insert(
+            &keys::touch(&new.id)[..],
+            &records::encode_last_use(&last_use)[..],
+        );
+        self.changed.push((
+            new.id,
+            Some(records::encode_session(new).into_boxed_slice()),
+        ));
+        self.dirty = true;
+    }
+
+    /// After a sweep: sessions it found due that are live because a touch moved their deadline
+    /// without moving their entry are written in full, which files them where they are due.
+    fn refile(&mut self, ids: &[SessionId]) -> Result<()> {
+        for id in ids {
+            if self.written.contains(id) {
+                continue;
+            }
+            if let Some(s) = View::session(&*self, id)? {
+                if self.filed.borrow().contains_key(id) && s.is_active() {
+                    self.put(Some(&s), Some(&s));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Copies every entry of the tree to a backup file, in key order.
     fn snapshot(&self, path: &Path) -> Result<u64> {
         let mut out = super::snapshot::SnapshotWriter::create(path)?;
         let io = |e: std::io::Error| Error::Storage(format!("writing {}: {e}", path.display()));
         for entry in self.tree.iter() {
-            let (key, value) = entry?;
+            let (key, mut value) = entry?;
+            if key.first() == Some(&keys::SESSION) {
+                let id = SessionId::from_slice(&key[1..])
+                    .ok_or_else(|| Error::Storage("corrupt session key".into()))?;
+                value = with_last_use(self.tree, id, value)?.1;
+            }
             if super::snapshot::is_record(&key) {
                 out.entry(&key, &value).map_err(io)?;
             }
@@ -1495,7 +1737,17 @@ impl<'a> Tx<'a> {
 /// The tree as it was before the batch being built: what planners read.
 impl View for Tx<'_> {
     fn session(&self, id: &SessionId) -> Result<Option<Session>> {
-        read_session(self.tree, id)
+        // The cache holds what the tree holds (only this thread writes either), without the walk,
+        // with any later last use taken in.
+        let session = match self.cache.get(id, |r| records::decode_session(*id, r)) {
+            Some(cached) => cached.map(Some)?,
+            None => read_stored(self.tree, id)?.map(|(s, _)| s),
+        };
+        // Where its deadline entry is, if a touch left it behind (see `put`).
+        if let Some(last_use) = read_last_use(self.tree, id)? {
+            self.filed.borrow_mut().insert(*id, last_use.filed);
+        }
+        Ok(session)
     }
 
     /// A user's active sessions, by creation time.

@@ -142,12 +142,16 @@ pub fn read_snapshot(path: &Path) -> Result<(Version, Entries)> {
 }
 
 /// Whether a key holds a record that a backup carries, whichever backend wrote it: not an index
-/// (sled's user and deadline keys, etcd's guards; a restore rebuilds them), not the format
+/// (sled's user and deadline keys, etcd's guards; a restore rebuilds them), not sled's last uses
+/// (its snapshot folds them into the records), not the format
 /// marker or the log epoch (a restore sets its own), not etcd's leader key (a lease's).
 pub fn is_record(key: &[u8]) -> bool {
     use super::keys;
     match key.first() {
-        Some(&keys::USER) | Some(&keys::DEADLINE) | Some(&keys::GUARD) => false,
+        // Last uses are folded into the session records by sled's snapshot.
+        Some(&keys::USER) | Some(&keys::DEADLINE) | Some(&keys::GUARD) | Some(&keys::TOUCH) => {
+            false
+        }
         _ => ![keys::META_FORMAT, keys::META_LOG_EPOCH, keys::META_LEADER].contains(&key),
     }
 }

@@ -1,0 +1,202 @@
+//! Stores written by an earlier release open in this one. Format 3 added the sessions' last-use
+//! map (`store::keys`); a format 2 store is marked 3 at open and keeps every session, ended or
+//! live, with its last use, and takes touches in format 3 from then on. The fixture in `tests/fixtures/store-format-2/` was written by the
+//! release before format 3 (commit 00ae628) with `make_format_2_fixture` below.
+
+mod common;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use common::{connect, test_config, validate_with, TestServer};
+use session_authority::{clock::ManualClock, clock::Timestamp, proto::v1 as pb};
+
+const FIXTURE: &str = "tests/fixtures/store-format-2";
+/// What the fixture's server ran with (the test's server runs the same, on a manual clock set to
+/// when the fixture was written, so its sessions never expire with the calendar).
+const SETTINGS: [&str; 6] = [
+    "--idle-timeout",
+    "10m",
+    "--absolute-timeout",
+    "1h",
+    "--touch-interval",
+    "10s",
+];
+
+/// One line of the fixture's `sessions.txt` (after its first line, the time it was written):
+/// token, session id, state, last use (millis).
+struct Written {
+    token: String,
+    id: String,
+    live: bool,
+    last_seen_ms: i64,
+}
+
+fn written() -> (Timestamp, Vec<Written>) {
+    let text = std::fs::read_to_string(Path::new(FIXTURE).join("sessions.txt")).expect("fixture");
+    let mut lines = text.lines();
+    let at = lines.next().expect("time line").parse().expect("millis");
+    let sessions = lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Written {
+                token: f[0].into(),
+                id: f[1].into(),
+                live: f[2] == "live",
+                last_seen_ms: f[3].parse().expect("millis"),
+            }
+        })
+        .collect();
+    (Timestamp::from_millis(at), sessions)
+}
+
+fn millis(t: &Option<prost_types::Timestamp>) -> i64 {
+    let t = t.as_ref().expect("timestamp");
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read fixture") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+async fn check(server: &TestServer, sessions: &[Written]) {
+    let mut client = server.client().await;
+    for s in sessions {
+        let got = validate_with(&mut client, &s.token, Some(false)).await;
+        match (s.live, got) {
+            (true, Ok(session)) => {
+                assert_eq!(session.session_id, s.id);
+                assert!(
+                    millis(&session.last_seen_at) >= s.last_seen_ms,
+                    "{}: last use went back",
+                    s.id
+                );
+            }
+            (false, Err(status)) => assert_eq!(status.code(), tonic::Code::Unauthenticated),
+            (live, got) => panic!("{}: written live={live}, now {got:?}", s.id),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_format_2_store_opens_as_format_3_with_every_session_and_last_use() {
+    let (written_at, sessions) = written();
+    assert!(sessions.iter().any(|s| s.live) && sessions.iter().any(|s| !s.live));
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    copy_dir(&Path::new(FIXTURE).join("data"), &dir.path().join("data"));
+    let clock = Arc::new(ManualClock::new(written_at));
+    let config = session_authority::config::Config {
+        idle_timeout: Duration::from_secs(600),
+        absolute_timeout: Duration::from_secs(3600),
+        touch_interval: Duration::from_secs(10),
+        ..test_config()
+    };
+
+    let server = TestServer::start_in(dir, clock, config).await;
+    check(&server, &sessions).await;
+    // A touch in format 3 (a last use, not a record rewrite) is kept across a restart.
+    server.advance(Duration::from_secs(60));
+    let live = sessions.iter().find(|s| s.live).expect("a live session");
+    let mut client = server.client().await;
+    let touched = validate_with(&mut client, &live.token, Some(true))
+        .await
+        .expect("valid");
+    let server = server.restart().await;
+    check(&server, &sessions).await;
+    let mut client = server.client().await;
+    let after = validate_with(&mut client, &live.token, Some(false))
+        .await
+        .expect("valid after a restart");
+    assert_eq!(
+        millis(&after.last_seen_at),
+        millis(&touched.last_seen_at),
+        "the touch was kept"
+    );
+}
+
+/// Writes the fixture with the server binary in `FORMAT_FIXTURE_SERVER` (a release that writes
+/// format 2). Run by hand: `FORMAT_FIXTURE_SERVER=... cargo test --test format -- --ignored`.
+#[tokio::test]
+#[ignore = "writes tests/fixtures/store-format-2 with an earlier release's binary"]
+async fn make_format_2_fixture() {
+    let bin = std::env::var("FORMAT_FIXTURE_SERVER").expect("FORMAT_FIXTURE_SERVER");
+    let out = Path::new(FIXTURE);
+    let _ = std::fs::remove_dir_all(out);
+    let data = out.join("data");
+    std::fs::create_dir_all(out).expect("mkdir");
+    let addr = common::free_loopback_addr().to_string();
+    let mut server = tokio::process::Command::new(bin)
+        .args(["--listen", &addr, "--data-dir"])
+        .arg(&data)
+        .args(SETTINGS)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let mut client = connect(&addr).await;
+    let mut lines = Vec::new();
+    let mut created = Vec::new();
+    for i in 0..6 {
+        let c = client
+            .create_session(pb::CreateSessionRequest {
+                tenant_id: "acme".into(),
+                user_id: format!("user-{}", i % 3),
+                remember_me: i % 2 == 0,
+                device: Some(pb::Device {
+                    ip: "203.0.113.7".into(),
+                    user_agent: "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("create")
+            .into_inner();
+        created.push(c);
+    }
+    // One revoked, one touched (a record rewrite in format 2).
+    client
+        .revoke_session(pb::RevokeSessionRequest {
+            session_id: created[1]
+                .session
+                .as_ref()
+                .expect("session")
+                .session_id
+                .clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("revoke");
+    tokio::time::sleep(Duration::from_millis(10_100)).await;
+    validate_with(&mut client, &created[2].token, Some(true))
+        .await
+        .expect("touch");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis();
+    lines.push(now.to_string());
+    for (i, c) in created.iter().enumerate() {
+        let s = validate_with(&mut client, &c.token, Some(false)).await;
+        let id = &c.session.as_ref().expect("session").session_id;
+        let last = s.as_ref().map(|s| millis(&s.last_seen_at)).unwrap_or(0);
+        let state = if i == 1 { "revoked" } else { "live" };
+        lines.push(format!("{} {id} {state} {last}", c.token));
+    }
+    // Stopped as an operator stops it (SIGTERM), so the fixture is a cleanly closed store.
+    let pid = server.id().expect("pid").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    server.wait().await.expect("server stopped");
+    std::fs::write(out.join("sessions.txt"), lines.join("\n") + "\n").expect("write");
+}
