@@ -465,17 +465,27 @@ async fn mixed_call(
                 })
                 .await
                 .map(drop),
-            None => validate_one(&mut client, &tokens[i % tokens.len()]).await,
+            None => validate_one(&mut client, &tokens[i % tokens.len()], None).await,
         },
-        _ => validate_one(&mut client, &tokens[i % tokens.len()]).await,
+        _ => validate_one(&mut client, &tokens[i % tokens.len()], None).await,
     }
 }
 
 /// ValidateSession over `tokens` (touch on) from every caller of `args`.
 async fn validate_loop(args: &Args, channels: &[Channel], tokens: Arc<Vec<String>>) -> Report {
+    validate_loop_touching(args, channels, tokens, None).await
+}
+
+/// As `validate_loop`, with `touch` as the requests' (None: the server's default, a touch).
+async fn validate_loop_touching(
+    args: &Args,
+    channels: &[Channel],
+    tokens: Arc<Vec<String>>,
+    touch: Option<bool>,
+) -> Report {
     closed_loop(args, channels, move |ch, i| {
         let token = tokens[i % tokens.len()].clone();
-        async move { validate_one(&mut SessionServiceClient::new(ch), &token).await }
+        async move { validate_one(&mut SessionServiceClient::new(ch), &token, touch).await }
     })
     .await
 }
@@ -483,11 +493,12 @@ async fn validate_loop(args: &Args, channels: &[Channel], tokens: Arc<Vec<String
 async fn validate_one(
     client: &mut SessionServiceClient<Channel>,
     token: &str,
+    touch: Option<bool>,
 ) -> Result<(), tonic::Status> {
     client
         .validate_session(pb::ValidateSessionRequest {
             token: token.to_owned(),
-            touch: None,
+            touch,
             device: None,
         })
         .await
