@@ -1521,12 +1521,16 @@ impl<'a> Tx<'a> {
             if filed.is_some() {
                 self.batch.remove(&keys::touch(&old.id)[..]);
             }
-            let as_filed = Session {
-                last_seen_at: filed.unwrap_or(old.last_seen_at),
-                ..old.clone()
+            let filed_deadline = match filed {
+                Some(at) => Session {
+                    last_seen_at: at,
+                    ..old.clone()
+                }
+                .next_deadline(),
+                None => old.next_deadline(),
             };
             self.batch
-                .remove(&keys::deadline(as_filed.next_deadline(), &old.id)[..]);
+                .remove(&keys::deadline(filed_deadline, &old.id)[..]);
             if old.is_active() {
                 self.batch.remove(keys::user_session(
                     &old.tenant_id,
