@@ -1340,6 +1340,7 @@ fn flusher_loop(shared: &Shared, pending: std_mpsc::Receiver<Pending>) {
 struct Tx<'a> {
     tree: &'a sled::Tree,
     cache: &'a SessionCache,
+    healthy: &'a AtomicBool,
     /// What this batch does to each session it writes, in order, for the cache.
     changed: Vec<Change>,
     /// Set while a touch's plan is applied: its puts change the last use only.
@@ -1362,6 +1363,7 @@ impl<'a> Tx<'a> {
         Self {
             tree: &shared.tree,
             cache: &shared.cache,
+            healthy: &shared.healthy,
             changed: Vec::new(),
             touching: false,
             filed: Default::default(),
@@ -1382,7 +1384,13 @@ impl<'a> Tx<'a> {
             self.cache.write_begins();
             let applied = self.tree.apply_batch(self.batch);
             self.cache.write_ends(self.changed, applied.is_ok());
-            applied?;
+            if let Err(e) = applied {
+                // sled fails a batch when an earlier write of its log failed (a full disk, say):
+                // as after a failed flush, nothing written since can be trusted to be on disk.
+                self.healthy.store(false, Ordering::Release);
+                tracing::error!(error = %e, "store write failed; refusing further writes");
+                return Err(e.into());
+            }
         }
         Ok((self.head, self.events))
     }
