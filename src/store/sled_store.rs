@@ -999,7 +999,7 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
 fn read_stored(tree: &sled::Tree, id: &SessionId) -> Result<Option<(Session, sled::IVec)>> {
     match tree.get(keys::session(id))? {
         None => Ok(None),
-        Some(record) => with_last_use(tree, *id, record).map(Some),
+        Some(record) => with_last_use(*id, record, read_last_use(tree, id)?).map(Some),
     }
 }
 
@@ -1009,14 +1009,15 @@ fn read_last_use(tree: &sled::Tree, id: &SessionId) -> Result<Option<records::La
         .transpose()
 }
 
-/// `record` with the session's later last use, if one was written since (re-encoded then).
+/// `record` with the session's later last use (its `read_last_use`), if one was written since
+/// (re-encoded then).
 fn with_last_use(
-    tree: &sled::Tree,
     id: SessionId,
     record: sled::IVec,
+    last_use: Option<records::LastUse>,
 ) -> Result<(Session, sled::IVec)> {
     let mut session = records::decode_session(id, &record)?;
-    let Some(last_use) = read_last_use(tree, &id)? else {
+    let Some(last_use) = last_use else {
         return Ok((session, record));
     };
     if !session.is_active() || last_use.at <= session.last_seen_at {
@@ -1088,7 +1089,7 @@ fn warm_cache(
         let (key, record) = entry?;
         let id = SessionId::from_slice(&key[1..])
             .ok_or_else(|| Error::Storage("corrupt session key".into()))?;
-        let (session, record) = with_last_use(tree, id, record)?;
+        let (session, record) = with_last_use(id, record, read_last_use(tree, &id)?)?;
         if session.is_active() && !cache.warm(id, &record) {
             return Ok(None);
         }
@@ -1467,8 +1468,8 @@ impl<'a> Tx<'a> {
             Op::PruneAudit { older_than, limit } => {
                 self.prune_audit(older_than, limit).map(Outcome::Count)
             }
-            Op::Close => Ok(Outcome::Nothing),
-            Op::Warm { after } => warm_cache(self.tree, self.cache, after).map(Outcome::Warmed),
+            // Both are answered by `writer_loop` itself and never reach a batch.
+            Op::Close | Op::Warm { .. } => Ok(Outcome::Nothing),
         }
     }
 
@@ -1620,7 +1621,7 @@ impl<'a> Tx<'a> {
             if key.first() == Some(&keys::SESSION) {
                 let id = SessionId::from_slice(&key[1..])
                     .ok_or_else(|| Error::Storage("corrupt session key".into()))?;
-                value = with_last_use(self.tree, id, value)?.1;
+                value = with_last_use(id, value, read_last_use(self.tree, &id)?)?.1;
             }
             if super::snapshot::is_record(&key) {
                 out.entry(&key, &value).map_err(io)?;
@@ -1751,15 +1752,19 @@ impl View for Tx<'_> {
     fn session(&self, id: &SessionId) -> Result<Option<Session>> {
         // The cache holds what the tree holds (only this thread writes either), without the walk,
         // with any later last use taken in.
-        let session = match self.cache.get(id, |r| records::decode_session(*id, r)) {
-            Some(cached) => cached.map(Some)?,
-            None => read_stored(self.tree, id)?.map(|(s, _)| s),
-        };
-        // Where its deadline entry is, if a touch left it behind (see `put`).
-        if let Some(last_use) = read_last_use(self.tree, id)? {
-            self.filed.borrow_mut().insert(*id, last_use.filed);
+        // Read once: it gives where the deadline entry is, if a touch left it behind (see `put`),
+        // and, on a miss, the last use to take in.
+        let last_use = read_last_use(self.tree, id)?;
+        if let Some(l) = last_use {
+            self.filed.borrow_mut().insert(*id, l.filed);
         }
-        Ok(session)
+        match self.cache.get(id, |r| records::decode_session(*id, r)) {
+            Some(cached) => cached.map(Some),
+            None => match self.tree.get(keys::session(id))? {
+                None => Ok(None),
+                Some(record) => Ok(Some(with_last_use(*id, record, last_use)?.0)),
+            },
+        }
     }
 
     /// A user's active sessions, by creation time.
