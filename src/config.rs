@@ -13,7 +13,9 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::model::policy::{LimitAction, Policy, SameSite, TravelAction};
+use crate::model::policy::{
+    DriftAction, LimitAction, NewDeviceAction, Policy, SameSite, TokenReuseAction, TravelAction,
+};
 
 /// The service's settings. Durations are written like `30m`, `12h`, `7d`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,6 +80,18 @@ pub struct Config {
     pub cookie_secure: bool,
     /// The cookie's SameSite attribute (default policy).
     pub cookie_same_site: SameSite,
+    /// What a replaced token presented after the grace period triggers (default policy).
+    pub token_reuse_action: TokenReuseAction,
+    /// How long a token replaced by rotation still validates (default policy).
+    #[serde(with = "humantime_serde")]
+    pub rotation_grace_period: Duration,
+    /// What a login from a new device or place triggers (default policy).
+    pub new_device_action: NewDeviceAction,
+    /// What a session presented from another browser, OS or country triggers (default policy).
+    pub drift_action: DriftAction,
+    /// How long a token of a device-bound session lives before a signed refresh (default policy).
+    #[serde(with = "humantime_serde")]
+    pub bound_token_ttl: Duration,
     /// Resolution of `last_seen_at`: a validate writes the new last use only when the stored one
     /// is at least this old, so validation is not a disk write per call. Idle deadlines are
     /// therefore exact to within this interval.
@@ -258,6 +272,11 @@ impl Default for Config {
             travel_tolerance_km: 100.0,
             cookie_secure: true,
             cookie_same_site: SameSite::Lax,
+            token_reuse_action: TokenReuseAction::Revoke,
+            rotation_grace_period: crate::model::policy::DEFAULT_ROTATION_GRACE_PERIOD,
+            new_device_action: NewDeviceAction::Flag,
+            drift_action: DriftAction::None,
+            bound_token_ttl: crate::model::policy::DEFAULT_BOUND_TOKEN_TTL,
             touch_interval: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(10),
             event_retention_age: Duration::from_secs(7 * 86400),
@@ -726,6 +745,26 @@ struct CliSettings {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     cookie_same_site: Option<SameSite>,
+    /// What a replaced token presented after the grace period triggers [default: revoke]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_reuse_action: Option<TokenReuseAction>,
+    /// How long a replaced token still validates [default: 10s]
+    #[arg(long, value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rotation_grace_period: Option<String>,
+    /// What a login from a new device or place triggers [default: flag]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new_device_action: Option<NewDeviceAction>,
+    /// What a session presented from another browser, OS or country triggers [default: none]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drift_action: Option<DriftAction>,
+    /// Lifetime of a device-bound session's token [default: 10m]
+    #[arg(long, value_parser = duration)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bound_token_ttl: Option<String>,
     /// PEM certificate chain; enables TLS with --tls-key
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -809,6 +848,11 @@ impl From<&Config> for Policy {
             cookie_name: None,
             cookie_secure: c.cookie_secure,
             cookie_same_site: c.cookie_same_site,
+            token_reuse_action: c.token_reuse_action,
+            rotation_grace_period: c.rotation_grace_period,
+            new_device_action: c.new_device_action,
+            drift_action: c.drift_action,
+            bound_token_ttl: c.bound_token_ttl,
         }
     }
 }

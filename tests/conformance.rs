@@ -17,7 +17,8 @@ use session_authority::{
     error::Error,
     model::{
         event::{Event, EventKind},
-        policy::{LimitAction, Policy, TravelAction},
+        flag::{Flag, TokenReuse},
+        policy::{LimitAction, Policy, TokenReuseAction, TravelAction},
         session::{Device, Location, RevokeReason, SessionState},
     },
     sessions::{
@@ -297,7 +298,12 @@ async fn the_login_quota_counts_a_rolling_day<B: Backend>(b: B) {
 }
 
 async fn one_of_many_racing_rotations_wins<B: Backend>(b: B) {
-    let h = harness(&b, policy(|_| {})).await;
+    // The losers hold the replaced token within its grace period: refused, not taken for theft.
+    let h = harness(
+        &b,
+        policy(|p| p.token_reuse_action = TokenReuseAction::Ignore),
+    )
+    .await;
     let created = h
         .sessions
         .create(new_session("t", "u"))
@@ -319,6 +325,7 @@ async fn one_of_many_racing_rotations_wins<B: Backend>(b: B) {
     }
     assert_eq!(winners.len(), 1);
     let s = &h.sessions;
+    h.clock.advance(GRACE_AND_A_BIT);
     assert!(is_not_valid(s.validate(&token, false, None, None).await));
     s.validate(&winners[0], false, None, None)
         .await
@@ -328,6 +335,160 @@ async fn one_of_many_racing_rotations_wins<B: Backend>(b: B) {
         .filter(|e| e.kind == EventKind::Rotated)
         .count();
     assert_eq!(rotations, 1);
+}
+
+/// Just past the default rotation grace period.
+const GRACE_AND_A_BIT: Duration = Duration::from_secs(11);
+
+/// Waits (bounded) until `check` holds for session `id`: reuse is acted on after the answer.
+async fn until_session<S: SessionStore>(
+    h: &Harness<S>,
+    id: &session_authority::token::SessionId,
+    what: &str,
+    check: impl Fn(&session_authority::model::session::Session) -> bool,
+) -> session_authority::model::session::Session {
+    for _ in 0..500 {
+        let s = h.sessions.get(id).expect("get");
+        if check(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// The kinds of the events about session `id`, in order.
+fn kinds_of<S: SessionStore>(
+    h: &Harness<S>,
+    id: &session_authority::token::SessionId,
+) -> Vec<EventKind> {
+    events(h)
+        .into_iter()
+        .filter(|e| e.session_id == *id)
+        .map(|e| e.kind)
+        .collect()
+}
+
+/// A replaced token validates within the grace period; after it, presenting it (to validate or
+/// rotate) revokes the session (REVOKE, the default), with a `flagged` event naming the rotation
+/// that replaced it, then `revoked` with reason token reuse; the current token dies too.
+async fn a_reused_token_after_the_grace_period_revokes_the_session<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {})).await;
+    let s = &h.sessions;
+    let created = s.create(new_session("t", "u")).await.expect("create");
+    let id = created.session.id;
+    let first = created.token.expose().to_string();
+    h.clock.advance(Duration::from_secs(1));
+    let rotated = s.rotate(&first, None).await.expect("rotate");
+    let replaced_at = h.clock.now();
+    let second = rotated.token.expose().to_string();
+    h.clock.advance(Duration::from_secs(5));
+    s.validate(&first, false, None, None)
+        .await
+        .expect("within the grace period the old token still validates");
+    assert!(
+        is_not_valid(s.rotate(&first, None).await),
+        "but never rotates again"
+    );
+    let third = s.rotate(&second, None).await.expect("rotate again");
+    let third = third.token.expose().to_string();
+    assert_eq!(
+        kinds_of(&h, &id).len(),
+        3,
+        "nothing but two rotations so far"
+    );
+
+    h.clock.advance(GRACE_AND_A_BIT);
+    assert!(is_not_valid(s.validate(&first, false, None, None).await));
+    let ended = until_session(&h, &id, "revoked for reuse", |s| !s.is_active()).await;
+    assert!(matches!(
+        ended.state,
+        SessionState::Revoked {
+            reason: RevokeReason::TokenReuse,
+            ..
+        }
+    ));
+    assert!(is_not_valid(s.validate(&third, false, None, None).await));
+    let kinds = kinds_of(&h, &id);
+    let reuse = TokenReuse {
+        flagged_at: h.clock.now(),
+        rotation: 1,
+        replaced_at,
+    };
+    assert_eq!(
+        kinds[3..],
+        [
+            EventKind::Flagged {
+                flag: Flag::TokenReuse(reuse)
+            },
+            EventKind::Revoked {
+                reason: RevokeReason::TokenReuse
+            }
+        ]
+    );
+    assert!(ended.flags.contains(&Flag::TokenReuse(reuse)));
+    // A second presentation finds an ended session: nothing more happens.
+    assert!(is_not_valid(s.validate(&first, false, None, None).await));
+    assert!(is_not_valid(s.rotate(&second, None).await));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(kinds_of(&h, &id).len(), 5);
+}
+
+/// FLAG flags the session once per reused token and leaves it working; IGNORE does nothing.
+async fn token_reuse_flag_flags_once_and_ignore_ignores<B: Backend>(b: B) {
+    let h = harness(
+        &b,
+        policy(|p| p.token_reuse_action = TokenReuseAction::Flag),
+    )
+    .await;
+    let s = &h.sessions;
+    let created = s.create(new_session("t", "u")).await.expect("create");
+    let id = created.session.id;
+    let first = created.token.expose().to_string();
+    let second = s.rotate(&first, None).await.expect("rotate");
+    let second = second.token.expose().to_string();
+    h.clock.advance(GRACE_AND_A_BIT);
+    for _ in 0..3 {
+        assert!(is_not_valid(s.validate(&first, false, None, None).await));
+    }
+    assert!(is_not_valid(s.rotate(&first, None).await));
+    until_session(&h, &id, "flagged", |s| !s.flags.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let session = s
+        .validate(&second, false, None, None)
+        .await
+        .expect("a flagged session works");
+    assert_eq!(session.flags.len(), 1, "one flag per reused token");
+    assert!(matches!(
+        session.flags[0],
+        Flag::TokenReuse(TokenReuse { rotation: 1, .. })
+    ));
+    let flagged = kinds_of(&h, &id)
+        .into_iter()
+        .filter(|k| matches!(k, EventKind::Flagged { .. }))
+        .count();
+    assert_eq!(flagged, 1);
+
+    // IGNORE, for another tenant.
+    s.policies()
+        .set(
+            "quiet".into(),
+            policy(|p| p.token_reuse_action = TokenReuseAction::Ignore),
+        )
+        .await
+        .expect("policy");
+    let created = s.create(new_session("quiet", "v")).await.expect("create");
+    let first = created.token.expose().to_string();
+    let second = s.rotate(&first, None).await.expect("rotate");
+    h.clock.advance(GRACE_AND_A_BIT);
+    assert!(is_not_valid(s.validate(&first, false, None, None).await));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let session = s
+        .validate(second.token.expose(), false, None, None)
+        .await
+        .expect("ignored");
+    assert!(session.flags.is_empty());
+    assert_eq!(kinds_of(&h, &created.session.id).len(), 2);
 }
 
 /// A use slides the idle deadline: the sweeper leaves the session alone at its first deadline
@@ -636,6 +797,8 @@ macro_rules! conformance {
                 concurrent_creates_never_exceed_a_rejecting_limit,
                 the_login_quota_counts_a_rolling_day,
                 one_of_many_racing_rotations_wins,
+                a_reused_token_after_the_grace_period_revokes_the_session,
+                token_reuse_flag_flags_once_and_ignore_ignores,
                 an_expiry_is_recorded_once_however_many_notice_it,
                 a_used_session_outlives_its_first_idle_deadline_and_expires_at_its_last,
                 event_sequences_are_gapless_under_concurrent_writes,

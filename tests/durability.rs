@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use common::*;
@@ -11,7 +11,14 @@ use session_authority::{config::Config, proto::v1 as pb};
 
 #[tokio::test]
 async fn sessions_and_revocations_survive_a_restart() {
-    let server = TestServer::start().await;
+    // No grace period: the replaced token must be dead after the restart (and, ignored, its
+    // presentation writes nothing that would move the sequence checked below).
+    let server = TestServer::start_with(Config {
+        rotation_grace_period: Duration::ZERO,
+        token_reuse_action: session_authority::model::policy::TokenReuseAction::Ignore,
+        ..test_config()
+    })
+    .await;
     let mut client = server.client().await;
     let kept = create(&mut client, "t", "u").await;
     let revoked = create(&mut client, "t", "u").await;

@@ -383,10 +383,39 @@ fn session_json(s: &pb::Session) -> Value {
         "ip": s.device.as_ref().map(|d| d.ip.clone()).unwrap_or_default(),
         "country": place.map(|l| l.country.clone()).unwrap_or_default(),
         "city": place.map(|l| l.city.clone()).unwrap_or_default(),
-        "flags": s.flags.len(),
+        "flags": s
+            .security_flags
+            .iter()
+            .map(|f| f.kind().as_str_name().trim_start_matches("FLAG_KIND_").to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         "revoke_reason": s.revoke_reason().as_str_name(),
         "attributes": s.attributes,
     })
+}
+
+/// What a `flagged` event says, in a few words.
+fn flag_detail(f: &pb::SessionFlagged) -> String {
+    let Some(flag) = &f.security_flag else {
+        // A server from before the other kinds: impossible travel only.
+        return f
+            .flag
+            .as_ref()
+            .map(|t| format!("IMPOSSIBLE_TRAVEL {:.0} km/h", t.speed_kmh))
+            .unwrap_or_default();
+    };
+    let kind = flag.kind().as_str_name().trim_start_matches("FLAG_KIND_");
+    match flag.kind() {
+        pb::FlagKind::ImpossibleTravel => format!(
+            "{kind} {:.0} km/h",
+            flag.travel.as_ref().map_or(0.0, |t| t.speed_kmh)
+        ),
+        pb::FlagKind::TokenReuse => format!("{kind} of rotation {}", flag.reused_rotation),
+        pb::FlagKind::DeviceDrift | pb::FlagKind::PlaceDrift => {
+            format!("{kind} {} -> {}", flag.drift_from, flag.drift_to)
+        }
+        _ => kind.to_string(),
+    }
 }
 
 /// Prints one record as `key value` lines, or as one JSON line.
@@ -656,13 +685,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Some(Body::Revoked(r)) => ("revoked", r.reason().as_str_name().to_string()),
                     Some(Body::Expired(x)) => ("expired", x.deadline().as_str_name().to_string()),
                     Some(Body::Rotated(_)) => ("rotated", String::new()),
-                    Some(Body::Flagged(f)) => (
-                        "flagged",
-                        f.flag
-                            .as_ref()
-                            .map(|f| format!("{:.0} km/h", f.speed_kmh))
-                            .unwrap_or_default(),
-                    ),
+                    Some(Body::Flagged(f)) => ("flagged", flag_detail(f)),
                     None => ("unknown", String::new()),
                 };
                 if json {

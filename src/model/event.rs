@@ -3,8 +3,8 @@
 use crate::{
     clock::Timestamp,
     model::{
+        flag::Flag,
         session::{Device, ExpiryKind, RevokeReason},
-        travel::TravelFlag,
     },
     token::SessionId,
 };
@@ -36,9 +36,9 @@ pub enum EventKind {
     },
     /// The session's token changed; the old token is dead.
     Rotated,
-    /// Impossible travel was seen on the session.
+    /// Something suspicious was seen on the session (see [`Flag`]).
     Flagged {
-        flag: TravelFlag,
+        flag: Flag,
     },
 }
 

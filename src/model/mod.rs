@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod event;
+pub mod flag;
 pub mod plan;
 pub mod policy;
 pub mod session;

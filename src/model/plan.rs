@@ -16,9 +16,11 @@ use crate::{
     error::{Error, Result},
     model::{
         event::{Event, EventKind},
-        policy::{LimitAction, Policy, TravelAction},
+        flag::{push_flag, Flag, TokenReuse},
+        policy::{LimitAction, Policy, TokenReuseAction, TravelAction},
         session::{
-            sessions_to_evict, Ending, Location, RevokeReason, Session, SessionState, MAX_FLAGS,
+            sessions_to_evict, Ending, Location, ReplacedToken, RevokeReason, Session,
+            SessionState, Standing, MAX_REPLACED,
         },
         travel::{impossible_travel, LastSeen, TravelFlag, TravelRules},
     },
@@ -67,8 +69,26 @@ pub struct CreateOutcome {
     pub evicted: Vec<SessionId>,
     /// Sequence of the `Created` event.
     pub sequence: u64,
-    /// Impossible travel seen at this login (policy action FLAG).
-    pub flag: Option<TravelFlag>,
+    /// What was noticed at this login (impossible travel with policy action FLAG).
+    pub flags: Vec<Flag>,
+}
+
+/// A check of a live session that may need a write: the rules of hijacking defences.
+#[derive(Debug, Clone)]
+pub enum Defence {
+    /// `presented` was offered as the session's token and is not its current one: if it is a
+    /// token that rotation replaced, presented after the grace period, the policy's reuse action
+    /// applies.
+    Reuse { presented: TokenHash },
+}
+
+/// What a defence left.
+#[derive(Debug, Clone)]
+pub struct Defended {
+    /// The session as the write left it (ended, if the defence revoked it).
+    pub session: Session,
+    /// Sequence of the last event written, or the head if none was.
+    pub sequence: u64,
 }
 
 /// What a revoke did.
@@ -217,6 +237,8 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         self.plan.ended.insert(s.id);
         let mut ended = s.clone();
         ended.state = state;
+        // An ended session has no token to reuse; its tombstone need not remember any.
+        ended.replaced.clear();
         self.bury(s, &mut ended, now);
         self.plan.emit(s, now, kind);
         ended
@@ -330,8 +352,9 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         for s in live.iter().filter(|s| evicted.contains(&s.id)) {
             self.end_by_revoke(s, RevokeReason::LimitEviction, now);
         }
-        if let Some(f) = &flag {
-            session.flags.push(f.clone());
+        let flags: Vec<Flag> = flag.into_iter().map(Flag::Travel).collect();
+        for f in &flags {
+            push_flag(&mut session.flags, f.clone());
         }
         self.plan.put(None, Some(&session));
         let sequence = self.plan.emit(
@@ -343,14 +366,14 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
                 evicted: evicted.clone(),
             },
         );
-        if let Some(f) = &flag {
+        for f in &flags {
             self.plan
                 .emit(&session, now, EventKind::Flagged { flag: f.clone() });
         }
         Ok(CreateOutcome {
             evicted,
             sequence,
-            flag,
+            flags,
         })
     }
 
@@ -407,10 +430,9 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
             return Err(Error::SessionNotValid);
         }
         // FLAG, and REJECT (an open session cannot be refused, only flagged).
+        let flag = Flag::Travel(flag);
         let mut flagged = s.clone();
-        flagged.flags.push(flag.clone());
-        let excess = flagged.flags.len().saturating_sub(MAX_FLAGS);
-        flagged.flags.drain(..excess);
+        push_flag(&mut flagged.flags, flag.clone());
         self.plan.put(Some(&s), Some(&flagged));
         self.plan.emit(&s, now, EventKind::Flagged { flag });
         self.set_last_seen(&s.tenant_id, &s.user_id, location, now, id);
@@ -447,7 +469,8 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         Ok(changed)
     }
 
-    /// Replaces a live session's token hash if `current` is its hash now.
+    /// Replaces a live session's token hash if `current` is its hash now. A token that an
+    /// earlier rotation replaced is refused; after the grace period it is also reuse.
     pub fn rotate(
         &mut self,
         id: SessionId,
@@ -457,7 +480,7 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         now: Timestamp,
     ) -> Result<RotateOutcome> {
         let s = match self.view.session(&id)? {
-            Some(s) if s.is_active() && s.token_hash.matches(&current) => s,
+            Some(s) if s.is_active() => s,
             _ => return Err(Error::SessionNotValid),
         };
         let s = self.tightened(s, policy);
@@ -465,15 +488,95 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
             self.end(&s, ending, now);
             return Err(Error::SessionNotValid);
         }
+        if !s.token_hash.matches(&current) {
+            // Within the grace period a second tab rotating the same token is not theft; it is
+            // refused all the same, so one token never forks into two live ones.
+            self.reuse(&s, &current, policy, now);
+            return Err(Error::SessionNotValid);
+        }
         let mut rotated = s.clone();
         rotated.token_hash = replacement;
         rotated.last_seen_at = now.max(s.last_seen_at);
         rotated.rotation_count = s.rotation_count.saturating_add(1);
+        rotated.replaced.push(ReplacedToken {
+            hash: current,
+            rotation: rotated.rotation_count,
+            replaced_at: now,
+        });
+        let excess = rotated.replaced.len().saturating_sub(MAX_REPLACED);
+        rotated.replaced.drain(..excess);
         self.plan.put(Some(&s), Some(&rotated));
         let sequence = self.plan.emit(&s, now, EventKind::Rotated);
         Ok(RotateOutcome {
             session: rotated,
             sequence,
+        })
+    }
+
+    /// If `presented` is a token rotation replaced from live session `s`, and its grace period
+    /// is over, applies the policy's reuse action: the thief or the user holds a stale copy and
+    /// nobody can tell which, so REVOKE ends the session (a `flagged` event with the details,
+    /// then `revoked`, reason token reuse) and FLAG flags it once per reused token.
+    /// Returns the session as this left it.
+    fn reuse(
+        &mut self,
+        s: &Session,
+        presented: &TokenHash,
+        policy: &Policy,
+        now: Timestamp,
+    ) -> Session {
+        let Standing::Reused(replaced) = s.standing(presented, policy.rotation_grace_period, now)
+        else {
+            return s.clone();
+        };
+        if policy.token_reuse_action == TokenReuseAction::Ignore {
+            return s.clone();
+        }
+        let already = s
+            .flags
+            .iter()
+            .any(|f| matches!(f, Flag::TokenReuse(r) if r.rotation == replaced.rotation));
+        if already && policy.token_reuse_action == TokenReuseAction::Flag {
+            return s.clone();
+        }
+        let flag = Flag::TokenReuse(TokenReuse {
+            flagged_at: now,
+            rotation: replaced.rotation,
+            replaced_at: replaced.replaced_at,
+        });
+        let mut flagged = s.clone();
+        push_flag(&mut flagged.flags, flag.clone());
+        self.plan.put(Some(s), Some(&flagged));
+        self.plan.emit(s, now, EventKind::Flagged { flag });
+        if policy.token_reuse_action == TokenReuseAction::Revoke {
+            return self.end_by_revoke(&flagged, RevokeReason::TokenReuse, now);
+        }
+        flagged
+    }
+
+    /// Applies a hijacking defence to live session `id`, judged by `policy` (its tenant's).
+    pub fn defend(
+        &mut self,
+        id: SessionId,
+        defence: Defence,
+        policy: &Policy,
+        now: Timestamp,
+    ) -> Result<Defended> {
+        let s = match self.view.session(&id)? {
+            Some(s) if s.is_active() => s,
+            _ => return Err(Error::SessionNotValid),
+        };
+        let s = self.tightened(s, policy);
+        if let Some(ending) = s.ending_at(now) {
+            self.end(&s, ending, now);
+            return Err(Error::SessionNotValid);
+        }
+        let session = match defence {
+            Defence::Reuse { presented } => self.reuse(&s, &presented, policy, now),
+        };
+        Ok(Defended {
+            session,
+            sequence: self.plan.head,
         })
     }
 

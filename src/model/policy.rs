@@ -29,6 +29,35 @@ pub enum TravelAction {
     Reject,
 }
 
+/// What a replaced token presented after the rotation grace period triggers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenReuseAction {
+    #[default]
+    Revoke,
+    Flag,
+    Ignore,
+}
+
+/// What a login from a new device or place triggers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum NewDeviceAction {
+    None,
+    #[default]
+    Flag,
+}
+
+/// What a live session presented from another browser, OS or country triggers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftAction {
+    #[default]
+    None,
+    Flag,
+    Revoke,
+}
+
 /// The cookie's SameSite attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -65,6 +94,28 @@ pub struct Policy {
     pub cookie_name: Option<String>,
     pub cookie_secure: bool,
     pub cookie_same_site: SameSite,
+    /// Policies stored before these fields existed read as the defaults.
+    #[serde(default)]
+    pub token_reuse_action: TokenReuseAction,
+    #[serde(with = "humantime_serde", default = "default_rotation_grace_period")]
+    pub rotation_grace_period: Duration,
+    #[serde(default)]
+    pub new_device_action: NewDeviceAction,
+    #[serde(default)]
+    pub drift_action: DriftAction,
+    #[serde(with = "humantime_serde", default = "default_bound_token_ttl")]
+    pub bound_token_ttl: Duration,
+}
+
+pub const DEFAULT_ROTATION_GRACE_PERIOD: Duration = Duration::from_secs(10);
+pub const DEFAULT_BOUND_TOKEN_TTL: Duration = Duration::from_secs(600);
+
+fn default_rotation_grace_period() -> Duration {
+    DEFAULT_ROTATION_GRACE_PERIOD
+}
+
+fn default_bound_token_ttl() -> Duration {
+    DEFAULT_BOUND_TOKEN_TTL
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -158,6 +209,13 @@ impl Policy {
         if let Some(name) = &self.cookie_name {
             check_cookie_name(name)?;
         }
+        within(
+            "policy.rotation_grace_period",
+            self.rotation_grace_period,
+            Duration::ZERO,
+            5 * MINUTE,
+        )?;
+        within("policy.bound_token_ttl", self.bound_token_ttl, MINUTE, DAY)?;
         if self.cookie_same_site == SameSite::None && !self.cookie_secure {
             return Err(Error::invalid(
                 "policy.cookie_same_site",

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use crate::{
     clock::Timestamp,
-    model::{policy::Policy, travel::TravelFlag},
+    model::{flag::Flag, policy::Policy},
     token::{SessionId, TokenHash},
 };
 
@@ -38,6 +38,8 @@ pub enum RevokeReason {
     LimitEviction,
     SuspiciousActivity,
     Policy,
+    /// A token that rotation replaced was presented after the grace period. The service's own.
+    TokenReuse,
 }
 
 /// Which deadline a session passed.
@@ -77,15 +79,45 @@ pub struct Session {
     pub rotation_count: u32,
     /// When the tenant's maximum session age ends it (revoked, reason `Policy`), if it has one.
     pub max_age_at: Option<Timestamp>,
-    /// Impossible travel seen on this session, oldest first (the newest [`MAX_FLAGS`] kept).
-    pub flags: Vec<TravelFlag>,
+    /// What was noticed on this session, oldest first (the newest
+    /// [`MAX_FLAGS`](crate::model::flag::MAX_FLAGS) kept).
+    pub flags: Vec<Flag>,
+    /// The tokens rotation replaced, newest last (at most [`MAX_REPLACED`]), so that presenting
+    /// one again is recognised as reuse. Cleared when the session ends.
+    pub replaced: Vec<ReplacedToken>,
+    /// The login came from a device, or a place, that none of the user's recent sessions came
+    /// from (never for a user's first session: nothing to compare with).
+    pub new_device: bool,
+    pub new_place: bool,
     /// When this session's tombstone is purged; set when it ends. Stored rather than computed,
     /// so that changing the retention setting never strands an index entry.
     pub purge_at: Option<Timestamp>,
 }
 
-/// Most travel flags kept per session.
-pub const MAX_FLAGS: usize = 8;
+/// A token that rotation replaced: by rotation number `rotation` (1 replaced the token that the
+/// create returned), at `replaced_at`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplacedToken {
+    pub hash: TokenHash,
+    pub rotation: u32,
+    pub replaced_at: Timestamp,
+}
+
+/// What a presented token is to a session.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Standing {
+    /// Its token.
+    Current,
+    /// A token rotation replaced within the grace period: still valid.
+    InGrace,
+    /// A token rotation replaced, presented after the grace period.
+    Reused(ReplacedToken),
+    /// Not one of its tokens.
+    Unknown,
+}
+
+/// Most replaced tokens remembered per session.
+pub const MAX_REPLACED: usize = 8;
 
 /// How an active session ends when a deadline passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +213,30 @@ impl Session {
         }
     }
 
+    /// What token `hash` is to this session, `grace` being how long a replaced one still counts.
+    pub fn standing(&self, hash: &TokenHash, grace: Duration, now: Timestamp) -> Standing {
+        if self.token_hash.matches(hash) {
+            return Standing::Current;
+        }
+        match self.replaced_token(hash) {
+            Some(r) if now.since(r.replaced_at) < grace => Standing::InGrace,
+            Some(r) => Standing::Reused(r),
+            None => Standing::Unknown,
+        }
+    }
+
+    /// The replaced token `hash` is, if it is one.
+    pub fn replaced_token(&self, hash: &TokenHash) -> Option<ReplacedToken> {
+        // Every entry is compared (in constant time each), so timing does not say which matched.
+        self.replaced.iter().fold(None, |found, r| {
+            if r.hash.matches(hash) {
+                Some(*r)
+            } else {
+                found
+            }
+        })
+    }
+
     pub fn is_active(&self) -> bool {
         self.state == SessionState::Active
     }
@@ -223,6 +279,9 @@ mod tests {
             rotation_count: 0,
             max_age_at: None,
             flags: Vec::new(),
+            replaced: Vec::new(),
+            new_device: false,
+            new_place: false,
             purge_at: None,
         }
     }

@@ -10,7 +10,11 @@ use crate::{
     error::{Error, Result},
     events::{Event, EventKind, EventType},
     model::{
-        policy::{CookieAdvice, LimitAction, Policy, SameSite, TravelAction},
+        flag::{DriftKind, Flag},
+        policy::{
+            CookieAdvice, DriftAction, LimitAction, NewDeviceAction, Policy, SameSite,
+            TokenReuseAction, TravelAction,
+        },
         session::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
         travel::TravelFlag,
     },
@@ -234,10 +238,13 @@ pub fn revoke_reason(value: i32, default: RevokeReason) -> Result<RevokeReason> 
         pb::RevokeReason::Admin => RevokeReason::Admin,
         pb::RevokeReason::SuspiciousActivity => RevokeReason::SuspiciousActivity,
         pb::RevokeReason::Policy => RevokeReason::Policy,
-        pb::RevokeReason::LimitEviction => {
+        pb::RevokeReason::LimitEviction | pb::RevokeReason::TokenReuse => {
             return Err(Error::invalid(
                 "reason",
-                "LIMIT_EVICTION is set by the service only",
+                format!(
+                    "{} is set by the service only",
+                    reason.as_str_name().trim_start_matches("REVOKE_REASON_")
+                ),
             ))
         }
     })
@@ -327,6 +334,27 @@ fn duration_field(
     Ok(std::time::Duration::new(seconds, nanos))
 }
 
+/// A duration that may be absent (then `default`).
+fn optional_duration(
+    field: &'static str,
+    d: Option<prost_types::Duration>,
+    default: std::time::Duration,
+) -> Result<std::time::Duration> {
+    match d {
+        None => Ok(default),
+        some => duration_field(field, some),
+    }
+}
+
+/// An enum whose UNSPECIFIED means a default: fields added after the first release, which
+/// older clients' complete policies leave out.
+fn optional_enum<T>(field: &'static str, value: i32) -> Result<T>
+where
+    T: TryFrom<i32>,
+{
+    T::try_from(value).map_err(|_| Error::invalid(field, format!("{value} is not a valid choice")))
+}
+
 fn required_enum<T>(field: &'static str, value: i32) -> Result<T>
 where
     T: TryFrom<i32> + PartialEq + Default,
@@ -382,6 +410,33 @@ pub fn policy_from_proto(p: pb::Policy) -> Result<(String, Policy)> {
             pb::SameSite::None => SameSite::None,
             _ => SameSite::Lax,
         },
+        token_reuse_action: match optional_enum("policy.token_reuse_action", p.token_reuse_action)?
+        {
+            pb::TokenReuseAction::Flag => TokenReuseAction::Flag,
+            pb::TokenReuseAction::Ignore => TokenReuseAction::Ignore,
+            pb::TokenReuseAction::Revoke | pb::TokenReuseAction::Unspecified => {
+                TokenReuseAction::Revoke
+            }
+        },
+        rotation_grace_period: optional_duration(
+            "policy.rotation_grace_period",
+            p.rotation_grace_period,
+            crate::model::policy::DEFAULT_ROTATION_GRACE_PERIOD,
+        )?,
+        new_device_action: match optional_enum("policy.new_device_action", p.new_device_action)? {
+            pb::NewDeviceAction::None => NewDeviceAction::None,
+            pb::NewDeviceAction::Flag | pb::NewDeviceAction::Unspecified => NewDeviceAction::Flag,
+        },
+        drift_action: match optional_enum("policy.drift_action", p.drift_action)? {
+            pb::DriftAction::Flag => DriftAction::Flag,
+            pb::DriftAction::Revoke => DriftAction::Revoke,
+            pb::DriftAction::None | pb::DriftAction::Unspecified => DriftAction::None,
+        },
+        bound_token_ttl: optional_duration(
+            "policy.bound_token_ttl",
+            p.bound_token_ttl,
+            crate::model::policy::DEFAULT_BOUND_TOKEN_TTL,
+        )?,
     };
     policy.validate()?;
     Ok((tenant_id, policy))
@@ -495,6 +550,7 @@ pub fn revoke_reason_to_proto(r: RevokeReason) -> pb::RevokeReason {
         RevokeReason::LimitEviction => pb::RevokeReason::LimitEviction,
         RevokeReason::SuspiciousActivity => pb::RevokeReason::SuspiciousActivity,
         RevokeReason::Policy => pb::RevokeReason::Policy,
+        RevokeReason::TokenReuse => pb::RevokeReason::TokenReuse,
     }
 }
 
@@ -524,6 +580,45 @@ impl From<&Device> for pb::Device {
             device_label: d.label.clone(),
             location: d.location.as_ref().map(pb::Location::from),
         }
+    }
+}
+
+/// Any flag, as `Session.security_flags` and the `flagged` event carry it.
+pub fn security_flag_to_proto(flag: &Flag) -> pb::SessionFlag {
+    let mut out = pb::SessionFlag {
+        flagged_at: Some(timestamp(flag.flagged_at())),
+        ..Default::default()
+    };
+    let kind = match flag {
+        Flag::Travel(f) => {
+            out.travel = Some(flag_to_proto(f));
+            pb::FlagKind::ImpossibleTravel
+        }
+        Flag::TokenReuse(r) => {
+            out.reused_rotation = r.rotation;
+            out.reused_replaced_at = Some(timestamp(r.replaced_at));
+            pb::FlagKind::TokenReuse
+        }
+        Flag::NewDevice { .. } => pb::FlagKind::NewDevice,
+        Flag::NewPlace { .. } => pb::FlagKind::NewPlace,
+        Flag::Drift(d) => {
+            out.drift_from = d.from.clone();
+            out.drift_to = d.to.clone();
+            match d.kind {
+                DriftKind::Device => pb::FlagKind::DeviceDrift,
+                DriftKind::Place => pb::FlagKind::PlaceDrift,
+            }
+        }
+    };
+    out.set_kind(kind);
+    out
+}
+
+/// The impossible-travel flag, if `flag` is one (for the fields that predate the other kinds).
+fn travel_flag(flag: &Flag) -> Option<&TravelFlag> {
+    match flag {
+        Flag::Travel(f) => Some(f),
+        _ => None,
     }
 }
 
@@ -596,6 +691,11 @@ pub fn merge_policy_fields(
             "cookie_name" => into.cookie_name = from.cookie_name.clone(),
             "cookie_secure" => into.cookie_secure = from.cookie_secure,
             "cookie_same_site" => into.cookie_same_site = from.cookie_same_site,
+            "token_reuse_action" => into.token_reuse_action = from.token_reuse_action,
+            "rotation_grace_period" => into.rotation_grace_period = from.rotation_grace_period,
+            "new_device_action" => into.new_device_action = from.new_device_action,
+            "drift_action" => into.drift_action = from.drift_action,
+            "bound_token_ttl" => into.bound_token_ttl = from.bound_token_ttl,
             other => {
                 return Err(Error::invalid(
                     "update_mask",
@@ -635,6 +735,25 @@ pub fn policy_to_proto(tenant_id: &str, p: &Policy, cookie_name: String) -> pb::
         cookie_name,
         cookie_secure: p.cookie_secure,
         cookie_same_site: same_site_to_proto(p.cookie_same_site).into(),
+        token_reuse_action: match p.token_reuse_action {
+            TokenReuseAction::Revoke => pb::TokenReuseAction::Revoke,
+            TokenReuseAction::Flag => pb::TokenReuseAction::Flag,
+            TokenReuseAction::Ignore => pb::TokenReuseAction::Ignore,
+        }
+        .into(),
+        rotation_grace_period: Some(duration_to_proto(p.rotation_grace_period)),
+        new_device_action: match p.new_device_action {
+            NewDeviceAction::None => pb::NewDeviceAction::None,
+            NewDeviceAction::Flag => pb::NewDeviceAction::Flag,
+        }
+        .into(),
+        drift_action: match p.drift_action {
+            DriftAction::None => pb::DriftAction::None,
+            DriftAction::Flag => pb::DriftAction::Flag,
+            DriftAction::Revoke => pb::DriftAction::Revoke,
+        }
+        .into(),
+        bound_token_ttl: Some(duration_to_proto(p.bound_token_ttl)),
     }
 }
 
@@ -656,7 +775,13 @@ impl From<&Session> for pb::Session {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             rotation_count: s.rotation_count,
-            flags: s.flags.iter().map(flag_to_proto).collect(),
+            flags: s
+                .flags
+                .iter()
+                .filter_map(travel_flag)
+                .map(flag_to_proto)
+                .collect(),
+            security_flags: s.flags.iter().map(security_flag_to_proto).collect(),
             ..Default::default()
         };
         match s.state {
@@ -703,7 +828,8 @@ pub fn event_to_proto(e: &Event, log_epoch: u64) -> pb::SessionEvent {
         }),
         EventKind::Rotated => Body::Rotated(pb::SessionRotated {}),
         EventKind::Flagged { flag } => Body::Flagged(pb::SessionFlagged {
-            flag: Some(flag_to_proto(flag)),
+            flag: travel_flag(flag).map(flag_to_proto),
+            security_flag: Some(security_flag_to_proto(flag)),
         }),
     };
     pb::SessionEvent {
@@ -821,6 +947,8 @@ mod tests {
             max_age in duration(), max_sessions in any::<u32>(), quota in any::<u32>(),
             limit_action in any::<i32>(), travel_action in any::<i32>(), same_site in any::<i32>(),
             speed in any::<f64>(), tolerance in any::<f64>(), cookie_name in ".{0,70}",
+            reuse_action in any::<i32>(), grace in duration(), new_device_action in any::<i32>(),
+            drift_action in any::<i32>(), bound_ttl in duration(),
         ) {
             let policy = pb::Policy {
                 tenant_id: "t".into(),
@@ -839,6 +967,11 @@ mod tests {
                 cookie_name,
                 cookie_secure: true,
                 cookie_same_site: same_site,
+                token_reuse_action: reuse_action,
+                rotation_grace_period: grace,
+                new_device_action,
+                drift_action,
+                bound_token_ttl: bound_ttl,
             };
             if let Ok((_, p)) = policy_from_proto(policy) {
                 prop_assert!(p.validate().is_ok());

@@ -15,11 +15,11 @@ use crate::{
     clock::{Clock, Timestamp},
     error::{Error, Result},
     model::{
-        policy::{CookieAdvice, Policy, TravelAction},
-        session::{Device, Location, RevokeReason, Session, SessionState},
+        policy::{CookieAdvice, Policy, TokenReuseAction, TravelAction},
+        session::{Device, Location, RevokeReason, Session, SessionState, Standing},
         travel::distance_km,
     },
-    store::{self, CreateRules, ListScope, RevokeTarget, SessionStore},
+    store::{self, CreateRules, Defence, ListScope, RevokeTarget, SessionStore},
     token::{self, SessionId, SessionToken, TokenGenerator},
 };
 
@@ -256,6 +256,9 @@ impl<S: SessionStore> Sessions<S> {
             rotation_count: 0,
             max_age_at: policy.max_session_age.map(|age| now.saturating_add(age)),
             flags: Vec::new(),
+            replaced: Vec::new(),
+            new_device: false,
+            new_place: false,
             purge_at: None,
         };
         let rules = CreateRules {
@@ -267,7 +270,7 @@ impl<S: SessionStore> Sessions<S> {
             travel: policy.travel_rules(),
         };
         let outcome = self.store.create(session.clone(), rules).await?;
-        session.flags.extend(outcome.flag);
+        session.flags.extend(outcome.flags);
         tracing::info!(
             session_id = %session.id,
             tenant_id = %session.tenant_id,
@@ -300,17 +303,26 @@ impl<S: SessionStore> Sessions<S> {
         let parsed = token::parse(token).ok_or(Error::SessionNotValid)?;
         self.store.fence().await?;
         let stored = match self.store.get(&parsed.session_id)? {
-            Some(s)
-                if s.is_active()
-                    && s.token_hash.matches(&parsed.hash)
-                    && tenant.is_none_or(|t| t == s.tenant_id) =>
-            {
-                s
-            }
+            Some(s) if s.is_active() && tenant.is_none_or(|t| t == s.tenant_id) => s,
             _ => return Err(Error::SessionNotValid),
         };
         let now = self.clock.now();
         let (mut session, policy) = self.current(stored, now);
+        match session.standing(&parsed.hash, policy.rotation_grace_period, now) {
+            Standing::Current | Standing::InGrace => {}
+            Standing::Reused(_) => {
+                // Answered at once, like any invalid token, so neither the status nor the time
+                // tells a prober that this token was once good; the policy's action follows.
+                if session.is_active() && policy.token_reuse_action != TokenReuseAction::Ignore {
+                    let defence = Defence::Reuse {
+                        presented: parsed.hash,
+                    };
+                    self.defend_soon(session.id, defence, policy, now);
+                }
+                return Err(Error::SessionNotValid);
+            }
+            Standing::Unknown => return Err(Error::SessionNotValid),
+        }
         if !session.is_active() {
             // Record the ending (and its event) now rather than at the next sweep.
             self.store.end_soon(session.id, policy, now);
@@ -333,6 +345,19 @@ impl<S: SessionStore> Sessions<S> {
             session.last_seen_at = now;
         }
         Ok(session)
+    }
+
+    /// Applies a defence in the background: the caller's answer does not wait for it.
+    fn defend_soon(&self, id: SessionId, defence: Defence, policy: Arc<Policy>, now: Timestamp) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            match store.defend(id, defence, policy, now).await {
+                Ok(_) | Err(Error::SessionNotValid) => {}
+                Err(e) => {
+                    tracing::warn!(session_id = %id, error = %e, "a session defence failed")
+                }
+            }
+        });
     }
 
     /// How stale a session's stored last use may get before a validate writes a new one: the

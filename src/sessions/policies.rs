@@ -265,6 +265,15 @@ mod tests {
         ) -> impl Future<Output = Result<RotateOutcome>> + Send {
             self.inner.rotate(id, current, replacement, policy, now)
         }
+        fn defend(
+            &self,
+            id: SessionId,
+            defence: crate::store::Defence,
+            policy: Arc<Policy>,
+            now: Timestamp,
+        ) -> impl Future<Output = Result<crate::store::Defended>> + Send {
+            self.inner.defend(id, defence, policy, now)
+        }
         fn revoke(
             &self,
             target: RevokeTarget,

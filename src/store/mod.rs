@@ -25,7 +25,8 @@ pub use sled_store::SledStore;
 
 // The plan types are the store's vocabulary too: what a write is asked to do and what it did.
 pub use crate::model::plan::{
-    CreateOutcome, CreateRules, PolicyOf, RevokeOutcome, RevokeTarget, RotateOutcome,
+    CreateOutcome, CreateRules, Defence, Defended, PolicyOf, RevokeOutcome, RevokeTarget,
+    RotateOutcome,
 };
 
 use crate::{
@@ -245,6 +246,17 @@ pub trait SessionStore: Send + Sync + 'static {
         policy: Arc<Policy>,
         now: Timestamp,
     ) -> impl Future<Output = Result<RotateOutcome>> + Send;
+
+    /// Applies a hijacking defence (see [`Defence`]) to live session `id` under `policy` (its
+    /// tenant's, in force now). `SessionNotValid` if the session is not live; a session found
+    /// past a deadline is ended.
+    fn defend(
+        &self,
+        id: SessionId,
+        defence: Defence,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Defended>> + Send;
 
     /// Revokes the target's active sessions. Sessions already ended are skipped, not an error;
     /// sessions found past a deadline are expired instead.

@@ -10,8 +10,11 @@ use crate::{
     error::Error,
     events::{Event, EventKind},
     model::{
+        flag::{Drift, DriftKind, Flag, TokenReuse},
         policy::Policy,
-        session::{Device, ExpiryKind, Location, RevokeReason, Session, SessionState},
+        session::{
+            Device, ExpiryKind, Location, ReplacedToken, RevokeReason, Session, SessionState,
+        },
         travel::{LastSeen, TravelFlag},
     },
     token::{SessionId, TokenHash},
@@ -57,6 +60,23 @@ pub struct SessionRecord {
     /// 0: not ended.
     #[prost(uint64, tag = "17")]
     pub purge_at: u64,
+    #[prost(message, repeated, tag = "18")]
+    pub replaced: Vec<ReplacedRecord>,
+    #[prost(bool, tag = "19")]
+    pub new_device: bool,
+    #[prost(bool, tag = "20")]
+    pub new_place: bool,
+}
+
+/// A token that rotation replaced.
+#[derive(Clone, PartialEq, Message)]
+pub struct ReplacedRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub hash: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub rotation: u32,
+    #[prost(uint64, tag = "3")]
+    pub replaced_at: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -75,6 +95,18 @@ pub struct FlagRecord {
     pub distance_km: f64,
     #[prost(double, tag = "7")]
     pub speed_kmh: f64,
+    /// 0 impossible travel (the fields above), 1 token reuse, 2 new device, 3 new place, 4
+    /// device drift, 5 place drift. Records from before the other kinds are all 0.
+    #[prost(uint32, tag = "8")]
+    pub kind: u32,
+    #[prost(uint32, tag = "9")]
+    pub rotation: u32,
+    #[prost(uint64, tag = "10")]
+    pub replaced_at: u64,
+    #[prost(string, tag = "11")]
+    pub drift_from: String,
+    #[prost(string, tag = "12")]
+    pub drift_to: String,
 }
 
 /// A user's last known place (`lastseen` map).
@@ -152,6 +184,7 @@ fn reason_code(r: RevokeReason) -> u32 {
         RevokeReason::LimitEviction => 4,
         RevokeReason::SuspiciousActivity => 5,
         RevokeReason::Policy => 6,
+        RevokeReason::TokenReuse => 7,
     }
 }
 
@@ -163,6 +196,7 @@ fn reason_from(code: u32) -> Option<RevokeReason> {
         4 => RevokeReason::LimitEviction,
         5 => RevokeReason::SuspiciousActivity,
         6 => RevokeReason::Policy,
+        7 => RevokeReason::TokenReuse,
         _ => return None,
     })
 }
@@ -215,34 +249,78 @@ impl From<&Device> for DeviceRecord {
     }
 }
 
-impl From<&TravelFlag> for FlagRecord {
-    fn from(f: &TravelFlag) -> Self {
-        Self {
-            flagged_at: f.flagged_at.as_millis(),
-            from: Some(LocationRecord::from(&f.from)),
-            from_seen_at: f.from_seen_at.as_millis(),
-            from_session_id: f
-                .from_session_id
-                .map(|id| id.as_bytes().to_vec())
-                .unwrap_or_default(),
-            to: Some(LocationRecord::from(&f.to)),
-            distance_km: f.distance_km,
-            speed_kmh: f.speed_kmh,
+impl From<&Flag> for FlagRecord {
+    fn from(flag: &Flag) -> Self {
+        let mut r = FlagRecord {
+            flagged_at: flag.flagged_at().as_millis(),
+            ..Default::default()
+        };
+        match flag {
+            Flag::Travel(f) => {
+                r.from = Some(LocationRecord::from(&f.from));
+                r.from_seen_at = f.from_seen_at.as_millis();
+                r.from_session_id = f
+                    .from_session_id
+                    .map(|id| id.as_bytes().to_vec())
+                    .unwrap_or_default();
+                r.to = Some(LocationRecord::from(&f.to));
+                r.distance_km = f.distance_km;
+                r.speed_kmh = f.speed_kmh;
+            }
+            Flag::TokenReuse(reuse) => {
+                r.kind = 1;
+                r.rotation = reuse.rotation;
+                r.replaced_at = reuse.replaced_at.as_millis();
+            }
+            Flag::NewDevice { .. } => r.kind = 2,
+            Flag::NewPlace { .. } => r.kind = 3,
+            Flag::Drift(d) => {
+                r.kind = match d.kind {
+                    DriftKind::Device => 4,
+                    DriftKind::Place => 5,
+                };
+                r.drift_from = d.from.clone();
+                r.drift_to = d.to.clone();
+            }
         }
+        r
     }
 }
 
-impl From<FlagRecord> for TravelFlag {
-    fn from(r: FlagRecord) -> Self {
-        Self {
-            flagged_at: Timestamp::from_millis(r.flagged_at),
-            from: r.from.map(Location::from).unwrap_or_default(),
-            from_seen_at: Timestamp::from_millis(r.from_seen_at),
-            from_session_id: SessionId::from_slice(&r.from_session_id),
-            to: r.to.map(Location::from).unwrap_or_default(),
-            distance_km: r.distance_km,
-            speed_kmh: r.speed_kmh,
-        }
+impl TryFrom<FlagRecord> for Flag {
+    type Error = Error;
+
+    fn try_from(r: FlagRecord) -> Result<Self, Error> {
+        let flagged_at = Timestamp::from_millis(r.flagged_at);
+        let drift = |kind, r: FlagRecord| {
+            Flag::Drift(Drift {
+                flagged_at,
+                kind,
+                from: r.drift_from,
+                to: r.drift_to,
+            })
+        };
+        Ok(match r.kind {
+            0 => Flag::Travel(TravelFlag {
+                flagged_at,
+                from: r.from.map(Location::from).unwrap_or_default(),
+                from_seen_at: Timestamp::from_millis(r.from_seen_at),
+                from_session_id: SessionId::from_slice(&r.from_session_id),
+                to: r.to.map(Location::from).unwrap_or_default(),
+                distance_km: r.distance_km,
+                speed_kmh: r.speed_kmh,
+            }),
+            1 => Flag::TokenReuse(TokenReuse {
+                flagged_at,
+                rotation: r.rotation,
+                replaced_at: Timestamp::from_millis(r.replaced_at),
+            }),
+            2 => Flag::NewDevice { flagged_at },
+            3 => Flag::NewPlace { flagged_at },
+            4 => drift(DriftKind::Device, r),
+            5 => drift(DriftKind::Place, r),
+            _ => return Err(corrupt("flag")),
+        })
     }
 }
 
@@ -282,6 +360,17 @@ pub fn encode_session(s: &Session) -> Vec<u8> {
         max_age_at: s.max_age_at.map_or(0, Timestamp::as_millis),
         flags: s.flags.iter().map(FlagRecord::from).collect(),
         purge_at: s.purge_at.map_or(0, Timestamp::as_millis),
+        replaced: s
+            .replaced
+            .iter()
+            .map(|r| ReplacedRecord {
+                hash: r.hash.as_bytes().to_vec(),
+                rotation: r.rotation,
+                replaced_at: r.replaced_at.as_millis(),
+            })
+            .collect(),
+        new_device: s.new_device,
+        new_place: s.new_place,
     }
     .encode_to_vec()
 }
@@ -316,8 +405,25 @@ pub fn decode_session(id: SessionId, bytes: &[u8]) -> Result<Session, Error> {
         state,
         rotation_count: r.rotation_count,
         max_age_at: (r.max_age_at != 0).then(|| Timestamp::from_millis(r.max_age_at)),
-        flags: r.flags.into_iter().map(TravelFlag::from).collect(),
+        flags: r
+            .flags
+            .into_iter()
+            .map(Flag::try_from)
+            .collect::<Result<_, _>>()?,
         purge_at: (r.purge_at != 0).then(|| Timestamp::from_millis(r.purge_at)),
+        replaced: r
+            .replaced
+            .into_iter()
+            .map(|r| {
+                Ok(ReplacedToken {
+                    hash: TokenHash::from_slice(&r.hash).ok_or_else(|| corrupt("session"))?,
+                    rotation: r.rotation,
+                    replaced_at: Timestamp::from_millis(r.replaced_at),
+                })
+            })
+            .collect::<Result<_, Error>>()?,
+        new_device: r.new_device,
+        new_place: r.new_place,
     })
 }
 
@@ -379,8 +485,8 @@ pub fn decode_event(sequence: u64, bytes: &[u8]) -> Result<Event, Error> {
         5 => EventKind::Flagged {
             flag: r
                 .flag
-                .map(TravelFlag::from)
-                .ok_or_else(|| corrupt("event"))?,
+                .ok_or_else(|| corrupt("event"))
+                .and_then(Flag::try_from)?,
         },
         _ => return Err(corrupt("event")),
     };

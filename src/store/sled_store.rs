@@ -43,8 +43,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     keys, records,
     session_cache::{Change, SessionCache},
-    CreateOutcome, CreateRules, ListPage, ListScope, LogBounds, PolicyOf, RevokeOutcome,
-    RevokeTarget, RotateOutcome, SessionStore,
+    CreateOutcome, CreateRules, Defence, Defended, ListPage, ListScope, LogBounds, PolicyOf,
+    RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
 };
 use crate::{
     clock::Timestamp,
@@ -197,6 +197,12 @@ enum Op {
         reason: RevokeReason,
         now: Timestamp,
     },
+    Defend {
+        id: SessionId,
+        defence: Defence,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    },
     Sweep {
         ids: Vec<SessionId>,
         policy_of: PolicyOf,
@@ -234,6 +240,7 @@ enum Outcome {
     Existed(bool),
     Rotated(Box<RotateOutcome>),
     Revoked(RevokeOutcome),
+    Defended(Box<Defended>),
     Count(usize),
     Purged(usize, Option<Vec<u8>>),
     /// Where warming goes on from; `None` when it is done.
@@ -654,6 +661,22 @@ impl SessionStore for SledStore {
             now,
         };
         expect_outcome!(self.submit(op).await, Revoked)
+    }
+
+    async fn defend(
+        &self,
+        id: SessionId,
+        defence: Defence,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    ) -> Result<Defended> {
+        let op = Op::Defend {
+            id,
+            defence,
+            policy,
+            now,
+        };
+        expect_outcome!(self.submit(op).await, Defended).map(|b| *b)
     }
 
     async fn sweep(
@@ -1441,6 +1464,14 @@ impl<'a> Tx<'a> {
             } => self
                 .plan(|p| p.revoke(target, reason, now))
                 .map(Outcome::Revoked),
+            Op::Defend {
+                id,
+                defence,
+                policy,
+                now,
+            } => self
+                .plan(|p| p.defend(id, defence, &policy, now))
+                .map(|d| Outcome::Defended(Box::new(d))),
             Op::Sweep {
                 ids,
                 policy_of,

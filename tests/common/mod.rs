@@ -76,14 +76,17 @@ impl TestServer {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(session_authority::run(
-            listener,
-            config.clone(),
-            clock.clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let served = session_authority::run(listener, config.clone(), clock.clone(), async move {
+            let _ = stopped.await;
+        });
+        let task = tokio::spawn(async move {
+            let result = served.await;
+            if let Err(e) = &result {
+                // A server that fails to start shows up as a refused connection; say why.
+                eprintln!("test server on {addr} stopped with an error: {e}");
+            }
+            result
+        });
         Self {
             addr,
             clock,

@@ -55,8 +55,8 @@ use client::{
 use mirror::{Mirror, Pending, Recording, State};
 
 use super::{
-    keys, records, CreateOutcome, CreateRules, ListPage, ListScope, LogBounds, PolicyOf,
-    RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
+    keys, records, CreateOutcome, CreateRules, Defence, Defended, ListPage, ListScope, LogBounds,
+    PolicyOf, RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
 };
 use crate::{
     clock::Timestamp,
@@ -1644,6 +1644,18 @@ impl SessionStore for EtcdStore {
             .await
     }
 
+    async fn defend(
+        &self,
+        id: SessionId,
+        defence: Defence,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    ) -> Result<Defended> {
+        self.inner
+            .plan(move |p| p.defend(id, defence.clone(), &policy, now))
+            .await
+    }
+
     async fn revoke(
         &self,
         target: RevokeTarget,
@@ -1893,6 +1905,9 @@ mod at_size {
                 rotation_count: 0,
                 max_age_at: None,
                 flags: Vec::new(),
+                replaced: Vec::new(),
+                new_device: false,
+                new_place: false,
                 purge_at: None,
             };
             let e = Event {
