@@ -17,8 +17,8 @@ use session_authority::{
     error::Error,
     model::{
         event::{Event, EventKind},
-        flag::{Flag, TokenReuse},
-        policy::{LimitAction, Policy, TokenReuseAction, TravelAction},
+        flag::{Drift, DriftKind, Flag, TokenReuse},
+        policy::{DriftAction, LimitAction, Policy, TokenReuseAction, TravelAction},
         session::{Device, Location, RevokeReason, SessionState},
     },
     sessions::{
@@ -491,6 +491,104 @@ async fn token_reuse_flag_flags_once_and_ignore_ignores<B: Backend>(b: B) {
     assert_eq!(kinds_of(&h, &created.session.id).len(), 2);
 }
 
+const CHROME_WINDOWS: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36";
+const CHROME_WINDOWS_NEWER: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+const FIREFOX_LINUX: &str =
+    "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0";
+
+fn device(user_agent: &str, country: &str) -> Device {
+    Device {
+        user_agent: user_agent.into(),
+        location: Some(Location {
+            country: country.into(),
+            ..Location::default()
+        }),
+        ..Device::default()
+    }
+}
+
+/// A session presented from another browser or OS, or another country, than it was created
+/// from drifted: FLAG flags each kind once (not once per request), REVOKE ends the session.
+async fn drift_flags_once_per_kind_and_revoke_revokes<B: Backend>(b: B) {
+    let h = harness(&b, policy(|p| p.drift_action = DriftAction::Flag)).await;
+    let s = &h.sessions;
+    let created = s
+        .create(NewSession {
+            device: device(CHROME_WINDOWS, "TH"),
+            ..new_session("t", "u")
+        })
+        .await
+        .expect("create");
+    let token = created.token.expose().to_string();
+    let id = created.session.id;
+    let same = s
+        .validate(&token, true, Some(device(CHROME_WINDOWS_NEWER, "TH")), None)
+        .await
+        .expect("an updated browser is the same device");
+    assert!(same.flags.is_empty());
+    for _ in 0..3 {
+        let moved = s
+            .validate(&token, true, Some(device(FIREFOX_LINUX, "TH")), None)
+            .await
+            .expect("flagged, still valid");
+        assert_eq!(
+            moved.flags,
+            vec![Flag::Drift(Drift {
+                flagged_at: START,
+                kind: DriftKind::Device,
+                from: "Chrome on Windows".into(),
+                to: "Firefox on Linux".into(),
+            })]
+        );
+    }
+    h.clock.advance(Duration::from_secs(1));
+    let abroad = s
+        .validate(&token, true, Some(device(CHROME_WINDOWS, "GB")), None)
+        .await
+        .expect("flagged, still valid");
+    assert!(matches!(
+        &abroad.flags[1],
+        Flag::Drift(Drift { kind: DriftKind::Place, from, to, .. }) if from == "TH" && to == "GB"
+    ));
+    s.validate(&token, true, Some(device(FIREFOX_LINUX, "GB")), None)
+        .await
+        .expect("valid");
+    let flagged = kinds_of(&h, &id)
+        .into_iter()
+        .filter(|k| matches!(k, EventKind::Flagged { .. }))
+        .count();
+    assert_eq!(flagged, 2, "one flag per kind");
+
+    s.policies()
+        .set(
+            "strict".into(),
+            policy(|p| p.drift_action = DriftAction::Revoke),
+        )
+        .await
+        .expect("policy");
+    let created = s
+        .create(NewSession {
+            device: device(CHROME_WINDOWS, "TH"),
+            ..new_session("strict", "u")
+        })
+        .await
+        .expect("create");
+    let token = created.token.expose().to_string();
+    assert!(is_not_valid(
+        s.validate(&token, true, Some(device(FIREFOX_LINUX, "TH")), None)
+            .await
+    ));
+    let ended = s.get(&created.session.id).expect("get");
+    assert!(matches!(
+        ended.state,
+        SessionState::Revoked {
+            reason: RevokeReason::SuspiciousActivity,
+            ..
+        }
+    ));
+    assert!(is_not_valid(s.validate(&token, true, None, None).await));
+}
+
 /// A use slides the idle deadline: the sweeper leaves the session alone at its first deadline
 /// (even a backend that files touches lazily must not expire it, nor keep finding it due), and
 /// ends it once at the deadline its last use gave it.
@@ -799,6 +897,7 @@ macro_rules! conformance {
                 one_of_many_racing_rotations_wins,
                 a_reused_token_after_the_grace_period_revokes_the_session,
                 token_reuse_flag_flags_once_and_ignore_ignores,
+                drift_flags_once_per_kind_and_revoke_revokes,
                 an_expiry_is_recorded_once_however_many_notice_it,
                 a_used_session_outlives_its_first_idle_deadline_and_expires_at_its_last,
                 event_sequences_are_gapless_under_concurrent_writes,

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod event;
 pub mod flag;
 pub mod plan;
+pub mod platform;
 pub mod policy;
 pub mod session;
 pub mod travel;

@@ -16,8 +16,8 @@ use crate::{
     error::{Error, Result},
     model::{
         event::{Event, EventKind},
-        flag::{push_flag, Flag, TokenReuse},
-        policy::{LimitAction, Policy, TokenReuseAction, TravelAction},
+        flag::{push_flag, Drift, Flag, TokenReuse},
+        policy::{DriftAction, LimitAction, Policy, TokenReuseAction, TravelAction},
         session::{
             sessions_to_evict, Ending, Location, ReplacedToken, RevokeReason, Session,
             SessionState, Standing, MAX_REPLACED,
@@ -80,6 +80,9 @@ pub enum Defence {
     /// token that rotation replaced, presented after the grace period, the policy's reuse action
     /// applies.
     Reuse { presented: TokenHash },
+    /// The session was presented from another platform or country than it was created from:
+    /// the policy's drift action applies, once per kind of drift.
+    Drift(Drift),
 }
 
 /// What a defence left.
@@ -554,6 +557,28 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         flagged
     }
 
+    /// Flags (FLAG, once per kind) or revokes (REVOKE, reason suspicious activity, after the
+    /// flag's event) live session `s` for `drift`. Returns the session as this left it.
+    fn drift(&mut self, s: &Session, drift: Drift, action: DriftAction, now: Timestamp) -> Session {
+        let kind = drift.kind;
+        let already = s
+            .flags
+            .iter()
+            .any(|f| matches!(f, Flag::Drift(d) if d.kind == kind));
+        if action == DriftAction::None || (already && action == DriftAction::Flag) {
+            return s.clone();
+        }
+        let flag = Flag::Drift(drift);
+        let mut flagged = s.clone();
+        push_flag(&mut flagged.flags, flag.clone());
+        self.plan.put(Some(s), Some(&flagged));
+        self.plan.emit(s, now, EventKind::Flagged { flag });
+        if action == DriftAction::Revoke {
+            return self.end_by_revoke(&flagged, RevokeReason::SuspiciousActivity, now);
+        }
+        flagged
+    }
+
     /// Applies a hijacking defence to live session `id`, judged by `policy` (its tenant's).
     pub fn defend(
         &mut self,
@@ -573,6 +598,7 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         }
         let session = match defence {
             Defence::Reuse { presented } => self.reuse(&s, &presented, policy, now),
+            Defence::Drift(drift) => self.drift(&s, drift, policy.drift_action, now),
         };
         Ok(Defended {
             session,

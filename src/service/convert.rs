@@ -524,11 +524,9 @@ impl TryFrom<pb::RevokeSessionsMatchingRequest> for MatchQuery {
 }
 
 /// The caller's view of the client's place in a ValidateSession request, if any.
-pub fn validate_location(device: Option<pb::Device>) -> Result<Option<Location>> {
-    Ok(device
-        .map(Device::try_from)
-        .transpose()?
-        .and_then(|d| d.location))
+/// The device a ValidateSession carries, decoded and checked as CreateSession's is.
+pub fn validate_device(device: Option<pb::Device>) -> Result<Option<Device>> {
+    device.map(Device::try_from).transpose()
 }
 
 // === encoding ===
@@ -1010,7 +1008,7 @@ mod tests {
 
         #[test]
         fn validate_locations_are_decoded_safely(device in proptest::option::of(device())) {
-            if let Ok(Some(location)) = validate_location(device) {
+            if let Ok(Some(location)) = validate_device(device).map(|d| d.and_then(|d| d.location)) {
                 if let Some((lat, lon)) = location.coordinates {
                     prop_assert!((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon));
                 }

@@ -10,8 +10,8 @@ use crate::{
 };
 
 use super::convert::{
-    self, cookie_to_proto, id_field, revoke_ids, revoke_reason, session_id_field,
-    validate_location, validate_tokens_count,
+    self, cookie_to_proto, id_field, revoke_ids, revoke_reason, session_id_field, validate_device,
+    validate_tokens_count,
 };
 use crate::{
     model::session::RevokeReason,
@@ -77,12 +77,12 @@ impl<S: SessionStore> SessionApi<S> {
         caller: &Caller,
         token: &str,
         touch: bool,
-        location: Option<crate::model::session::Location>,
+        device: Option<crate::model::session::Device>,
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<crate::model::session::Session, Error> {
         let validated = self
             .sessions
-            .validate(token, touch, location, caller.tenant.as_deref())
+            .validate(token, touch, device, caller.tenant.as_deref())
             .await;
         if matches!(validated, Err(Error::SessionNotValid)) {
             self.throttle.record_failure(&caller.name, client_ip, token);
@@ -142,10 +142,10 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
             .device
             .as_ref()
             .and_then(|d| d.ip.parse::<std::net::IpAddr>().ok());
-        let location = validate_location(r.device)?;
+        let device = validate_device(r.device)?;
         let touch = r.touch.unwrap_or(true);
         let session = self
-            .validate_for(&caller, &r.token, touch, location, client_ip)
+            .validate_for(&caller, &r.token, touch, device, client_ip)
             .await?;
         Ok(Response::new(pb::ValidateSessionResponse {
             session: Some((&session).into()),

@@ -15,7 +15,9 @@ use crate::{
     clock::{Clock, Timestamp},
     error::{Error, Result},
     model::{
-        policy::{CookieAdvice, Policy, TokenReuseAction, TravelAction},
+        flag::{Drift, DriftKind, Flag},
+        platform::{country_drift, platform_drift},
+        policy::{CookieAdvice, DriftAction, Policy, TokenReuseAction, TravelAction},
         session::{Device, Location, RevokeReason, Session, SessionState, Standing},
         travel::distance_km,
     },
@@ -289,15 +291,15 @@ impl<S: SessionStore> Sessions<S> {
     }
 
     /// The live session a token belongs to. Every failure is the same `SessionNotValid`.
-    /// `location`, the caller's view of where the client is now, is checked for impossible
-    /// travel. A caller bound to `tenant` gets `SessionNotValid` for another tenant's session,
+    /// `device`, the caller's view of the client now, is checked for drift (another platform or
+    /// country than the session was created from) and its place for impossible travel. A caller bound to `tenant` gets `SessionNotValid` for another tenant's session,
     /// decided before anything else happens: its validate must not touch, observe or end a
     /// session it may not see.
     pub async fn validate(
         &self,
         token: &str,
         touch: bool,
-        location: Option<Location>,
+        device: Option<Device>,
         tenant: Option<&str>,
     ) -> Result<Session> {
         let parsed = token::parse(token).ok_or(Error::SessionNotValid)?;
@@ -328,6 +330,12 @@ impl<S: SessionStore> Sessions<S> {
             self.store.end_soon(session.id, policy, now);
             return Err(Error::SessionNotValid);
         }
+        if let Some(presented) = &device {
+            if policy.drift_action != DriftAction::None {
+                session = self.check_drift(session, presented, &policy, now).await?;
+            }
+        }
+        let location = device.and_then(|d| d.location);
         if let Some(here) = location.filter(|l| l.coordinates.is_some()) {
             if policy.travel_action != TravelAction::Ignore
                 && self.worth_observing(&session, &here, now, &policy)?
@@ -343,6 +351,47 @@ impl<S: SessionStore> Sessions<S> {
         if touch && now.since(session.last_seen_at) >= self.touch_every(&session) {
             self.store.touch(session.id, now);
             session.last_seen_at = now;
+        }
+        Ok(session)
+    }
+
+    /// Flags or revokes live `session` if `presented` drifted from the device it was created
+    /// from: each kind of drift is judged once per session (a flagged kind costs no write).
+    async fn check_drift(
+        &self,
+        mut session: Session,
+        presented: &Device,
+        policy: &Arc<Policy>,
+        now: Timestamp,
+    ) -> Result<Session> {
+        let platform = platform_drift(&session.device, &presented.user_agent)
+            .map(|(from, to)| (DriftKind::Device, from.to_string(), to.to_string()));
+        let place = country_drift(&session.device, presented)
+            .map(|(from, to)| (DriftKind::Place, from.to_string(), to.to_string()));
+        for (kind, from, to) in platform.into_iter().chain(place) {
+            let flagged = session
+                .flags
+                .iter()
+                .any(|f| matches!(f, Flag::Drift(d) if d.kind == kind));
+            if flagged {
+                continue;
+            }
+            let drift = Drift {
+                flagged_at: now,
+                kind,
+                from,
+                to,
+            };
+            tracing::info!(session_id = %session.id, ?kind, "session presented from elsewhere");
+            let defended = self
+                .store
+                .defend(session.id, Defence::Drift(drift), policy.clone(), now)
+                .await?;
+            session = defended.session;
+            session.tighten(policy);
+            if !session.is_active() {
+                return Err(Error::SessionNotValid);
+            }
         }
         Ok(session)
     }
