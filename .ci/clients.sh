@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-.venv/bin/pip install --quiet --disable-pip-version-check grpcio==1.85.1 grpcio-tools==1.85.1
+.venv/bin/pip install --quiet --disable-pip-version-check grpcio==1.85.1 grpcio-tools==1.85.1 \
+  cryptography==50.0.2
 
 cargo build --quiet --bin session-authority
 work=$(mktemp -d)

@@ -54,6 +54,13 @@ quota=$(grpcurl -plaintext -d '{"tenant_id": "bank"}' $SA session_authority.v1.P
 [ "$quota" = "20 2" ] || { echo "FAIL: the masked update changed more or less than asked ($quota)"; exit 1; }
 banklive=$(grpcurl -plaintext -d '{"tenant_id": "bank"}' $SA session_authority.v1.SessionService/GetSessionStats | jq -r '.liveSessions // "0"')
 [ "$banklive" = "0" ] || { echo "FAIL: bulk revocation left $banklive bank sessions"; exit 1; }
+reuse=$(grpcurl -plaintext -d "{\"session_id\": \"$SHOP_ID\"}" $SA session_authority.v1.SessionService/GetSession | jq -r '"\(.session.revokeReason) \(.session.securityFlags[0].kind) \(.session.securityFlags[0].reusedRotation)"')
+[ "$reuse" = "REVOKE_REASON_TOKEN_REUSE FLAG_KIND_TOKEN_REUSE 1" ] || { echo "FAIL: reuse not detected ($reuse)"; exit 1; }
+out=$(grpcurl -plaintext -d "{\"token\": \"$FRESH\"}" $SA session_authority.v1.SessionService/ValidateSession 2>&1) && {
+  echo "FAIL: the rotated token outlived the reuse"; exit 1; }
+[ "${#CHALLENGE}" = 43 ] || { echo "FAIL: challenge '$CHALLENGE'"; exit 1; }
+bound=$(grpcurl -plaintext -d "{\"session_id\": \"$BOUND_ID\"}" $SA session_authority.v1.SessionService/GetSession | jq -r .session.bound)
+[ "$bound" = "true" ] || { echo "FAIL: the session is not bound"; exit 1; }
 echo "README examples: all ran and checked"
 CHECKS
 (cd "$work" && bash -euo pipefail "$work/examples.sh") >"$work/examples.out" 2>&1 || {

@@ -18,6 +18,7 @@ const SECRET_MESSAGES: &[&str] = &[
     ".session_authority.v1.ValidateSessionsRequest",
     ".session_authority.v1.RotateSessionRequest",
     ".session_authority.v1.RotateSessionResponse",
+    ".session_authority.v1.RefreshBoundSessionResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

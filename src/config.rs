@@ -109,9 +109,10 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub tombstone_retention: Duration,
     /// A user's last known place (for impossible travel) is forgotten when it is this old; the
-    /// next login is then not compared with it. Login-quota records go once they hold no
-    /// creation of the last day. Both are purged by the sweeper, so churning users never grow
-    /// the disk.
+    /// next login is then not compared with it. It is also the window of new-device signals: a
+    /// login is compared with the user's logins of this long before it, and they are kept as
+    /// long (at most 32 per user). Login-quota records go once they hold no creation of the last
+    /// day. All are purged by the sweeper, so churning users never grow the disk.
     #[serde(with = "humantime_serde")]
     pub user_state_retention: Duration,
     /// Audit records older than this are purged by the sweeper.

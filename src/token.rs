@@ -227,6 +227,13 @@ impl TokenGenerator {
         SessionId(id)
     }
 
+    /// A fresh challenge for a device-bound session's refresh: 256 random bits, base64url.
+    pub fn challenge(&self) -> String {
+        let mut raw = [0u8; 32];
+        self.fill(&mut raw);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
     /// A new 256-bit secret for the session `id`, as a token and its hash.
     pub fn issue(&self, id: &SessionId) -> IssuedToken {
         let mut secret = [0u8; SECRET_LEN];

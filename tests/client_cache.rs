@@ -2,6 +2,8 @@
 //! event stream keeps it correct through revokes, rotations, deadlines, outages and lost history.
 
 mod common;
+#[path = "common/dbsc.rs"]
+mod dbsc;
 
 use std::{
     sync::Arc,
@@ -175,6 +177,53 @@ async fn nothing_is_served_past_the_idle_deadline() {
         .await
         .expect_err("expired")
         .is_invalid_session());
+}
+
+/// A device-bound token dies before its session: the cache stops serving it at the token's end.
+#[tokio::test]
+async fn a_bound_token_is_not_served_past_its_end() {
+    let server = TestServer::start_with(Config {
+        idle_timeout: Duration::from_secs(3600),
+        bound_token_ttl: Duration::from_secs(120),
+        ..test_config()
+    })
+    .await;
+    let v = validator(
+        &server,
+        CacheConfig {
+            clock_margin: Duration::from_secs(1),
+            max_age: Duration::from_secs(86_400),
+            ..CacheConfig::default()
+        },
+    )
+    .await;
+    let (_, jwk) = dbsc::key_pair(3);
+    let created = server
+        .client()
+        .await
+        .create_session(pb::CreateSessionRequest {
+            binding_key: jwk,
+            ..create_request("t", "u")
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    v.validate(&created.token).await.expect("valid");
+    server.advance(Duration::from_secs(100));
+    let misses = v.stats().misses;
+    v.validate(&created.token).await.expect("valid");
+    assert_eq!(
+        v.stats().misses,
+        misses,
+        "served from memory before its end"
+    );
+    server.advance(Duration::from_secs(20));
+    assert!(v
+        .validate(&created.token)
+        .await
+        .expect_err("a stale bound token")
+        .is_invalid_session());
+    assert_eq!(v.stats().misses, misses + 1, "asked the service");
 }
 
 #[tokio::test]

@@ -6,6 +6,8 @@
 //!
 //! Each backend instantiates every test with `conformance!(module, backend)`; sled does below.
 
+#[path = "common/dbsc.rs"]
+mod dbsc;
 #[path = "common/etcd.rs"]
 mod etcd_cluster;
 
@@ -16,6 +18,7 @@ use session_authority::{
     config::Config,
     error::Error,
     model::{
+        binding::BindingKey,
         event::{Event, EventKind},
         flag::{Drift, DriftKind, Flag, TokenReuse},
         policy::{DriftAction, LimitAction, Policy, TokenReuseAction, TravelAction},
@@ -125,6 +128,7 @@ fn new_session(tenant: &str, user: &str) -> NewSession {
         remember_me: false,
         device: Device::default(),
         attributes: Default::default(),
+        binding_key: None,
     }
 }
 
@@ -589,6 +593,122 @@ async fn drift_flags_once_per_kind_and_revoke_revokes<B: Backend>(b: B) {
     assert!(is_not_valid(s.validate(&token, true, None, None).await));
 }
 
+/// The second login from another browser or country is new; one from the same device and place
+/// is not; the first ever is not. FLAG flags them; the created event says so.
+async fn a_login_from_a_new_device_or_place_is_marked_and_flagged<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {})).await;
+    let s = &h.sessions;
+    let login = |ua: &str, country: &str| NewSession {
+        device: device(ua, country),
+        ..new_session("t", "u")
+    };
+    let first = s.create(login(CHROME_WINDOWS, "TH")).await.expect("first");
+    assert!(!first.session.new_device && !first.session.new_place);
+    assert!(first.session.flags.is_empty(), "nothing to compare with");
+    h.clock.advance(Duration::from_secs(3600));
+    let same = s
+        .create(login(CHROME_WINDOWS_NEWER, "TH"))
+        .await
+        .expect("same");
+    assert!(!same.session.new_device && !same.session.new_place);
+    let elsewhere = s.create(login(FIREFOX_LINUX, "GB")).await.expect("new");
+    assert!(elsewhere.session.new_device && elsewhere.session.new_place);
+    assert_eq!(
+        elsewhere.session.flags,
+        vec![
+            Flag::NewDevice {
+                flagged_at: h.clock.now()
+            },
+            Flag::NewPlace {
+                flagged_at: h.clock.now()
+            }
+        ]
+    );
+    let kinds = kinds_of(&h, &elsewhere.session.id);
+    assert!(matches!(
+        kinds[0],
+        EventKind::Created {
+            new_device: true,
+            new_place: true,
+            ..
+        }
+    ));
+    assert_eq!(kinds.len(), 3, "created, then one flagged event per flag");
+    // Now known: the same device again is not new.
+    let again = s.create(login(FIREFOX_LINUX, "GB")).await.expect("again");
+    assert!(!again.session.new_device && !again.session.new_place);
+    // Another user's history is not this user's.
+    let other = s
+        .create(NewSession {
+            device: device(FIREFOX_LINUX, "GB"),
+            ..new_session("t", "someone-else")
+        })
+        .await
+        .expect("other user");
+    assert!(!other.session.new_device, "a first login");
+    // A stored session remembers it.
+    let stored = s.get(&elsewhere.session.id).expect("get");
+    assert!(stored.new_device && stored.new_place);
+}
+
+/// A device-bound session's token lives `bound_token_ttl`; a proof signed by the device key
+/// answers a challenge once and renews the token, with a `rotated` event.
+async fn a_bound_session_renews_only_against_a_fresh_challenge<B: Backend>(b: B) {
+    let h = harness(&b, policy(|p| p.bound_token_ttl = Duration::from_secs(120))).await;
+    let s = &h.sessions;
+    let (key, jwk) = dbsc::key_pair(21);
+    let created = s
+        .create(NewSession {
+            binding_key: Some(BindingKey::from_jwk(&jwk).expect("jwk")),
+            ..new_session("t", "u")
+        })
+        .await
+        .expect("create");
+    let id = created.session.id;
+    let token = created.token.expose().to_string();
+    h.clock.advance(Duration::from_secs(61));
+    s.validate(&token, true, None, None).await.expect("fresh");
+    let challenge = s.binding_challenge(&id, None).await.expect("challenge");
+    // The token's 120 s are up; the challenge has a second left.
+    h.clock.advance(Duration::from_secs(59));
+    assert!(is_not_valid(s.validate(&token, true, None, None).await));
+    let iat = (h.clock.now().as_millis() / 1000) as i64;
+    let proof = dbsc::proof(&key, &challenge.value, &id.to_string(), iat);
+    let refreshed = s.refresh_bound(&id, &proof, None).await.expect("refresh");
+    assert!(is_not_valid(s.refresh_bound(&id, &proof, None).await));
+    assert!(is_not_valid(
+        s.refresh_bound(&id, &proof, Some("another tenant")).await
+    ));
+    s.validate(refreshed.token.expose(), true, None, None)
+        .await
+        .expect("renewed");
+    assert_eq!(
+        refreshed.session.bound_token_expires_at(),
+        Some(h.clock.now().saturating_add(Duration::from_secs(120)))
+    );
+    assert_eq!(
+        kinds_of(&h, &id),
+        vec![
+            EventKind::Created {
+                device: Device::default(),
+                remember_me: false,
+                evicted: Vec::new(),
+                new_device: false,
+                new_place: false,
+            },
+            EventKind::Rotated
+        ]
+    );
+    // Bound sessions survive a reopen with their key.
+    drop(h);
+    let h = harness(&b, policy(|_| {})).await;
+    let reopened = h.sessions.get(&id).expect("get");
+    assert_eq!(
+        reopened.binding.map(|b| b.key),
+        Some(BindingKey::from_jwk(&jwk).expect("jwk"))
+    );
+}
+
 /// A use slides the idle deadline: the sweeper leaves the session alone at its first deadline
 /// (even a backend that files touches lazily must not expire it, nor keep finding it due), and
 /// ends it once at the deadline its last use gave it.
@@ -898,6 +1018,8 @@ macro_rules! conformance {
                 a_reused_token_after_the_grace_period_revokes_the_session,
                 token_reuse_flag_flags_once_and_ignore_ignores,
                 drift_flags_once_per_kind_and_revoke_revokes,
+                a_bound_session_renews_only_against_a_fresh_challenge,
+                a_login_from_a_new_device_or_place_is_marked_and_flagged,
                 an_expiry_is_recorded_once_however_many_notice_it,
                 a_used_session_outlives_its_first_idle_deadline_and_expires_at_its_last,
                 event_sequences_are_gapless_under_concurrent_writes,

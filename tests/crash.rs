@@ -394,6 +394,12 @@ async fn round(seed: u64) {
         limit.as_str(),
         "--heartbeat-interval",
         "50ms",
+        // The checker's model: a rotation kills the old token at once, and a stale copy is
+        // refused, not taken for theft (reuse detection has its own tests).
+        "--rotation-grace-period",
+        "0s",
+        "--token-reuse-action",
+        "ignore",
     ];
     let (mut child, addr) = spawn_binary(&data, &args).await;
     let channel = connect_channel(&addr).await;
@@ -534,6 +540,10 @@ async fn cluster_round(seed: u64) {
         limit.as_str(),
         "--heartbeat-interval",
         "50ms",
+        "--rotation-grace-period",
+        "0s",
+        "--token-reuse-action",
+        "ignore",
         "--store",
         "etcd",
         "--etcd-endpoints",

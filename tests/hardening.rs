@@ -748,6 +748,7 @@ async fn a_restart_finishes_the_enforcement_of_a_policy_change() {
                 remember_me: false,
                 device: Default::default(),
                 attributes: Default::default(),
+                binding_key: None,
             })
             .await
             .expect("create");

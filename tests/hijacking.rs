@@ -238,3 +238,285 @@ async fn reuse_policy_fields_are_validated_and_kept() {
     let valid = validate(&mut client, &rotated.token).await.expect("works");
     assert_eq!(valid.security_flags[0].kind(), pb::FlagKind::TokenReuse);
 }
+
+// === device-bound sessions ===
+
+#[path = "common/dbsc.rs"]
+mod dbsc;
+
+async fn create_bound(
+    client: &mut SessionServiceClientChannel,
+    user: &str,
+    jwk: &str,
+) -> pb::CreateSessionResponse {
+    client
+        .create_session(pb::CreateSessionRequest {
+            binding_key: jwk.into(),
+            ..create_request("t", user)
+        })
+        .await
+        .expect("create bound")
+        .into_inner()
+}
+
+async fn challenge(client: &mut SessionServiceClientChannel, id: &str) -> String {
+    client
+        .get_binding_challenge(pb::GetBindingChallengeRequest {
+            session_id: id.into(),
+        })
+        .await
+        .expect("challenge")
+        .into_inner()
+        .challenge
+}
+
+async fn refresh(
+    client: &mut SessionServiceClientChannel,
+    id: &str,
+    proof: String,
+) -> Result<pb::RefreshBoundSessionResponse, tonic::Status> {
+    client
+        .refresh_bound_session(pb::RefreshBoundSessionRequest {
+            session_id: id.into(),
+            proof,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Unix seconds of the test clock now.
+fn now_secs(server: &TestServer) -> i64 {
+    use session_authority::clock::Clock;
+    (server.clock.now().as_millis() / 1000) as i64
+}
+
+#[tokio::test]
+async fn a_bound_session_refreshes_with_a_valid_proof_and_its_token_lives_only_the_ttl() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, jwk) = dbsc::key_pair(7);
+    let created = create_bound(&mut client, "u", &jwk).await;
+    let session = created.session.expect("s");
+    let id = session.session_id.clone();
+    assert!(session.bound);
+    assert_eq!(session.binding_key, jwk);
+    let ttl = 600;
+    assert_eq!(
+        session.bound_token_expires_at.map(|t| t.seconds),
+        Some(now_secs(&server) + ttl)
+    );
+    assert_eq!(
+        created.cookie.and_then(|c| c.max_age).map(|d| d.seconds),
+        Some(ttl),
+        "the cookie lives as long as the token"
+    );
+    // Binding costs nothing until the token's end: it validates like any other.
+    validate(&mut client, &created.token)
+        .await
+        .expect("bound token");
+
+    // A bound session renews only by proof.
+    let err = client
+        .rotate_session(pb::RotateSessionRequest {
+            token: created.token.clone(),
+        })
+        .await
+        .expect_err("rotation of a bound session");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // Used halfway (the test idle timeout is 600 s too), then stale at the token's end.
+    server.advance(Duration::from_secs(300));
+    validate(&mut client, &created.token).await.expect("in use");
+    server.advance(Duration::from_secs(300));
+    assert_not_valid(validate(&mut client, &created.token).await);
+    assert_eq!(
+        get(&mut client, &id).await.expect("get").state(),
+        pb::SessionState::Active,
+        "the session lives on; only its token is stale"
+    );
+
+    let c = challenge(&mut client, &id).await;
+    let refreshed = refresh(
+        &mut client,
+        &id,
+        dbsc::proof(&key, &c, &id, now_secs(&server)),
+    )
+    .await
+    .expect("refresh");
+    let s = validate(&mut client, &refreshed.token)
+        .await
+        .expect("the new token");
+    assert_eq!(s.rotation_count, 1);
+    assert_eq!(
+        s.bound_token_expires_at.map(|t| t.seconds),
+        Some(now_secs(&server) + ttl)
+    );
+    assert!(refreshed.sequence > created.sequence);
+}
+
+#[tokio::test]
+async fn a_refresh_is_refused_for_every_bad_proof_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, jwk) = dbsc::key_pair(7);
+    let (other_key, other_jwk) = dbsc::key_pair(9);
+    let created = create_bound(&mut client, "u", &jwk).await;
+    let id = created.session.expect("s").session_id;
+    let other = create_bound(&mut client, "v", &other_jwk).await;
+    let other_id = other.session.expect("s").session_id;
+    let now = now_secs(&server);
+
+    let c = challenge(&mut client, &id).await;
+    let theirs = challenge(&mut client, &other_id).await;
+    let bad = [
+        (
+            "forged: signed by another key",
+            dbsc::proof(&other_key, &c, &id, now),
+        ),
+        (
+            "another session's challenge",
+            dbsc::proof(&key, &theirs, &id, now),
+        ),
+        (
+            "a challenge never issued",
+            dbsc::proof(&key, "made-up", &id, now),
+        ),
+        ("for another session", dbsc::proof(&key, &c, &other_id, now)),
+        ("iat too old", dbsc::proof(&key, &c, &id, now - 61)),
+        ("iat too new", dbsc::proof(&key, &c, &id, now + 61)),
+        ("not a JWS", "a.b.c".to_string()),
+        ("empty", String::new()),
+    ];
+    for (what, proof) in bad {
+        let err = refresh(&mut client, &id, proof).await.expect_err(what);
+        assert_eq!(err.code(), Code::Unauthenticated, "{what}");
+        assert_eq!(err.message(), "session not valid", "{what}");
+    }
+    let s = validate(&mut client, &created.token)
+        .await
+        .expect("nothing changed");
+    assert_eq!(s.rotation_count, 0);
+
+    // The right proof works once; replayed, it is refused.
+    let good = dbsc::proof(&key, &c, &id, now);
+    refresh(&mut client, &id, good.clone())
+        .await
+        .expect("valid");
+    let err = refresh(&mut client, &id, good).await.expect_err("replayed");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // An expired challenge.
+    let c = challenge(&mut client, &id).await;
+    server.advance(Duration::from_secs(61));
+    let err = refresh(
+        &mut client,
+        &id,
+        dbsc::proof(&key, &c, &id, now_secs(&server)),
+    )
+    .await
+    .expect_err("expired challenge");
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn binding_input_is_checked() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (_, jwk) = dbsc::key_pair(7);
+    for bad in [
+        jwk.replace("P-256", "P-384"),
+        jwk.replace('}', r#","d":"c2VjcmV0"}"#),
+        r#"{"kty":"EC"}"#.to_string(),
+        "not json".to_string(),
+        jwk.replacen('A', "B", 1),
+    ] {
+        let err = client
+            .create_session(pb::CreateSessionRequest {
+                binding_key: bad.clone(),
+                ..create_request("t", "u")
+            })
+            .await
+            .expect_err("bad key");
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+        assert!(
+            err.message().starts_with("binding_key:"),
+            "{}",
+            err.message()
+        );
+    }
+    let unbound = create(&mut client, "t", "u").await;
+    let err = client
+        .get_binding_challenge(pb::GetBindingChallengeRequest {
+            session_id: unbound.session.expect("s").session_id,
+        })
+        .await
+        .expect_err("not bound");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = client
+        .get_binding_challenge(pb::GetBindingChallengeRequest {
+            session_id: "0".repeat(32),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+// === new device, new place ===
+
+#[tokio::test]
+async fn a_second_login_from_another_browser_and_country_is_new_and_counted() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let login = |ua: &str, country: &str| pb::CreateSessionRequest {
+        device: Some(pb::Device {
+            user_agent: ua.into(),
+            location: Some(pb::Location {
+                country: country.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..create_request("t", "u")
+    };
+    const CHROME: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36";
+    const FIREFOX: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0";
+    let first = client
+        .create_session(login(CHROME, "TH"))
+        .await
+        .expect("first")
+        .into_inner()
+        .session
+        .expect("s");
+    assert!(
+        !first.new_device && !first.new_place,
+        "a first login is not new"
+    );
+    let same = client
+        .create_session(login(CHROME, "TH"))
+        .await
+        .expect("same")
+        .into_inner()
+        .session
+        .expect("s");
+    assert!(!same.new_device && !same.new_place);
+    let new = client
+        .create_session(login(FIREFOX, "GB"))
+        .await
+        .expect("new")
+        .into_inner()
+        .session
+        .expect("s");
+    assert!(new.new_device && new.new_place);
+    let kinds: Vec<_> = new.security_flags.iter().map(|f| f.kind()).collect();
+    assert_eq!(kinds, [pb::FlagKind::NewDevice, pb::FlagKind::NewPlace]);
+    let stats = client
+        .get_session_stats(pb::GetSessionStatsRequest {
+            tenant_id: "t".into(),
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.new_device_logins_last_24h, 1);
+    assert_eq!(stats.new_place_logins_last_24h, 1);
+    assert_eq!(stats.flagged_sessions, 1);
+}

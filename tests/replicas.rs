@@ -178,6 +178,7 @@ async fn a_lagging_replica_never_validates_a_session_revoked_elsewhere() {
             remember_me: false,
             device: Default::default(),
             attributes: Default::default(),
+            binding_key: None,
         })
         .await
         .expect("create");

@@ -53,6 +53,7 @@ fn browser(user: usize) -> NewSession {
             ..Device::default()
         },
         attributes: Default::default(),
+        binding_key: None,
     }
 }
 

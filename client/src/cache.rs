@@ -10,8 +10,9 @@
 //!   revoke's reply is in hand, the cache stops accepting the token as soon as the event arrives.
 //! - A validation that was in flight when its session's event arrived is not cached (its answer
 //!   may predate the event), and neither is one that overlaps a reset of the cache.
-//! - No entry is served at or past the earlier of the session's idle and absolute deadlines (less
-//!   a clock margin), nor older than `max_age`. Deadlines come from the service; the comparison
+//! - No entry is served at or past the earlier of the session's idle and absolute deadlines (and,
+//!   for a device-bound session, its token's `bound_token_expires_at`), less a clock margin, nor
+//!   older than `max_age`. Deadlines come from the service; the comparison
 //!   uses this host's clock, which must be synchronised (NTP) within the margin.
 //! - If the stream is lost and cannot be resumed (OUT_OF_RANGE: the log no longer holds what was
 //!   missed, or was restored from a backup so the cursor belongs to another timeline; or no
@@ -194,9 +195,12 @@ impl CachedValidator {
     fn valid_until(&self, session: &pb::Session, asked_at: SystemTime) -> Option<SystemTime> {
         let idle = to_system_time(session.idle_expires_at.as_ref()?)?;
         let absolute = to_system_time(session.absolute_expires_at.as_ref()?)?;
-        let deadline = idle
-            .min(absolute)
-            .checked_sub(self.inner.config.clock_margin)?;
+        let mut deadline = idle.min(absolute);
+        if let Some(token_ends) = session.bound_token_expires_at.as_ref() {
+            // A bound token dies before its session: past it the device must refresh.
+            deadline = deadline.min(to_system_time(token_ends)?);
+        }
+        let deadline = deadline.checked_sub(self.inner.config.clock_margin)?;
         Some(deadline.min(asked_at + self.inner.config.max_age))
     }
 }

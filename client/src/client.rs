@@ -261,6 +261,14 @@ mod tests {
             format!(
                 "{:?}",
                 pb::RotateSessionResponse {
+                    session: Some(session.clone()),
+                    token: token.clone(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                pb::RefreshBoundSessionResponse {
                     session: Some(session),
                     token: token.clone(),
                     ..Default::default()

@@ -49,6 +49,17 @@ impl fmt::Debug for v1::RotateSessionRequest {
     }
 }
 
+impl fmt::Debug for v1::RefreshBoundSessionResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshBoundSessionResponse")
+            .field("session", &self.session)
+            .field("token", &REDACTED)
+            .field("sequence", &self.sequence)
+            .field("cookie", &self.cookie)
+            .finish()
+    }
+}
+
 impl fmt::Debug for v1::RotateSessionResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RotateSessionResponse")

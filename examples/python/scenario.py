@@ -1,17 +1,24 @@
 """A Python service using session-authority: log in, check, list, rotate, log out, and watch the
-event stream, asserting every reply. Run against a server:
+event stream, asserting every reply; then a device-bound session (DBSC-style) refreshed with a
+proof signed by a real P-256 key pair. Run against a server:
 
-    python -m venv .venv && .venv/bin/pip install grpcio grpcio-tools
+    python -m venv .venv && .venv/bin/pip install grpcio grpcio-tools cryptography
     SA_ADDR=localhost:50051 .venv/bin/python examples/python/scenario.py
 """
 
+import base64
+import json
 import os
 import pathlib
 import sys
 import tempfile
 import threading
+import time
 
 import grpc
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -130,7 +137,56 @@ def main() -> None:
         check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, "bad input gets INVALID_ARGUMENT")
         check(e.details().startswith("tenant_id"), "naming the field")
 
+    bound_session(sessions)
+
     print(f"python client: {passed} passed, 0 failed")
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def dbsc_proof(key: ec.EllipticCurvePrivateKey, challenge: str, session_id: str) -> str:
+    """What a DBSC browser sends in Sec-Session-Response: an ES256 JWS over the challenge."""
+    header = b64url(json.dumps({"alg": "ES256", "typ": "dbsc+jwt"}).encode())
+    payload = b64url(json.dumps({"jti": challenge, "sub": session_id, "iat": int(time.time())}).encode())
+    signing_input = f"{header}.{payload}".encode()
+    r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    # JWS wants the raw r || s (RFC 7518, 3.4), not the DER that the library returns.
+    return f"{header}.{payload}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+def bound_session(sessions) -> None:
+    """A session bound to a device key: the key pair stays with the client (a browser keeps it in
+    the TPM); the service gets the public half as a JWK and renews the token only against proofs."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    numbers = key.public_key().public_numbers()
+    jwk = json.dumps(
+        {"kty": "EC", "crv": "P-256", "x": b64url(numbers.x.to_bytes(32, "big")), "y": b64url(numbers.y.to_bytes(32, "big"))}
+    )
+    created = sessions.CreateSession(
+        sessions_pb2.CreateSessionRequest(tenant_id="python-co", user_id="bob", binding_key=jwk)
+    )
+    session_id = created.session.session_id
+    check(created.session.bound, "the session is device-bound")
+    check(created.cookie.max_age.seconds == 600, "its cookie lives as long as its token (10 minutes)")
+
+    challenge = sessions.GetBindingChallenge(sessions_pb2.GetBindingChallengeRequest(session_id=session_id))
+    proof = dbsc_proof(key, challenge.challenge, session_id)
+    refreshed = sessions.RefreshBoundSession(sessions_pb2.RefreshBoundSessionRequest(session_id=session_id, proof=proof))
+    check(refreshed.token != created.token, "a refresh issues a new token")
+    valid = sessions.ValidateSession(sessions_pb2.ValidateSessionRequest(token=refreshed.token))
+    check(valid.session.rotation_count == 1, "the new token validates; the refresh was a rotation")
+
+    # A thief with the token but not the key: a replayed proof, or one signed by another key.
+    thief = ec.generate_private_key(ec.SECP256R1())
+    challenge = sessions.GetBindingChallenge(sessions_pb2.GetBindingChallengeRequest(session_id=session_id))
+    for what, bad in [("a replayed proof", proof), ("a proof from another key", dbsc_proof(thief, challenge.challenge, session_id))]:
+        try:
+            sessions.RefreshBoundSession(sessions_pb2.RefreshBoundSessionRequest(session_id=session_id, proof=bad))
+            check(False, f"{what} is refused")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.UNAUTHENTICATED, f"{what} gets UNAUTHENTICATED")
 
 
 if __name__ == "__main__":

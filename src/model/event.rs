@@ -27,6 +27,9 @@ pub enum EventKind {
         remember_me: bool,
         /// Sessions this creation evicted (each also has its own `Revoked` event).
         evicted: Vec<SessionId>,
+        /// The login came from a device, or a place, none of the user's recent ones came from.
+        new_device: bool,
+        new_place: bool,
     },
     Revoked {
         reason: RevokeReason,

@@ -4,8 +4,10 @@
 //! gRPC layer) depends on it, never the other way round.
 
 pub mod audit;
+pub mod binding;
 pub mod event;
 pub mod flag;
+pub mod login;
 pub mod plan;
 pub mod platform;
 pub mod policy;

@@ -15,9 +15,13 @@ use crate::{
     clock::Timestamp,
     error::{Error, Result},
     model::{
+        binding::{Challenge, MAX_CHALLENGES},
         event::{Event, EventKind},
         flag::{push_flag, Drift, Flag, TokenReuse},
-        policy::{DriftAction, LimitAction, Policy, TokenReuseAction, TravelAction},
+        login::{novelty, remember, Login, Novelty},
+        policy::{
+            DriftAction, LimitAction, NewDeviceAction, Policy, TokenReuseAction, TravelAction,
+        },
         session::{
             sessions_to_evict, Ending, Location, ReplacedToken, RevokeReason, Session,
             SessionState, Standing, MAX_REPLACED,
@@ -42,6 +46,9 @@ pub struct CreateRules {
     /// 0: no quota.
     pub max_creations_per_day: u32,
     pub travel: TravelRules,
+    /// How far back a login is compared with the user's earlier ones (and they are kept).
+    pub login_window: Duration,
+    pub new_device_action: NewDeviceAction,
 }
 
 /// Which sessions a revoke ends.
@@ -69,8 +76,11 @@ pub struct CreateOutcome {
     pub evicted: Vec<SessionId>,
     /// Sequence of the `Created` event.
     pub sequence: u64,
-    /// What was noticed at this login (impossible travel with policy action FLAG).
+    /// What was noticed at this login (impossible travel with policy action FLAG, a new device
+    /// or place with `new_device_action` FLAG).
     pub flags: Vec<Flag>,
+    /// Whether the login came from a new device or place.
+    pub novelty: Novelty,
 }
 
 /// A check of a live session that may need a write: the rules of hijacking defences.
@@ -83,6 +93,15 @@ pub enum Defence {
     /// The session was presented from another platform or country than it was created from:
     /// the policy's drift action applies, once per kind of drift.
     Drift(Drift),
+    /// Hand out a challenge for a device-bound session's next refresh.
+    Challenge(Challenge),
+    /// A refresh whose proof, signed by the session's device key, answered `challenge`: if the
+    /// challenge is outstanding and unexpired it is used up, and `replacement` becomes the
+    /// session's token (a rotation).
+    Refresh {
+        challenge: String,
+        replacement: TokenHash,
+    },
 }
 
 /// What a defence left.
@@ -123,6 +142,8 @@ pub trait View {
     fn last_seen(&self, tenant: &str, user: &str) -> Result<Option<LastSeen>>;
     /// When the user created sessions lately (the login quota's record).
     fn creations(&self, tenant: &str, user: &str) -> Result<Vec<Timestamp>>;
+    /// The user's recent logins (new-device signals).
+    fn logins(&self, tenant: &str, user: &str) -> Result<Vec<Login>>;
 }
 
 /// What one write changes, to be committed atomically.
@@ -135,6 +156,8 @@ pub struct Plan {
     pub last_seen: Vec<(String, String, LastSeen)>,
     /// Login-quota records to store.
     pub creations: Vec<(String, String, Vec<Timestamp>)>,
+    /// Users' recent logins to store.
+    pub logins: Vec<(String, String, Vec<Login>)>,
     /// The events, numbered from the head the plan started at.
     pub events: Vec<Event>,
     /// The sequence of the last event (the starting head if none).
@@ -152,6 +175,7 @@ impl Plan {
             sessions: Vec::new(),
             last_seen: Vec::new(),
             creations: Vec::new(),
+            logins: Vec::new(),
             events: Vec::new(),
             head,
             ended: HashSet::new(),
@@ -240,8 +264,11 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         self.plan.ended.insert(s.id);
         let mut ended = s.clone();
         ended.state = state;
-        // An ended session has no token to reuse; its tombstone need not remember any.
+        // An ended session has no token to reuse or renew; its tombstone need not remember any.
         ended.replaced.clear();
+        if let Some(b) = ended.binding.as_mut() {
+            b.challenges.clear();
+        }
         self.bury(s, &mut ended, now);
         self.plan.emit(s, now, kind);
         ended
@@ -355,7 +382,26 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         for s in live.iter().filter(|s| evicted.contains(&s.id)) {
             self.end_by_revoke(s, RevokeReason::LimitEviction, now);
         }
-        let flags: Vec<Flag> = flag.into_iter().map(Flag::Travel).collect();
+        // New device, new place: compared with the user's recent logins, then remembered.
+        let login = Login::from_device(&session.device, now);
+        let logins = self.view.logins(&tenant, &user)?;
+        let novelty = novelty(&login, &logins, rules.login_window);
+        session.new_device = novelty.new_device;
+        session.new_place = novelty.new_place;
+        self.plan.logins.push((
+            tenant.clone(),
+            user.clone(),
+            remember(logins, login, rules.login_window),
+        ));
+        let mut flags: Vec<Flag> = flag.into_iter().map(Flag::Travel).collect();
+        if rules.new_device_action == NewDeviceAction::Flag {
+            if novelty.new_device {
+                flags.push(Flag::NewDevice { flagged_at: now });
+            }
+            if novelty.new_place {
+                flags.push(Flag::NewPlace { flagged_at: now });
+            }
+        }
         for f in &flags {
             push_flag(&mut session.flags, f.clone());
         }
@@ -367,6 +413,8 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
                 device: session.device.clone(),
                 remember_me: session.remember_me,
                 evicted: evicted.clone(),
+                new_device: session.new_device,
+                new_place: session.new_place,
             },
         );
         for f in &flags {
@@ -377,6 +425,7 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
             evicted,
             sequence,
             flags,
+            novelty,
         })
     }
 
@@ -497,17 +546,19 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
             self.reuse(&s, &current, policy, now);
             return Err(Error::SessionNotValid);
         }
+        if s.binding.is_some() {
+            // Its tokens are renewed only against a proof from the device's key; a rotation
+            // would hand a thief holding a bound token a fresh one.
+            return Err(Error::FailedPrecondition(
+                "token: the session is device-bound; renew its token with RefreshBoundSession"
+                    .into(),
+            ));
+        }
         let mut rotated = s.clone();
         rotated.token_hash = replacement;
         rotated.last_seen_at = now.max(s.last_seen_at);
         rotated.rotation_count = s.rotation_count.saturating_add(1);
-        rotated.replaced.push(ReplacedToken {
-            hash: current,
-            rotation: rotated.rotation_count,
-            replaced_at: now,
-        });
-        let excess = rotated.replaced.len().saturating_sub(MAX_REPLACED);
-        rotated.replaced.drain(..excess);
+        push_replaced(&mut rotated, current, now);
         self.plan.put(Some(&s), Some(&rotated));
         let sequence = self.plan.emit(&s, now, EventKind::Rotated);
         Ok(RotateOutcome {
@@ -579,6 +630,51 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         flagged
     }
 
+    /// Adds `challenge` to bound session `s`, dropping expired ones and keeping the newest
+    /// [`MAX_CHALLENGES`].
+    fn challenge(&mut self, s: &Session, challenge: Challenge, now: Timestamp) -> Result<Session> {
+        let mut issued = s.clone();
+        let binding = issued.binding.as_mut().ok_or_else(not_bound)?;
+        binding.challenges.retain(|c| c.expires_at > now);
+        binding.challenges.push(challenge);
+        let excess = binding.challenges.len().saturating_sub(MAX_CHALLENGES);
+        binding.challenges.drain(..excess);
+        self.plan.put(Some(s), Some(&issued));
+        Ok(issued)
+    }
+
+    /// Uses up `challenge` of bound session `s` and rotates its token to `replacement`; the new
+    /// token lives `bound_token_ttl` from now. `SessionNotValid`, changing nothing, if the
+    /// challenge is not outstanding (never issued, used, expired, another session's).
+    fn refresh(
+        &mut self,
+        s: &Session,
+        challenge: &str,
+        replacement: TokenHash,
+        policy: &Policy,
+        now: Timestamp,
+    ) -> Result<Session> {
+        let binding = s.binding.as_ref().ok_or(Error::SessionNotValid)?;
+        let answered = binding
+            .challenges
+            .iter()
+            .position(|c| c.value == challenge && c.expires_at > now)
+            .ok_or(Error::SessionNotValid)?;
+        let mut refreshed = s.clone();
+        refreshed.token_hash = replacement;
+        refreshed.last_seen_at = now.max(s.last_seen_at);
+        refreshed.rotation_count = s.rotation_count.saturating_add(1);
+        push_replaced(&mut refreshed, s.token_hash, now);
+        if let Some(b) = refreshed.binding.as_mut() {
+            b.challenges.remove(answered);
+            b.token_issued_at = now;
+            b.token_expires_at = now.saturating_add(policy.bound_token_ttl);
+        }
+        self.plan.put(Some(s), Some(&refreshed));
+        self.plan.emit(s, now, EventKind::Rotated);
+        Ok(refreshed)
+    }
+
     /// Applies a hijacking defence to live session `id`, judged by `policy` (its tenant's).
     pub fn defend(
         &mut self,
@@ -599,6 +695,11 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         let session = match defence {
             Defence::Reuse { presented } => self.reuse(&s, &presented, policy, now),
             Defence::Drift(drift) => self.drift(&s, drift, policy.drift_action, now),
+            Defence::Challenge(challenge) => self.challenge(&s, challenge, now)?,
+            Defence::Refresh {
+                challenge,
+                replacement,
+            } => self.refresh(&s, &challenge, replacement, policy, now)?,
         };
         Ok(Defended {
             session,
@@ -711,6 +812,21 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         }
         Ok(())
     }
+}
+
+/// Remembers `hash`, just replaced by rotation number `s.rotation_count`, for reuse detection.
+fn push_replaced(s: &mut Session, hash: TokenHash, now: Timestamp) {
+    s.replaced.push(ReplacedToken {
+        hash,
+        rotation: s.rotation_count,
+        replaced_at: now,
+    });
+    let excess = s.replaced.len().saturating_sub(MAX_REPLACED);
+    s.replaced.drain(..excess);
+}
+
+fn not_bound() -> Error {
+    Error::FailedPrecondition("session_id: the session is not device-bound".into())
 }
 
 fn travel_refusal(flag: &TravelFlag) -> Error {

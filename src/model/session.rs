@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use crate::{
     clock::Timestamp,
-    model::{flag::Flag, policy::Policy},
+    model::{binding::Binding, flag::Flag, policy::Policy},
     token::{SessionId, TokenHash},
 };
 
@@ -89,6 +89,9 @@ pub struct Session {
     /// from (never for a user's first session: nothing to compare with).
     pub new_device: bool,
     pub new_place: bool,
+    /// The device key this session is bound to, if it was created with one: its tokens then
+    /// live `bound_token_ttl` and are renewed only against a signed proof.
+    pub binding: Option<Binding>,
     /// When this session's tombstone is purged; set when it ends. Stored rather than computed,
     /// so that changing the retention setting never strands an index entry.
     pub purge_at: Option<Timestamp>,
@@ -182,6 +185,11 @@ impl Session {
             let at = self.created_at.saturating_add(age);
             self.max_age_at = Some(self.max_age_at.map_or(at, |t| t.min(at)));
         }
+        if let Some(b) = self.binding.as_mut() {
+            b.token_expires_at = b
+                .token_expires_at
+                .min(b.token_issued_at.saturating_add(policy.bound_token_ttl));
+        }
     }
 
     /// The state of this session once `ending` ends it, noticed at `now`. The one rule for how
@@ -223,6 +231,12 @@ impl Session {
             Some(r) => Standing::Reused(r),
             None => Standing::Unknown,
         }
+    }
+
+    /// When a device-bound session's current token stops validating; `None` for an unbound
+    /// session.
+    pub fn bound_token_expires_at(&self) -> Option<Timestamp> {
+        self.binding.as_ref().map(|b| b.token_expires_at)
     }
 
     /// The replaced token `hash` is, if it is one.
@@ -282,6 +296,7 @@ mod tests {
             replaced: Vec::new(),
             new_device: false,
             new_place: false,
+            binding: None,
             purge_at: None,
         }
     }

@@ -46,6 +46,14 @@ pub const METHODS: &[(&str, Access)] = &[
         Access::Roles(DATA_PLANE),
     ),
     (
+        "/session_authority.v1.SessionService/GetBindingChallenge",
+        Access::Roles(DATA_PLANE),
+    ),
+    (
+        "/session_authority.v1.SessionService/RefreshBoundSession",
+        Access::Roles(DATA_PLANE),
+    ),
+    (
         "/session_authority.v1.SessionService/ListSessions",
         Access::Roles(DATA_PLANE),
     ),

@@ -10,6 +10,7 @@ use crate::{
     error::{Error, Result},
     events::{Event, EventKind, EventType},
     model::{
+        binding::BindingKey,
         flag::{DriftKind, Flag},
         policy::{
             CookieAdvice, DriftAction, LimitAction, NewDeviceAction, Policy, SameSite,
@@ -183,6 +184,14 @@ impl TryFrom<pb::CreateSessionRequest> for NewSession {
                 .transpose()?
                 .unwrap_or_default(),
             attributes: attributes(r.attributes)?,
+            binding_key: if r.binding_key.is_empty() {
+                None
+            } else {
+                Some(
+                    BindingKey::from_jwk(&r.binding_key)
+                        .map_err(|e| Error::invalid("binding_key", e.to_string()))?,
+                )
+            },
         })
     }
 }
@@ -780,6 +789,15 @@ impl From<&Session> for pb::Session {
                 .map(flag_to_proto)
                 .collect(),
             security_flags: s.flags.iter().map(security_flag_to_proto).collect(),
+            bound: s.binding.is_some(),
+            new_device: s.new_device,
+            new_place: s.new_place,
+            bound_token_expires_at: s.bound_token_expires_at().map(timestamp),
+            binding_key: s
+                .binding
+                .as_ref()
+                .map(|b| b.key.to_jwk())
+                .unwrap_or_default(),
             ..Default::default()
         };
         match s.state {
@@ -813,10 +831,14 @@ pub fn event_to_proto(e: &Event, log_epoch: u64) -> pb::SessionEvent {
             device,
             remember_me,
             evicted,
+            new_device,
+            new_place,
         } => Body::Created(pb::SessionCreated {
             device: Some(pb::Device::from(device)),
             remember_me: *remember_me,
             evicted_session_ids: evicted.iter().map(ToString::to_string).collect(),
+            new_device: *new_device,
+            new_place: *new_place,
         }),
         EventKind::Revoked { reason } => Body::Revoked(pb::SessionRevoked {
             reason: revoke_reason_to_proto(*reason).into(),
@@ -900,8 +922,9 @@ mod tests {
             remember_me in any::<bool>(),
             device in proptest::option::of(device()),
             attributes in proptest::collection::hash_map(".{0,70}", ".{0,300}", 0..20),
+            binding_key in ".{0,200}",
         ) {
-            let request = pb::CreateSessionRequest { tenant_id, user_id, remember_me, device, attributes };
+            let request = pb::CreateSessionRequest { tenant_id, user_id, remember_me, device, attributes, binding_key };
             if let Ok(new) = NewSession::try_from(request) {
                 prop_assert!(!new.tenant_id.is_empty() && new.tenant_id.len() <= limits::MAX_ID_BYTES);
                 prop_assert!(!new.user_id.is_empty() && new.user_id.len() <= limits::MAX_ID_BYTES);

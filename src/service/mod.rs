@@ -134,13 +134,16 @@ async fn serve<S: SessionStore>(
 ) -> Result<()> {
     let tokens = TokenGenerator::from_os().map_err(|e| Error::Server(e.to_string()))?;
     let policies = Arc::new(Policies::load(store.clone(), Policy::from(&config))?);
-    let sessions = Arc::new(Sessions::new(
-        store.clone(),
-        clock.clone(),
-        tokens,
-        policies,
-        config.touch_interval,
-    ));
+    let sessions = Arc::new(
+        Sessions::new(
+            store.clone(),
+            clock.clone(),
+            tokens,
+            policies,
+            config.touch_interval,
+        )
+        .with_login_window(config.user_state_retention),
+    );
     // Policy changes whose enforcement a stop interrupted: finish them.
     for tenant in store.pending_enforcements()? {
         tracing::info!(tenant_id = %tenant, "resuming the enforcement of a policy change");

@@ -193,6 +193,52 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         }))
     }
 
+    async fn get_binding_challenge(
+        &self,
+        request: Request<pb::GetBindingChallengeRequest>,
+    ) -> Result<Response<pb::GetBindingChallengeResponse>, Status> {
+        let caller = caller(&request)?;
+        let id = session_id_field("session_id", &request.into_inner().session_id)?;
+        let challenge = self
+            .sessions
+            .binding_challenge(&id, caller.tenant.as_deref())
+            .await?;
+        Ok(Response::new(pb::GetBindingChallengeResponse {
+            challenge: challenge.value,
+            expires_at: Some(convert::timestamp(challenge.expires_at)),
+        }))
+    }
+
+    async fn refresh_bound_session(
+        &self,
+        request: Request<pb::RefreshBoundSessionRequest>,
+    ) -> Result<Response<pb::RefreshBoundSessionResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        // A malformed id is as invalid as a bad proof: the answer never says which part failed.
+        let refreshed = match session_id_field("session_id", &r.session_id) {
+            Ok(id) => {
+                self.sessions
+                    .refresh_bound(&id, &r.proof, caller.tenant.as_deref())
+                    .await
+            }
+            Err(_) => Err(Error::SessionNotValid),
+        };
+        let refreshed = match refreshed {
+            Err(Error::SessionNotValid) => {
+                self.throttle.record_failure(&caller.name, None, &r.proof);
+                return Err(Error::SessionNotValid.into());
+            }
+            other => other?,
+        };
+        Ok(Response::new(pb::RefreshBoundSessionResponse {
+            session: Some((&refreshed.session).into()),
+            token: refreshed.token.expose().to_string(),
+            sequence: refreshed.sequence,
+            cookie: Some(cookie_to_proto(&refreshed.cookie)),
+        }))
+    }
+
     async fn get_session(
         &self,
         request: Request<pb::GetSessionRequest>,
@@ -377,6 +423,8 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
                 })
                 .collect(),
             expired_last_24h: stats.expired_last_24h,
+            new_device_logins_last_24h: stats.new_device_logins_last_24h,
+            new_place_logins_last_24h: stats.new_place_logins_last_24h,
         }))
     }
 }

@@ -15,6 +15,7 @@ use crate::{
     clock::{Clock, Timestamp},
     error::{Error, Result},
     model::{
+        binding::{iat_is_fresh, verify_proof, Binding, BindingKey, Challenge, CHALLENGE_TTL},
         flag::{Drift, DriftKind, Flag},
         platform::{country_drift, platform_drift},
         policy::{CookieAdvice, DriftAction, Policy, TokenReuseAction, TravelAction},
@@ -51,6 +52,8 @@ pub struct NewSession {
     pub remember_me: bool,
     pub device: Device,
     pub attributes: BTreeMap<String, String>,
+    /// The device's public key, for a device-bound session.
+    pub binding_key: Option<BindingKey>,
 }
 
 /// A started session and the token to hand to the client.
@@ -143,6 +146,8 @@ pub struct Stats {
     pub created_last_24h: u64,
     pub revoked_last_24h: Vec<(RevokeReason, u64)>,
     pub expired_last_24h: u64,
+    pub new_device_logins_last_24h: u64,
+    pub new_place_logins_last_24h: u64,
 }
 
 /// A page of live sessions.
@@ -169,7 +174,12 @@ pub struct Sessions<S> {
     policies: Arc<Policies<S>>,
     /// Resolution of `last_seen_at` (see `Config::touch_interval`).
     touch_interval: Duration,
+    /// How far back a login is compared with the user's earlier ones (`user_state_retention`).
+    login_window: Duration,
 }
+
+/// The default `login_window`: the default `user_state_retention`.
+const DEFAULT_LOGIN_WINDOW: Duration = Duration::from_secs(30 * 86_400);
 
 impl<S: SessionStore> Sessions<S> {
     pub fn new(
@@ -185,7 +195,15 @@ impl<S: SessionStore> Sessions<S> {
             tokens,
             policies,
             touch_interval,
+            login_window: DEFAULT_LOGIN_WINDOW,
         }
+    }
+
+    /// Compares logins with the user's logins of this long before them (new device, new
+    /// place); the store keeps them as long (see `purge_user_state`).
+    pub fn with_login_window(mut self, window: Duration) -> Self {
+        self.login_window = window;
+        self
     }
 
     pub fn policies(&self) -> &Arc<Policies<S>> {
@@ -211,11 +229,17 @@ impl<S: SessionStore> Sessions<S> {
         let ends = s
             .max_age_at
             .map_or(s.absolute_expires_at, |t| t.min(s.absolute_expires_at));
-        CookieAdvice {
-            name: self.policies.cookie_name(&s.tenant_id, policy),
+        // A bound session's cookie lasts as long as its token: when it is gone the browser asks
+        // for a refresh (DBSC), rather than sending a token the service would refuse.
+        let max_age = match s.bound_token_expires_at() {
+            Some(token_ends) => Some(token_ends.min(ends).since(now)),
             // Remember me: a persistent cookie that lasts as long as the session can. Otherwise
             // a browser-session cookie, gone when the browser closes.
-            max_age: s.remember_me.then(|| ends.since(now)),
+            None => s.remember_me.then(|| ends.since(now)),
+        };
+        CookieAdvice {
+            name: self.policies.cookie_name(&s.tenant_id, policy),
+            max_age,
             secure: policy.cookie_secure,
             http_only: true,
             same_site: policy.cookie_same_site,
@@ -261,6 +285,12 @@ impl<S: SessionStore> Sessions<S> {
             replaced: Vec::new(),
             new_device: false,
             new_place: false,
+            binding: new.binding_key.map(|key| Binding {
+                key,
+                token_issued_at: now,
+                token_expires_at: now.saturating_add(policy.bound_token_ttl),
+                challenges: Vec::new(),
+            }),
             purge_at: None,
         };
         let rules = CreateRules {
@@ -270,9 +300,13 @@ impl<S: SessionStore> Sessions<S> {
             limit_action: policy.limit_action,
             max_creations_per_day: policy.max_creations_per_day,
             travel: policy.travel_rules(),
+            login_window: self.login_window,
+            new_device_action: policy.new_device_action,
         };
         let outcome = self.store.create(session.clone(), rules).await?;
         session.flags.extend(outcome.flags);
+        session.new_device = outcome.novelty.new_device;
+        session.new_place = outcome.novelty.new_place;
         tracing::info!(
             session_id = %session.id,
             tenant_id = %session.tenant_id,
@@ -328,6 +362,10 @@ impl<S: SessionStore> Sessions<S> {
         if !session.is_active() {
             // Record the ending (and its event) now rather than at the next sweep.
             self.store.end_soon(session.id, policy, now);
+            return Err(Error::SessionNotValid);
+        }
+        if session.bound_token_expires_at().is_some_and(|at| now >= at) {
+            // The session lives on; only this token is stale until a signed refresh.
             return Err(Error::SessionNotValid);
         }
         if let Some(presented) = &device {
@@ -467,6 +505,81 @@ impl<S: SessionStore> Sessions<S> {
             session,
             token: issued.token,
             sequence: outcome.sequence,
+            cookie,
+        })
+    }
+
+    /// A fresh, single-use challenge for device-bound session `id`'s next refresh, answerable
+    /// for [`CHALLENGE_TTL`]. Another tenant's session is not found for a tenant-bound caller.
+    pub async fn binding_challenge(
+        &self,
+        id: &SessionId,
+        tenant: Option<&str>,
+    ) -> Result<Challenge> {
+        let now = self.clock.now();
+        let stored = self
+            .store
+            .get(id)?
+            .filter(|s| tenant.is_none_or(|t| t == s.tenant_id))
+            .ok_or(Error::SessionNotFound(*id))?;
+        let (session, policy) = self.current(stored, now);
+        let ended = || Error::FailedPrecondition("session_id: the session has ended".into());
+        if !session.is_active() {
+            return Err(ended());
+        }
+        if session.binding.is_none() {
+            return Err(Error::FailedPrecondition(
+                "session_id: the session is not device-bound".into(),
+            ));
+        }
+        let challenge = Challenge {
+            value: self.tokens.challenge(),
+            expires_at: now.saturating_add(CHALLENGE_TTL),
+        };
+        match self
+            .store
+            .defend(*id, Defence::Challenge(challenge.clone()), policy, now)
+            .await
+        {
+            Err(Error::SessionNotValid) => Err(ended()),
+            other => other.map(|_| challenge),
+        }
+    }
+
+    /// A new token for device-bound session `id`, against `proof`: a compact JWS (ES256,
+    /// `typ` `dbsc+jwt`) signed by the session's device key over `{"jti": <an outstanding
+    /// challenge>, "sub": <id>, "iat": <now, within a minute>}`. Every failure is the same
+    /// `SessionNotValid` and changes nothing.
+    pub async fn refresh_bound(
+        &self,
+        id: &SessionId,
+        proof: &str,
+        tenant: Option<&str>,
+    ) -> Result<Rotated> {
+        let now = self.clock.now();
+        let stored = match self.store.get(id)? {
+            Some(s) if s.is_active() && tenant.is_none_or(|t| t == s.tenant_id) => s,
+            _ => return Err(Error::SessionNotValid),
+        };
+        let (session, policy) = self.current(stored, now);
+        let binding = session.binding.as_ref().ok_or(Error::SessionNotValid)?;
+        let proof = verify_proof(&binding.key, proof).map_err(|_| Error::SessionNotValid)?;
+        if proof.sub != id.to_string() || !iat_is_fresh(proof.iat, now) {
+            return Err(Error::SessionNotValid);
+        }
+        let issued = self.tokens.issue(id);
+        let refresh = Defence::Refresh {
+            challenge: proof.jti,
+            replacement: issued.hash,
+        };
+        let defended = self.store.defend(*id, refresh, policy, now).await?;
+        tracing::info!(session_id = %id, "device-bound session refreshed");
+        let (session, policy) = self.current(defended.session, now);
+        let cookie = self.cookie_advice(&session, &policy, now);
+        Ok(Rotated {
+            session,
+            token: issued.token,
+            sequence: defended.sequence,
             cookie,
         })
     }
@@ -676,15 +789,24 @@ impl<S: SessionStore> Sessions<S> {
         }
         let since = now.saturating_sub(Duration::from_secs(86_400));
         let (store, tenant) = (self.store.clone(), tenant_id.to_string());
-        let (created, revoked, expired) = store::scan(move || {
+        let (created, revoked, expired, novel) = store::scan(move || {
             let (mut created, mut expired) = (0, 0);
+            let mut novel = (0, 0);
             let mut revoked: std::collections::HashMap<RevokeReason, u64> = Default::default();
             store.visit_events_since(since, &mut |e| {
                 if e.tenant_id != tenant {
                     return;
                 }
                 match &e.kind {
-                    crate::events::EventKind::Created { .. } => created += 1,
+                    crate::events::EventKind::Created {
+                        new_device,
+                        new_place,
+                        ..
+                    } => {
+                        created += 1;
+                        novel.0 += u64::from(*new_device);
+                        novel.1 += u64::from(*new_place);
+                    }
                     crate::events::EventKind::Revoked { reason } => {
                         *revoked.entry(*reason).or_default() += 1
                     }
@@ -692,9 +814,13 @@ impl<S: SessionStore> Sessions<S> {
                     _ => {}
                 }
             })?;
-            Ok((created, revoked, expired))
+            Ok((created, revoked, expired, novel))
         })
         .await?;
+        (
+            stats.new_device_logins_last_24h,
+            stats.new_place_logins_last_24h,
+        ) = novel;
         stats.created_last_24h = created;
         stats.expired_last_24h = expired;
         stats.revoked_last_24h = revoked.into_iter().collect();

@@ -37,6 +37,9 @@ pub const EVENT: u8 = b'e';
 pub const POLICY: u8 = b'p';
 pub const LAST_SEEN: u8 = b'l';
 pub const CREATIONS: u8 = b'q';
+/// A user's recent logins (new-device signals). Sorts between `LAST_SEEN` and `CREATIONS`, so
+/// the purge of per-user records walks all three in one range.
+pub const LOGINS: u8 = b'o';
 pub const AUDIT: u8 = b'a';
 /// sled only: see `sessionid_lastuse` above.
 pub const TOUCH: u8 = b't';

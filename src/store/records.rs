@@ -10,7 +10,9 @@ use crate::{
     error::Error,
     events::{Event, EventKind},
     model::{
+        binding::{Binding, BindingKey, Challenge},
         flag::{Drift, DriftKind, Flag, TokenReuse},
+        login::Login,
         policy::Policy,
         session::{
             Device, ExpiryKind, Location, ReplacedToken, RevokeReason, Session, SessionState,
@@ -66,6 +68,30 @@ pub struct SessionRecord {
     pub new_device: bool,
     #[prost(bool, tag = "20")]
     pub new_place: bool,
+    #[prost(message, optional, tag = "21")]
+    pub binding: Option<BindingRecord>,
+}
+
+/// A device-bound session's key, token issue time and outstanding challenges.
+#[derive(Clone, PartialEq, Message)]
+pub struct BindingRecord {
+    /// SEC1 uncompressed point, 65 bytes.
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub token_issued_at: u64,
+    #[prost(message, repeated, tag = "3")]
+    pub challenges: Vec<ChallengeRecord>,
+    #[prost(uint64, tag = "4")]
+    pub token_expires_at: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ChallengeRecord {
+    #[prost(string, tag = "1")]
+    pub value: String,
+    #[prost(uint64, tag = "2")]
+    pub expires_at: u64,
 }
 
 /// A token that rotation replaced.
@@ -107,6 +133,57 @@ pub struct FlagRecord {
     pub drift_from: String,
     #[prost(string, tag = "12")]
     pub drift_to: String,
+}
+
+/// A user's recent logins (`userid_logins`).
+#[derive(Clone, PartialEq, Message)]
+pub struct LoginsRecord {
+    #[prost(message, repeated, tag = "1")]
+    pub logins: Vec<LoginRecord>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct LoginRecord {
+    #[prost(uint64, tag = "1")]
+    pub at: u64,
+    #[prost(string, tag = "2")]
+    pub platform: String,
+    #[prost(string, tag = "3")]
+    pub label: String,
+    #[prost(string, tag = "4")]
+    pub country: String,
+    #[prost(string, tag = "5")]
+    pub city: String,
+}
+
+pub fn encode_logins(logins: &[Login]) -> Vec<u8> {
+    LoginsRecord {
+        logins: logins
+            .iter()
+            .map(|l| LoginRecord {
+                at: l.at.as_millis(),
+                platform: l.platform.clone(),
+                label: l.label.clone(),
+                country: l.country.clone(),
+                city: l.city.clone(),
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+pub fn decode_logins(bytes: &[u8]) -> Result<Vec<Login>, Error> {
+    let r = LoginsRecord::decode(bytes).map_err(|_| corrupt("logins"))?;
+    Ok(r.logins
+        .into_iter()
+        .map(|l| Login {
+            at: Timestamp::from_millis(l.at),
+            platform: l.platform,
+            label: l.label,
+            country: l.country,
+            city: l.city,
+        })
+        .collect())
 }
 
 /// A user's last known place (`lastseen` map).
@@ -170,6 +247,10 @@ pub struct EventRecord {
     pub evicted: Vec<Vec<u8>>,
     #[prost(message, optional, tag = "10")]
     pub flag: Option<FlagRecord>,
+    #[prost(bool, tag = "11")]
+    pub new_device: bool,
+    #[prost(bool, tag = "12")]
+    pub new_place: bool,
 }
 
 fn corrupt(what: &str) -> Error {
@@ -371,6 +452,19 @@ pub fn encode_session(s: &Session) -> Vec<u8> {
             .collect(),
         new_device: s.new_device,
         new_place: s.new_place,
+        binding: s.binding.as_ref().map(|b| BindingRecord {
+            key: b.key.as_sec1().to_vec(),
+            token_issued_at: b.token_issued_at.as_millis(),
+            token_expires_at: b.token_expires_at.as_millis(),
+            challenges: b
+                .challenges
+                .iter()
+                .map(|c| ChallengeRecord {
+                    value: c.value.clone(),
+                    expires_at: c.expires_at.as_millis(),
+                })
+                .collect(),
+        }),
     }
     .encode_to_vec()
 }
@@ -424,6 +518,24 @@ pub fn decode_session(id: SessionId, bytes: &[u8]) -> Result<Session, Error> {
             .collect::<Result<_, Error>>()?,
         new_device: r.new_device,
         new_place: r.new_place,
+        binding: r
+            .binding
+            .map(|b| {
+                Ok::<_, Error>(Binding {
+                    key: BindingKey::from_sec1(&b.key).ok_or_else(|| corrupt("session"))?,
+                    token_issued_at: Timestamp::from_millis(b.token_issued_at),
+                    token_expires_at: Timestamp::from_millis(b.token_expires_at),
+                    challenges: b
+                        .challenges
+                        .into_iter()
+                        .map(|c| Challenge {
+                            value: c.value,
+                            expires_at: Timestamp::from_millis(c.expires_at),
+                        })
+                        .collect(),
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -440,11 +552,15 @@ pub fn encode_event(e: &Event) -> Vec<u8> {
             device,
             remember_me,
             evicted,
+            new_device,
+            new_place,
         } => {
             r.kind = 1;
             r.device = Some(DeviceRecord::from(device));
             r.remember_me = *remember_me;
             r.evicted = evicted.iter().map(|id| id.as_bytes().to_vec()).collect();
+            r.new_device = *new_device;
+            r.new_place = *new_place;
         }
         EventKind::Revoked { reason } => {
             r.kind = 2;
@@ -474,6 +590,8 @@ pub fn decode_event(sequence: u64, bytes: &[u8]) -> Result<Event, Error> {
                 .iter()
                 .map(|b| SessionId::from_slice(b).ok_or_else(|| corrupt("event")))
                 .collect::<Result<_, _>>()?,
+            new_device: r.new_device,
+            new_place: r.new_place,
         },
         2 => EventKind::Revoked {
             reason: reason_from(r.detail).ok_or_else(|| corrupt("event"))?,

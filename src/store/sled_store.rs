@@ -50,6 +50,7 @@ use crate::{
     clock::Timestamp,
     error::{Error, Result},
     events::EventBus,
+    model::login::Login,
     model::{
         audit::AuditEntry,
         event::Event,
@@ -1536,6 +1537,13 @@ impl<'a> Tx<'a> {
             );
             self.dirty = true;
         }
+        for (tenant, user, logins) in &plan.logins {
+            self.batch.insert(
+                keys::per_user(keys::LOGINS, tenant, user),
+                records::encode_logins(logins),
+            );
+            self.dirty = true;
+        }
         for event in plan.events {
             self.batch.insert(
                 &keys::event(event.sequence)[..],
@@ -1723,8 +1731,8 @@ impl<'a> Tx<'a> {
         cursor: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<(usize, Option<Vec<u8>>)> {
-        // Last places ('l') and quota records ('q') sort together, with only the few meta and
-        // policy keys between them.
+        // Last places ('l'), logins ('o') and quota records ('q') sort together, with only the
+        // few meta and policy keys between them.
         let start = cursor.unwrap_or_else(|| vec![keys::LAST_SEEN]);
         let end = [keys::CREATIONS + 1];
         let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
@@ -1741,6 +1749,9 @@ impl<'a> Tx<'a> {
             let (key, value) = entry?;
             let stale = match key.first() {
                 Some(&keys::LAST_SEEN) => records::decode_last_seen(&value)?.at < older_than,
+                Some(&keys::LOGINS) => records::decode_logins(&value)?
+                    .iter()
+                    .all(|l| l.at < older_than),
                 Some(&keys::CREATIONS) => records::decode_creations(&value)
                     .iter()
                     .all(|t| *t <= day_ago),
@@ -1822,6 +1833,14 @@ impl View for Tx<'_> {
             .get(keys::per_user(keys::CREATIONS, tenant, user))?
             .map(|v| records::decode_creations(&v))
             .unwrap_or_default())
+    }
+
+    fn logins(&self, tenant: &str, user: &str) -> Result<Vec<Login>> {
+        self.tree
+            .get(keys::per_user(keys::LOGINS, tenant, user))?
+            .map(|v| records::decode_logins(&v))
+            .transpose()
+            .map(Option::unwrap_or_default)
     }
 }
 

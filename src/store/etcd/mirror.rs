@@ -19,6 +19,7 @@ use crate::{
     clock::Timestamp,
     error::{Error, Result},
     events::EventBus,
+    model::login::Login,
     model::{event::Event, plan::View, session::Session, travel::LastSeen},
     store::{keys, records},
     token::SessionId,
@@ -379,6 +380,17 @@ impl View for Recording<'_> {
             .get(&key)
             .map(|v| records::decode_last_seen(&v.value))
             .transpose()
+    }
+
+    fn logins(&self, tenant: &str, user: &str) -> Result<Vec<Login>> {
+        let key = keys::per_user(keys::LOGINS, tenant, user);
+        self.note(&key);
+        self.state
+            .other
+            .get(&key)
+            .map(|v| records::decode_logins(&v.value))
+            .transpose()
+            .map(Option::unwrap_or_default)
     }
 
     fn creations(&self, tenant: &str, user: &str) -> Result<Vec<Timestamp>> {

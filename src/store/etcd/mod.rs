@@ -771,6 +771,9 @@ fn written_keys(plan: &Plan) -> HashSet<Vec<u8>> {
     for (tenant, user, _) in &plan.creations {
         out.insert(keys::per_user(keys::CREATIONS, tenant, user));
     }
+    for (tenant, user, _) in &plan.logins {
+        out.insert(keys::per_user(keys::LOGINS, tenant, user));
+    }
     out
 }
 
@@ -1040,6 +1043,7 @@ impl Inner {
         let mut sessions: BTreeMap<SessionId, (Option<Session>, Option<Session>)> = BTreeMap::new();
         let mut last_seen = Vec::new();
         let mut creations = Vec::new();
+        let mut logins = Vec::new();
         let mut events = Vec::new();
         let mut head = None;
         for plan in plans {
@@ -1054,6 +1058,7 @@ impl Inner {
             }
             last_seen.extend(plan.last_seen);
             creations.extend(plan.creations);
+            logins.extend(plan.logins);
             if !plan.events.is_empty() {
                 head = Some(plan.head);
             }
@@ -1087,6 +1092,12 @@ impl Inner {
             puts.insert(
                 keys::per_user(keys::CREATIONS, tenant, user),
                 Some(records::encode_creations(times)),
+            );
+        }
+        for (tenant, user, recent) in &logins {
+            puts.insert(
+                keys::per_user(keys::LOGINS, tenant, user),
+                Some(records::encode_logins(recent)),
             );
         }
         if let Some(head) = head {
@@ -1733,6 +1744,9 @@ impl SessionStore for EtcdStore {
             {
                 let old = match key.first() {
                     Some(&keys::LAST_SEEN) => records::decode_last_seen(&v.value)?.at < older_than,
+                    Some(&keys::LOGINS) => records::decode_logins(&v.value)?
+                        .iter()
+                        .all(|l| l.at < older_than),
                     Some(&keys::CREATIONS) => records::decode_creations(&v.value)
                         .iter()
                         .all(|t| *t <= day_ago),
@@ -1908,6 +1922,7 @@ mod at_size {
                 replaced: Vec::new(),
                 new_device: false,
                 new_place: false,
+                binding: None,
                 purge_at: None,
             };
             let e = Event {
@@ -1920,6 +1935,8 @@ mod at_size {
                     device: Device::default(),
                     remember_me: false,
                     evicted: Vec::new(),
+                    new_device: false,
+                    new_place: false,
                 },
             };
             entries.push((keys::session(&id).to_vec(), records::encode_session(&s)));
