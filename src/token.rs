@@ -227,11 +227,11 @@ impl TokenGenerator {
         SessionId(id)
     }
 
-    /// A fresh challenge for a device-bound session's refresh: 256 random bits, base64url.
-    pub fn challenge(&self) -> String {
-        let mut raw = [0u8; 32];
+    /// 128 random bits: the nonce of a device-bound session's refresh challenge.
+    pub fn nonce(&self) -> [u8; 16] {
+        let mut raw = [0u8; 16];
         self.fill(&mut raw);
-        URL_SAFE_NO_PAD.encode(raw)
+        raw
     }
 
     /// A new 256-bit secret for the session `id`, as a token and its hash.

@@ -668,12 +668,12 @@ async fn a_bound_session_renews_only_against_a_fresh_challenge<B: Backend>(b: B)
     let token = created.token.expose().to_string();
     h.clock.advance(Duration::from_secs(61));
     s.validate(&token, true, None, None).await.expect("fresh");
-    let challenge = s.binding_challenge(&id, None).await.expect("challenge");
+    let (challenge, _) = s.binding_challenge(&id, None).expect("challenge");
     // The token's 120 s are up; the challenge has a second left.
     h.clock.advance(Duration::from_secs(59));
     assert!(is_not_valid(s.validate(&token, true, None, None).await));
     let iat = (h.clock.now().as_millis() / 1000) as i64;
-    let proof = dbsc::proof(&key, &challenge.value, &id.to_string(), iat);
+    let proof = dbsc::proof(&key, &challenge, &id.to_string(), iat);
     let refreshed = s.refresh_bound(&id, &proof, None).await.expect("refresh");
     assert!(is_not_valid(s.refresh_bound(&id, &proof, None).await));
     assert!(is_not_valid(

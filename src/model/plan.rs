@@ -15,7 +15,7 @@ use crate::{
     clock::Timestamp,
     error::{Error, Result},
     model::{
-        binding::{Challenge, MAX_CHALLENGES},
+        binding::{Challenge, MAX_USED_CHALLENGES},
         event::{Event, EventKind},
         flag::{push_flag, Drift, Flag, TokenReuse},
         login::{novelty, remember, Login, Novelty},
@@ -93,13 +93,11 @@ pub enum Defence {
     /// The session was presented from another platform or country than it was created from:
     /// the policy's drift action applies, once per kind of drift.
     Drift(Drift),
-    /// Hand out a challenge for a device-bound session's next refresh.
-    Challenge(Challenge),
-    /// A refresh whose proof, signed by the session's device key, answered `challenge`: if the
-    /// challenge is outstanding and unexpired it is used up, and `replacement` becomes the
-    /// session's token (a rotation).
+    /// A refresh whose proof, signed by the session's device key, answered `challenge` (made
+    /// for this session): unless it expired or was used, it is used up now, and `replacement`
+    /// becomes the session's token (a rotation).
     Refresh {
-        challenge: String,
+        challenge: Challenge,
         replacement: TokenHash,
     },
 }
@@ -267,7 +265,7 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         // An ended session has no token to reuse or renew; its tombstone need not remember any.
         ended.replaced.clear();
         if let Some(b) = ended.binding.as_mut() {
-            b.challenges.clear();
+            b.used.clear();
         }
         self.bury(s, &mut ended, now);
         self.plan.emit(s, now, kind);
@@ -630,43 +628,39 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         flagged
     }
 
-    /// Adds `challenge` to bound session `s`, dropping expired ones and keeping the newest
-    /// [`MAX_CHALLENGES`].
-    fn challenge(&mut self, s: &Session, challenge: Challenge, now: Timestamp) -> Result<Session> {
-        let mut issued = s.clone();
-        let binding = issued.binding.as_mut().ok_or_else(not_bound)?;
-        binding.challenges.retain(|c| c.expires_at > now);
-        binding.challenges.push(challenge);
-        let excess = binding.challenges.len().saturating_sub(MAX_CHALLENGES);
-        binding.challenges.drain(..excess);
-        self.plan.put(Some(s), Some(&issued));
-        Ok(issued)
-    }
-
-    /// Uses up `challenge` of bound session `s` and rotates its token to `replacement`; the new
-    /// token lives `bound_token_ttl` from now. `SessionNotValid`, changing nothing, if the
-    /// challenge is not outstanding (never issued, used, expired, another session's).
+    /// Consumes `challenge` (opened from its seal by the caller, so made for this session) and
+    /// rotates bound session `s`'s token to `replacement`; the new token lives
+    /// `bound_token_ttl` from now. `SessionNotValid`, changing nothing, if the challenge expired
+    /// or was used already.
     fn refresh(
         &mut self,
         s: &Session,
-        challenge: &str,
+        challenge: Challenge,
         replacement: TokenHash,
         policy: &Policy,
         now: Timestamp,
     ) -> Result<Session> {
         let binding = s.binding.as_ref().ok_or(Error::SessionNotValid)?;
-        let answered = binding
-            .challenges
+        let mut used: Vec<Challenge> = binding
+            .used
             .iter()
-            .position(|c| c.value == challenge && c.expires_at > now)
-            .ok_or(Error::SessionNotValid)?;
+            .filter(|c| c.expires_at > now)
+            .copied()
+            .collect();
+        if challenge.expires_at <= now
+            || used.iter().any(|c| c.nonce == challenge.nonce)
+            || used.len() >= MAX_USED_CHALLENGES
+        {
+            return Err(Error::SessionNotValid);
+        }
+        used.push(challenge);
         let mut refreshed = s.clone();
         refreshed.token_hash = replacement;
         refreshed.last_seen_at = now.max(s.last_seen_at);
         refreshed.rotation_count = s.rotation_count.saturating_add(1);
         push_replaced(&mut refreshed, s.token_hash, now);
         if let Some(b) = refreshed.binding.as_mut() {
-            b.challenges.remove(answered);
+            b.used = used;
             b.token_issued_at = now;
             b.token_expires_at = now.saturating_add(policy.bound_token_ttl);
         }
@@ -695,11 +689,10 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         let session = match defence {
             Defence::Reuse { presented } => self.reuse(&s, &presented, policy, now),
             Defence::Drift(drift) => self.drift(&s, drift, policy.drift_action, now),
-            Defence::Challenge(challenge) => self.challenge(&s, challenge, now)?,
             Defence::Refresh {
                 challenge,
                 replacement,
-            } => self.refresh(&s, &challenge, replacement, policy, now)?,
+            } => self.refresh(&s, challenge, replacement, policy, now)?,
         };
         Ok(Defended {
             session,
@@ -823,10 +816,6 @@ fn push_replaced(s: &mut Session, hash: TokenHash, now: Timestamp) {
     });
     let excess = s.replaced.len().saturating_sub(MAX_REPLACED);
     s.replaced.drain(..excess);
-}
-
-fn not_bound() -> Error {
-    Error::FailedPrecondition("session_id: the session is not device-bound".into())
 }
 
 fn travel_refusal(flag: &TravelFlag) -> Error {

@@ -199,13 +199,12 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
     ) -> Result<Response<pb::GetBindingChallengeResponse>, Status> {
         let caller = caller(&request)?;
         let id = session_id_field("session_id", &request.into_inner().session_id)?;
-        let challenge = self
+        let (challenge, expires_at) = self
             .sessions
-            .binding_challenge(&id, caller.tenant.as_deref())
-            .await?;
+            .binding_challenge(&id, caller.tenant.as_deref())?;
         Ok(Response::new(pb::GetBindingChallengeResponse {
-            challenge: challenge.value,
-            expires_at: Some(convert::timestamp(challenge.expires_at)),
+            challenge,
+            expires_at: Some(convert::timestamp(expires_at)),
         }))
     }
 

@@ -15,7 +15,10 @@ use crate::{
     clock::{Clock, Timestamp},
     error::{Error, Result},
     model::{
-        binding::{iat_is_fresh, verify_proof, Binding, BindingKey, Challenge, CHALLENGE_TTL},
+        binding::{
+            iat_is_fresh, verify_proof, Binding, BindingKey, Challenge, ChallengeSeal,
+            CHALLENGE_TTL,
+        },
         flag::{Drift, DriftKind, Flag},
         platform::{country_drift, platform_drift},
         policy::{CookieAdvice, DriftAction, Policy, TokenReuseAction, TravelAction},
@@ -176,6 +179,8 @@ pub struct Sessions<S> {
     touch_interval: Duration,
     /// How far back a login is compared with the user's earlier ones (`user_state_retention`).
     login_window: Duration,
+    /// Seals the challenges of device-bound sessions.
+    seal: ChallengeSeal,
 }
 
 /// The default `login_window`: the default `user_state_retention`.
@@ -189,6 +194,7 @@ impl<S: SessionStore> Sessions<S> {
         policies: Arc<Policies<S>>,
         touch_interval: Duration,
     ) -> Self {
+        let seal = ChallengeSeal::new(&store.installation_secret());
         Self {
             store,
             clock,
@@ -196,6 +202,7 @@ impl<S: SessionStore> Sessions<S> {
             policies,
             touch_interval,
             login_window: DEFAULT_LOGIN_WINDOW,
+            seal,
         }
     }
 
@@ -289,7 +296,7 @@ impl<S: SessionStore> Sessions<S> {
                 key,
                 token_issued_at: now,
                 token_expires_at: now.saturating_add(policy.bound_token_ttl),
-                challenges: Vec::new(),
+                used: Vec::new(),
             }),
             purge_at: None,
         };
@@ -510,22 +517,24 @@ impl<S: SessionStore> Sessions<S> {
     }
 
     /// A fresh, single-use challenge for device-bound session `id`'s next refresh, answerable
-    /// for [`CHALLENGE_TTL`]. Another tenant's session is not found for a tenant-bound caller.
-    pub async fn binding_challenge(
+    /// for [`CHALLENGE_TTL`], sealed (see `model::binding`): handing it out writes nothing.
+    /// Another tenant's session is not found for a tenant-bound caller.
+    pub fn binding_challenge(
         &self,
         id: &SessionId,
         tenant: Option<&str>,
-    ) -> Result<Challenge> {
+    ) -> Result<(String, Timestamp)> {
         let now = self.clock.now();
         let stored = self
             .store
             .get(id)?
             .filter(|s| tenant.is_none_or(|t| t == s.tenant_id))
             .ok_or(Error::SessionNotFound(*id))?;
-        let (session, policy) = self.current(stored, now);
-        let ended = || Error::FailedPrecondition("session_id: the session has ended".into());
+        let (session, _) = self.current(stored, now);
         if !session.is_active() {
-            return Err(ended());
+            return Err(Error::FailedPrecondition(
+                "session_id: the session has ended".into(),
+            ));
         }
         if session.binding.is_none() {
             return Err(Error::FailedPrecondition(
@@ -533,17 +542,13 @@ impl<S: SessionStore> Sessions<S> {
             ));
         }
         let challenge = Challenge {
-            value: self.tokens.challenge(),
+            nonce: self.tokens.nonce(),
             expires_at: now.saturating_add(CHALLENGE_TTL),
         };
-        match self
-            .store
-            .defend(*id, Defence::Challenge(challenge.clone()), policy, now)
-            .await
-        {
-            Err(Error::SessionNotValid) => Err(ended()),
-            other => other.map(|_| challenge),
-        }
+        Ok((
+            self.seal.seal(&id.to_string(), &challenge),
+            challenge.expires_at,
+        ))
     }
 
     /// A new token for device-bound session `id`, against `proof`: a compact JWS (ES256,
@@ -564,12 +569,18 @@ impl<S: SessionStore> Sessions<S> {
         let (session, policy) = self.current(stored, now);
         let binding = session.binding.as_ref().ok_or(Error::SessionNotValid)?;
         let proof = verify_proof(&binding.key, proof).map_err(|_| Error::SessionNotValid)?;
-        if proof.sub != id.to_string() || !iat_is_fresh(proof.iat, now) {
+        let id_text = id.to_string();
+        if proof.sub != id_text || !iat_is_fresh(proof.iat, now) {
             return Err(Error::SessionNotValid);
         }
+        let challenge = self
+            .seal
+            .open(&id_text, &proof.jti)
+            .filter(|c| c.expires_at > now)
+            .ok_or(Error::SessionNotValid)?;
         let issued = self.tokens.issue(id);
         let refresh = Defence::Refresh {
-            challenge: proof.jti,
+            challenge,
             replacement: issued.hash,
         };
         let defended = self.store.defend(*id, refresh, policy, now).await?;

@@ -72,7 +72,8 @@ pub struct SessionRecord {
     pub binding: Option<BindingRecord>,
 }
 
-/// A device-bound session's key, token issue time and outstanding challenges.
+/// A device-bound session's key, its token's issue and expiry, and the challenges refreshes used
+/// that have not expired.
 #[derive(Clone, PartialEq, Message)]
 pub struct BindingRecord {
     /// SEC1 uncompressed point, 65 bytes.
@@ -81,15 +82,15 @@ pub struct BindingRecord {
     #[prost(uint64, tag = "2")]
     pub token_issued_at: u64,
     #[prost(message, repeated, tag = "3")]
-    pub challenges: Vec<ChallengeRecord>,
+    pub used: Vec<ChallengeRecord>,
     #[prost(uint64, tag = "4")]
     pub token_expires_at: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
 pub struct ChallengeRecord {
-    #[prost(string, tag = "1")]
-    pub value: String,
+    #[prost(bytes = "vec", tag = "1")]
+    pub nonce: Vec<u8>,
     #[prost(uint64, tag = "2")]
     pub expires_at: u64,
 }
@@ -456,11 +457,11 @@ pub fn encode_session(s: &Session) -> Vec<u8> {
             key: b.key.as_sec1().to_vec(),
             token_issued_at: b.token_issued_at.as_millis(),
             token_expires_at: b.token_expires_at.as_millis(),
-            challenges: b
-                .challenges
+            used: b
+                .used
                 .iter()
                 .map(|c| ChallengeRecord {
-                    value: c.value.clone(),
+                    nonce: c.nonce.to_vec(),
                     expires_at: c.expires_at.as_millis(),
                 })
                 .collect(),
@@ -525,14 +526,16 @@ pub fn decode_session(id: SessionId, bytes: &[u8]) -> Result<Session, Error> {
                     key: BindingKey::from_sec1(&b.key).ok_or_else(|| corrupt("session"))?,
                     token_issued_at: Timestamp::from_millis(b.token_issued_at),
                     token_expires_at: Timestamp::from_millis(b.token_expires_at),
-                    challenges: b
-                        .challenges
+                    used: b
+                        .used
                         .into_iter()
-                        .map(|c| Challenge {
-                            value: c.value,
-                            expires_at: Timestamp::from_millis(c.expires_at),
+                        .map(|c| {
+                            Ok(Challenge {
+                                nonce: c.nonce.try_into().map_err(|_| corrupt("session"))?,
+                                expires_at: Timestamp::from_millis(c.expires_at),
+                            })
                         })
-                        .collect(),
+                        .collect::<Result<_, Error>>()?,
                 })
             })
             .transpose()?,

@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod bound;
 mod cache;
 mod cluster;
 mod redis;
@@ -153,6 +154,9 @@ enum Scenario {
     /// Validate p99 alone, then while --replays subscribers replay a --log-events log through a
     /// filter that matches nothing.
     Replay,
+    /// Hijacking defences: validate over device-bound vs unbound sessions and over sessions with
+    /// a full replaced-token list vs never rotated ones; DBSC refreshes per second.
+    Bound,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -318,6 +322,7 @@ async fn run_once(
                 cache::run(addr, channels, args.pool, args.seconds, args.revokes).await?;
             }
             Scenario::Replay => replay::run(args, channels).await?,
+            Scenario::Bound => bound::run(args, channels, health_rate).await?,
             Scenario::Overload | Scenario::Soak | Scenario::Scale | Scenario::Cluster => {}
         }
     }
