@@ -1,10 +1,13 @@
 //! `sessionctl` against a real server: tables, JSON lines, and the exit codes scripts rely on.
 
 mod common;
+#[path = "common/dbsc.rs"]
+mod dbsc;
 
 use common::*;
 use serde_json::Value;
 use session_authority::config::{Config, Role};
+use session_authority::proto::v1 as pb;
 
 /// Runs the CLI without blocking the runtime the in-process server runs on.
 async fn sessionctl(
@@ -67,6 +70,7 @@ async fn list_show_revoke_and_watch() {
     let (code, out, _) = sessionctl(&server, &["--json", "show", &id], None).await;
     assert_eq!(code, 0);
     assert_eq!(lines(&out)[0]["state"], "SESSION_STATE_ACTIVE");
+    assert_eq!(lines(&out)[0]["bound"], false);
 
     let (code, out, _) = sessionctl(
         &server,
@@ -234,4 +238,43 @@ async fn policy_set_changes_only_the_settings_given() {
     .await;
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("idle_timeout"), "{err}");
+}
+
+#[tokio::test]
+async fn show_prints_flags_and_binding() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    // A device-bound session, and one whose replaced token came back.
+    let bound = client
+        .create_session(pb::CreateSessionRequest {
+            binding_key: dbsc::key_pair(4).1,
+            ..create_request("acme", "carol")
+        })
+        .await
+        .expect("bound")
+        .into_inner();
+    let bound_id = bound.session.expect("s").session_id;
+    let (_, out, _) = sessionctl(&server, &["--json", "show", &bound_id], None).await;
+    assert_eq!(lines(&out)[0]["bound"], true);
+    assert_ne!(lines(&out)[0]["bound_token_expires_at"], "");
+    let plain = create(&mut client, "acme", "dave").await;
+    let plain_id = plain.session.expect("s").session_id;
+    client
+        .rotate_session(pb::RotateSessionRequest {
+            token: plain.token.clone(),
+        })
+        .await
+        .expect("rotate");
+    server.advance(std::time::Duration::from_secs(11));
+    assert_not_valid(validate(&mut client, &plain.token).await);
+    let mut flags = serde_json::Value::Null;
+    for _ in 0..300 {
+        let (_, out, _) = sessionctl(&server, &["--json", "show", &plain_id], None).await;
+        flags = lines(&out)[0]["flags"].clone();
+        if flags != "" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(flags, "TOKEN_REUSE");
 }

@@ -390,6 +390,10 @@ fn session_json(s: &pb::Session) -> Value {
             .collect::<Vec<_>>()
             .join(","),
         "revoke_reason": s.revoke_reason().as_str_name(),
+        "new_device": s.new_device,
+        "new_place": s.new_place,
+        "bound": s.bound,
+        "bound_token_expires_at": time(&s.bound_token_expires_at),
         "attributes": s.attributes,
     })
 }

@@ -178,9 +178,17 @@ impl BindingKey {
 
     /// From the stored form; `None` if it is not a point on the curve.
     pub fn from_sec1(bytes: &[u8]) -> Option<Self> {
+        let key = Self::from_stored(bytes)?;
+        VerifyingKey::from_sec1_bytes(&key.0).ok()?;
+        Some(key)
+    }
+
+    /// From a store's record, checked on the curve when it was registered: only its shape is
+    /// checked here, because every read of a bound session decodes it (a curve check costs more
+    /// than the rest of a validation). A corrupted point still verifies no proof.
+    pub fn from_stored(bytes: &[u8]) -> Option<Self> {
         let point: [u8; 65] = bytes.try_into().ok()?;
-        VerifyingKey::from_sec1_bytes(&point).ok()?;
-        Some(Self(point))
+        (point[0] == 4).then_some(Self(point))
     }
 
     pub fn as_sec1(&self) -> &[u8; 65] {

@@ -41,6 +41,13 @@ impl Login {
         }
     }
 
+    /// Whether it says anything to compare: a platform, a label or a country. A login that says
+    /// nothing (a service-to-service session, a client without a user agent) is not remembered:
+    /// it would be neither new nor evidence that a later login is not.
+    pub fn is_comparable(&self) -> bool {
+        !self.platform.is_empty() || !self.label.is_empty() || !self.country.is_empty()
+    }
+
     /// The same device: same platform, and the same label when this login gives one.
     fn same_device(&self, other: &Login) -> bool {
         self.platform == other.platform && (self.label.is_empty() || self.label == other.label)

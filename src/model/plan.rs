@@ -18,7 +18,7 @@ use crate::{
         binding::{Challenge, MAX_USED_CHALLENGES},
         event::{Event, EventKind},
         flag::{push_flag, Drift, Flag, TokenReuse},
-        login::{novelty, remember, Login, Novelty},
+        login::{self, remember, Login, Novelty},
         policy::{
             DriftAction, LimitAction, NewDeviceAction, Policy, TokenReuseAction, TravelAction,
         },
@@ -197,6 +197,7 @@ impl Plan {
         self.sessions.is_empty()
             && self.last_seen.is_empty()
             && self.creations.is_empty()
+            && self.logins.is_empty()
             && self.events.is_empty()
     }
 
@@ -382,15 +383,18 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         }
         // New device, new place: compared with the user's recent logins, then remembered.
         let login = Login::from_device(&session.device, now);
-        let logins = self.view.logins(&tenant, &user)?;
-        let novelty = novelty(&login, &logins, rules.login_window);
+        let mut novelty = Novelty::default();
+        if login.is_comparable() {
+            let logins = self.view.logins(&tenant, &user)?;
+            novelty = login::novelty(&login, &logins, rules.login_window);
+            self.plan.logins.push((
+                tenant.clone(),
+                user.clone(),
+                remember(logins, login, rules.login_window),
+            ));
+        }
         session.new_device = novelty.new_device;
         session.new_place = novelty.new_place;
-        self.plan.logins.push((
-            tenant.clone(),
-            user.clone(),
-            remember(logins, login, rules.login_window),
-        ));
         let mut flags: Vec<Flag> = flag.into_iter().map(Flag::Travel).collect();
         if rules.new_device_action == NewDeviceAction::Flag {
             if novelty.new_device {

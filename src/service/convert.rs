@@ -817,6 +817,14 @@ impl From<&Session> for pb::Session {
     }
 }
 
+/// A session as a validation answers it: without the device key of a bound session, which the
+/// hot path need not carry on every call (GetSession shows it).
+pub fn validated(s: &Session) -> pb::Session {
+    let mut out = pb::Session::from(s);
+    out.binding_key.clear();
+    out
+}
+
 pub fn page_token(cursor: Option<Vec<u8>>) -> String {
     cursor
         .map(|c| URL_SAFE_NO_PAD.encode(c))

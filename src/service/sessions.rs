@@ -148,7 +148,7 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
             .validate_for(&caller, &r.token, touch, device, client_ip)
             .await?;
         Ok(Response::new(pb::ValidateSessionResponse {
-            session: Some((&session).into()),
+            session: Some(convert::validated(&session)),
         }))
     }
 
@@ -163,7 +163,7 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let mut results = Vec::with_capacity(r.tokens.len());
         for token in &r.tokens {
             let session = match self.validate_for(&caller, token, touch, None, None).await {
-                Ok(s) => Some((&s).into()),
+                Ok(s) => Some(convert::validated(&s)),
                 Err(Error::SessionNotValid) => None,
                 Err(e) => return Err(e.into()),
             };

@@ -523,7 +523,7 @@ pub fn decode_session(id: SessionId, bytes: &[u8]) -> Result<Session, Error> {
             .binding
             .map(|b| {
                 Ok::<_, Error>(Binding {
-                    key: BindingKey::from_sec1(&b.key).ok_or_else(|| corrupt("session"))?,
+                    key: BindingKey::from_stored(&b.key).ok_or_else(|| corrupt("session"))?,
                     token_issued_at: Timestamp::from_millis(b.token_issued_at),
                     token_expires_at: Timestamp::from_millis(b.token_expires_at),
                     used: b

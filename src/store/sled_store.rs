@@ -1209,6 +1209,8 @@ enum Sharing {
     Create(String, String),
     /// A touch of this session.
     Touch(SessionId),
+    /// A rotation or a defence (a DBSC refresh, a reuse or drift verdict) of this session.
+    Session(SessionId),
 }
 
 fn sharing(op: &Op) -> Option<Sharing> {
@@ -1218,14 +1220,15 @@ fn sharing(op: &Op) -> Option<Sharing> {
             session.user_id.clone(),
         )),
         Op::Touch { id, .. } => Some(Sharing::Touch(*id)),
+        Op::Rotate { id, .. } | Op::Defend { id, .. } => Some(Sharing::Session(*id)),
         _ => None,
     }
 }
 
 /// `first` and the commands queued right behind it that may share its batch: creations for
-/// distinct users (up to `MAX_CREATE_GROUP`), or touches of distinct sessions (up to
-/// `MAX_TOUCH_GROUP`). Each reads only its own user's or session's keys (a creation also its fresh
-/// random id), so applying them one after another in one batch reads exactly what applying them in
+/// distinct users (up to `MAX_CREATE_GROUP`), touches of distinct sessions (up to
+/// `MAX_TOUCH_GROUP`), or rotations and defences of distinct sessions (up to `MAX_CREATE_GROUP`).
+/// Each reads only its own user's or session's keys (a creation also its fresh random id), so applying them one after another in one batch reads exactly what applying them in
 /// separate batches would. The first command that does not fit is handed back.
 fn gather(
     first: Command,
@@ -1235,7 +1238,7 @@ fn gather(
         return (vec![first], None);
     };
     let max = match kind {
-        Sharing::Create(..) => MAX_CREATE_GROUP,
+        Sharing::Create(..) | Sharing::Session(_) => MAX_CREATE_GROUP,
         Sharing::Touch(_) => MAX_TOUCH_GROUP,
     };
     let same_kind = std::mem::discriminant(&kind);

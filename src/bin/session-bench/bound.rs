@@ -113,8 +113,10 @@ pub async fn run(args: &Args, channels: &[Channel], health_rate: Option<f64>) ->
     b.print("validate-bound", health_rate);
     ratio("validate-bound/unbound", &b, &u, 0.95);
 
+    // Two pools: validating a token that was rotated away would be reuse.
     let fresh = Arc::new(make_pool(channels, args.pool).await?);
-    let rotated = Arc::new(rotated_eight_times(channels, &fresh).await?);
+    let to_rotate = make_pool(channels, args.pool).await?;
+    let rotated = Arc::new(rotated_eight_times(channels, &to_rotate).await?);
     let f = validate_loop(args, channels, fresh.clone()).await;
     let r = validate_loop(args, channels, rotated.clone()).await;
     let f2 = validate_loop(args, channels, fresh).await;
