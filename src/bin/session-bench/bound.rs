@@ -7,27 +7,40 @@
 use std::sync::Arc;
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
-use p256::ecdsa::{signature::Signer, Signature, SigningKey};
+use p256::ecdsa::SigningKey;
+use ring::{
+    rand::SystemRandom,
+    signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
+};
 use session_authority::proto::v1::{self as pb, session_service_client::SessionServiceClient};
 use tonic::transport::Channel;
 
 use crate::{closed_loop, make_pool, record, validate_loop, Args, Error, Report};
 
-/// A device key pair; the public half as a JWK.
-fn device_key() -> Result<(SigningKey, String), Error> {
-    let signing = SigningKey::from_slice(&[0x5a; 32])?;
-    let point = signing.verifying_key().to_encoded_point(false);
+/// A device key pair (ring's, as a fast client would sign with); the public half as a JWK.
+fn device_key() -> Result<(EcdsaKeyPair, String), Error> {
+    let private = [0x5a; 32];
+    let point = SigningKey::from_slice(&private)?
+        .verifying_key()
+        .to_encoded_point(false);
     let (x, y) = point.x().zip(point.y()).ok_or("no affine point")?;
     let jwk = format!(
         r#"{{"kty":"EC","crv":"P-256","x":"{}","y":"{}"}}"#,
         URL_SAFE_NO_PAD.encode(x),
         URL_SAFE_NO_PAD.encode(y)
     );
-    Ok((signing, jwk))
+    let pair = EcdsaKeyPair::from_private_key_and_public_key(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &private,
+        point.as_bytes(),
+        &SystemRandom::new(),
+    )
+    .map_err(|e| format!("device key: {e}"))?;
+    Ok((pair, jwk))
 }
 
 /// The proof a DBSC client signs for `challenge`.
-fn proof(key: &SigningKey, challenge: &str, session_id: &str) -> String {
+fn proof(key: &EcdsaKeyPair, challenge: &str, session_id: &str) -> Result<String, tonic::Status> {
     let iat = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -36,8 +49,13 @@ fn proof(key: &SigningKey, challenge: &str, session_id: &str) -> String {
         r#"{{"jti":"{challenge}","sub":"{session_id}","iat":{iat}}}"#
     ));
     let input = format!("{header}.{payload}");
-    let signature: Signature = key.sign(input.as_bytes());
-    format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+    let signature = key
+        .sign(&SystemRandom::new(), input.as_bytes())
+        .map_err(|_| tonic::Status::internal("signing failed"))?;
+    Ok(format!(
+        "{input}.{}",
+        URL_SAFE_NO_PAD.encode(signature.as_ref())
+    ))
 }
 
 /// `n` bound sessions: (id, token).
@@ -144,7 +162,7 @@ pub async fn run(args: &Args, channels: &[Channel], health_rate: Option<f64>) ->
             client
                 .refresh_bound_session(pb::RefreshBoundSessionRequest {
                     session_id: id.clone(),
-                    proof: proof(&key, &challenge, id),
+                    proof: proof(&key, &challenge, id)?,
                 })
                 .await
                 .map(drop)
