@@ -523,6 +523,21 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         Ok(changed)
     }
 
+    /// Session `id` if it is live under `policy` (its tenant's, in force now); one found past a
+    /// deadline is ended here. `SessionNotValid` otherwise.
+    fn live(&mut self, id: SessionId, policy: &Policy, now: Timestamp) -> Result<Session> {
+        let s = match self.view.session(&id)? {
+            Some(s) if s.is_active() => s,
+            _ => return Err(Error::SessionNotValid),
+        };
+        let s = self.tightened(s, policy);
+        if let Some(ending) = s.ending_at(now) {
+            self.end(&s, ending, now);
+            return Err(Error::SessionNotValid);
+        }
+        Ok(s)
+    }
+
     /// Replaces a live session's token hash if `current` is its hash now. A token that an
     /// earlier rotation replaced is refused; after the grace period it is also reuse.
     pub fn rotate(
@@ -533,15 +548,7 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         policy: &Policy,
         now: Timestamp,
     ) -> Result<RotateOutcome> {
-        let s = match self.view.session(&id)? {
-            Some(s) if s.is_active() => s,
-            _ => return Err(Error::SessionNotValid),
-        };
-        let s = self.tightened(s, policy);
-        if let Some(ending) = s.ending_at(now) {
-            self.end(&s, ending, now);
-            return Err(Error::SessionNotValid);
-        }
+        let s = self.live(id, policy, now)?;
         if !s.token_hash.matches(&current) {
             // Within the grace period a second tab rotating the same token is not theft; it is
             // refused all the same, so one token never forks into two live ones.
@@ -681,15 +688,7 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         policy: &Policy,
         now: Timestamp,
     ) -> Result<Defended> {
-        let s = match self.view.session(&id)? {
-            Some(s) if s.is_active() => s,
-            _ => return Err(Error::SessionNotValid),
-        };
-        let s = self.tightened(s, policy);
-        if let Some(ending) = s.ending_at(now) {
-            self.end(&s, ending, now);
-            return Err(Error::SessionNotValid);
-        }
+        let s = self.live(id, policy, now)?;
         let session = match defence {
             Defence::Reuse { presented } => self.reuse(&s, &presented, policy, now),
             Defence::Drift(drift) => self.drift(&s, drift, policy.drift_action, now),
