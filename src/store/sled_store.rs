@@ -991,10 +991,12 @@ fn read_last_seen(tree: &sled::Tree, tenant: &str, user: &str) -> Result<Option<
 
 /// Opens sled in `dir`. A store that was dropped a moment ago in this process (one refused after
 /// opening, say) keeps its file lock until sled's background thread winds down, up to its 500 ms
-/// flush tick; wait that out rather than refuse. Another process holding the lock is still an
-/// error, after the wait.
+/// flush tick (longer under load); wait that out rather than refuse. Another process holding the
+/// lock is still an error, after the wait.
 fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    // 10 s: on a loaded two-core machine the previous store's threads took over 3 s to let go
+    // (a test restarting a server in-process failed on it twice).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match sled::Config::new()
             .path(dir)
