@@ -766,62 +766,62 @@ pub fn policy_to_proto(tenant_id: &str, p: &Policy, cookie_name: String) -> pb::
 
 impl From<&Session> for pb::Session {
     fn from(s: &Session) -> Self {
-        let mut out = pb::Session {
-            session_id: s.id.to_string(),
-            tenant_id: s.tenant_id.clone(),
-            user_id: s.user_id.clone(),
-            created_at: Some(timestamp(s.created_at)),
-            last_seen_at: Some(timestamp(s.last_seen_at)),
-            idle_expires_at: Some(timestamp(s.idle_expires_at())),
-            absolute_expires_at: Some(timestamp(s.absolute_expires_at)),
-            remember_me: s.remember_me,
-            device: Some(pb::Device::from(&s.device)),
-            attributes: s
-                .attributes
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            rotation_count: s.rotation_count,
-            flags: s
-                .flags
-                .iter()
-                .filter_map(travel_flag)
-                .map(flag_to_proto)
-                .collect(),
-            security_flags: s.flags.iter().map(security_flag_to_proto).collect(),
-            bound: s.binding.is_some(),
-            new_device: s.new_device,
-            new_place: s.new_place,
-            bound_token_expires_at: s.bound_token_expires_at().map(timestamp),
-            binding_key: s
-                .binding
-                .as_ref()
-                .map(|b| b.key.to_jwk())
-                .unwrap_or_default(),
-            ..Default::default()
-        };
-        match s.state {
-            SessionState::Active => out.set_state(pb::SessionState::Active),
-            SessionState::Revoked { at, reason } => {
-                out.set_state(pb::SessionState::Revoked);
-                out.ended_at = Some(timestamp(at));
-                out.set_revoke_reason(revoke_reason_to_proto(reason));
-            }
-            SessionState::Expired { at, kind } => {
-                out.set_state(pb::SessionState::Expired);
-                out.ended_at = Some(timestamp(at));
-                out.set_expiry_kind(expiry_kind_to_proto(kind));
-            }
-        }
+        let mut out = validated(s);
+        out.binding_key = s
+            .binding
+            .as_ref()
+            .map(|b| b.key.to_jwk())
+            .unwrap_or_default();
         out
     }
 }
 
 /// A session as a validation answers it: without the device key of a bound session, which the
-/// hot path need not carry on every call (GetSession shows it).
+/// hot path need not encode on every call (GetSession and the others show it).
 pub fn validated(s: &Session) -> pb::Session {
-    let mut out = pb::Session::from(s);
-    out.binding_key.clear();
+    let mut out = pb::Session {
+        session_id: s.id.to_string(),
+        tenant_id: s.tenant_id.clone(),
+        user_id: s.user_id.clone(),
+        created_at: Some(timestamp(s.created_at)),
+        last_seen_at: Some(timestamp(s.last_seen_at)),
+        idle_expires_at: Some(timestamp(s.idle_expires_at())),
+        absolute_expires_at: Some(timestamp(s.absolute_expires_at)),
+        remember_me: s.remember_me,
+        device: Some(pb::Device::from(&s.device)),
+        attributes: s
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        rotation_count: s.rotation_count,
+        flags: s
+            .flags
+            .iter()
+            .filter_map(travel_flag)
+            .map(flag_to_proto)
+            .collect(),
+        security_flags: s.flags.iter().map(security_flag_to_proto).collect(),
+        bound: s.binding.is_some(),
+        new_device: s.new_device,
+        new_place: s.new_place,
+        bound_token_expires_at: s.bound_token_expires_at().map(timestamp),
+
+        ..Default::default()
+    };
+    match s.state {
+        SessionState::Active => out.set_state(pb::SessionState::Active),
+        SessionState::Revoked { at, reason } => {
+            out.set_state(pb::SessionState::Revoked);
+            out.ended_at = Some(timestamp(at));
+            out.set_revoke_reason(revoke_reason_to_proto(reason));
+        }
+        SessionState::Expired { at, kind } => {
+            out.set_state(pb::SessionState::Expired);
+            out.ended_at = Some(timestamp(at));
+            out.set_expiry_kind(expiry_kind_to_proto(kind));
+        }
+    }
     out
 }
 
