@@ -684,7 +684,7 @@ async fn a_bound_session_renews_only_against_a_fresh_challenge<B: Backend>(b: B)
     let token = created.token.expose().to_string();
     h.clock.advance(Duration::from_secs(61));
     s.validate(&token, true, None, None).await.expect("fresh");
-    let (challenge, _) = s.binding_challenge(&id, None).expect("challenge");
+    let challenge = s.binding_challenge(&id, None).expect("challenge").challenge;
     // The token's 120 s are up; the challenge has a second left.
     h.clock.advance(Duration::from_secs(59));
     assert!(is_not_valid(s.validate(&token, true, None, None).await));
@@ -695,13 +695,24 @@ async fn a_bound_session_renews_only_against_a_fresh_challenge<B: Backend>(b: B)
     assert!(is_not_valid(
         s.refresh_bound(&id, &proof, Some("another tenant")).await
     ));
-    s.validate(refreshed.token.expose(), true, None, None)
+    s.validate(refreshed.rotated.token.expose(), true, None, None)
         .await
         .expect("renewed");
     assert_eq!(
-        refreshed.session.bound_token_expires_at(),
+        refreshed.rotated.session.bound_token_expires_at(),
         Some(h.clock.now().saturating_add(Duration::from_secs(120)))
     );
+    // The refresh hands out the next challenge: it answers once, like one fetched.
+    let next = dbsc::proof(
+        &key,
+        &refreshed.next_challenge.challenge,
+        &id.to_string(),
+        iat,
+    );
+    s.refresh_bound(&id, &next, None)
+        .await
+        .expect("next refresh");
+    assert!(is_not_valid(s.refresh_bound(&id, &next, None).await));
     assert_eq!(
         kinds_of(&h, &id),
         vec![
@@ -712,6 +723,7 @@ async fn a_bound_session_renews_only_against_a_fresh_challenge<B: Backend>(b: B)
                 new_device: false,
                 new_place: false,
             },
+            EventKind::Rotated,
             EventKind::Rotated
         ]
     );

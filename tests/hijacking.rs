@@ -352,6 +352,63 @@ async fn a_bound_session_refreshes_with_a_valid_proof_and_its_token_lives_only_t
         Some(now_secs(&server) + ttl)
     );
     assert!(refreshed.sequence > created.sequence);
+
+    // The refresh carries the next challenge: one call per refresh from then on. It answers
+    // once, only for this session, until a minute after the new token ends.
+    assert_eq!(
+        refreshed.next_challenge_expires_at.map(|t| t.seconds),
+        Some(now_secs(&server) + ttl + 60)
+    );
+    let theirs = create_bound(&mut client, "v", &jwk).await;
+    let their_id = theirs.session.expect("s").session_id;
+    let err = refresh(
+        &mut client,
+        &their_id,
+        dbsc::proof(
+            &key,
+            &refreshed.next_challenge,
+            &their_id,
+            now_secs(&server),
+        ),
+    )
+    .await
+    .expect_err("another session's carried challenge");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // Kept until the token runs out, it still refreshes the session.
+    let half = Duration::from_secs(ttl as u64 / 2);
+    server.advance(half);
+    validate(&mut client, &refreshed.token)
+        .await
+        .expect("in use");
+    server.advance(half);
+    assert_not_valid(validate(&mut client, &refreshed.token).await);
+    let next = dbsc::proof(&key, &refreshed.next_challenge, &id, now_secs(&server));
+    let again = refresh(&mut client, &id, next.clone())
+        .await
+        .expect("refresh with the carried challenge");
+    assert_ne!(again.next_challenge, refreshed.next_challenge);
+    let err = refresh(&mut client, &id, next).await.expect_err("replayed");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    validate(&mut client, &again.token)
+        .await
+        .expect("the third token");
+    server.advance(half);
+    validate(&mut client, &again.token).await.expect("in use");
+    server.advance(half + Duration::from_secs(61));
+    let late = dbsc::proof(&key, &again.next_challenge, &id, now_secs(&server));
+    let err = refresh(&mut client, &id, late)
+        .await
+        .expect_err("the carried challenge expires too");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // Only the challenge had expired: a fetched one refreshes the session.
+    let c = challenge(&mut client, &id).await;
+    refresh(
+        &mut client,
+        &id,
+        dbsc::proof(&key, &c, &id, now_secs(&server)),
+    )
+    .await
+    .expect("a fetched challenge after the carried one expired");
 }
 
 #[tokio::test]

@@ -56,6 +56,8 @@ impl fmt::Debug for v1::RefreshBoundSessionResponse {
             .field("token", &REDACTED)
             .field("sequence", &self.sequence)
             .field("cookie", &self.cookie)
+            .field("next_challenge", &self.next_challenge)
+            .field("next_challenge_expires_at", &self.next_challenge_expires_at)
             .finish()
     }
 }

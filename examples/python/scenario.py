@@ -178,6 +178,16 @@ def bound_session(sessions) -> None:
     valid = sessions.ValidateSession(sessions_pb2.ValidateSessionRequest(token=refreshed.token))
     check(valid.session.rotation_count == 1, "the new token validates; the refresh was a rotation")
 
+    # Each refresh carries the next challenge (DBSC's Sec-Session-Challenge on the 200): keep it,
+    # and the next refresh is one call.
+    again = sessions.RefreshBoundSession(
+        sessions_pb2.RefreshBoundSessionRequest(
+            session_id=session_id, proof=dbsc_proof(key, refreshed.next_challenge, session_id)
+        )
+    )
+    valid = sessions.ValidateSession(sessions_pb2.ValidateSessionRequest(token=again.token))
+    check(valid.session.rotation_count == 2, "the carried challenge refreshes the session again")
+
     # A thief with the token but not the key: a replayed proof, or one signed by another key.
     thief = ec.generate_private_key(ec.SECP256R1())
     challenge = sessions.GetBindingChallenge(sessions_pb2.GetBindingChallengeRequest(session_id=session_id))

@@ -31,7 +31,9 @@ pub const CHALLENGE_TTL: Duration = Duration::from_secs(60);
 /// How far a proof's `iat` may be from the server's clock.
 pub const MAX_IAT_SKEW: Duration = Duration::from_secs(60);
 /// Used challenges remembered per session until they expire: more refreshes than this within
-/// [`CHALLENGE_TTL`] are refused (only the key's holder can make them).
+/// a challenge's life (a minute when fetched, the token's life and a minute when carried by a
+/// refresh) are refused. A device refreshes once per token life; only the key's holder can
+/// refresh at all.
 pub const MAX_USED_CHALLENGES: usize = 32;
 /// Longest JWK accepted, in bytes.
 pub const MAX_JWK_BYTES: usize = 1024;

@@ -199,12 +199,12 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
     ) -> Result<Response<pb::GetBindingChallengeResponse>, Status> {
         let caller = caller(&request)?;
         let id = session_id_field("session_id", &request.into_inner().session_id)?;
-        let (challenge, expires_at) = self
+        let challenged = self
             .sessions
             .binding_challenge(&id, caller.tenant.as_deref())?;
         Ok(Response::new(pb::GetBindingChallengeResponse {
-            challenge,
-            expires_at: Some(convert::timestamp(expires_at)),
+            challenge: challenged.challenge,
+            expires_at: Some(convert::timestamp(challenged.expires_at)),
         }))
     }
 
@@ -230,11 +230,14 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
             }
             other => other?,
         };
+        let (rotated, next) = (refreshed.rotated, refreshed.next_challenge);
         Ok(Response::new(pb::RefreshBoundSessionResponse {
-            session: Some((&refreshed.session).into()),
-            token: refreshed.token.expose().to_string(),
-            sequence: refreshed.sequence,
-            cookie: Some(cookie_to_proto(&refreshed.cookie)),
+            session: Some((&rotated.session).into()),
+            token: rotated.token.expose().to_string(),
+            sequence: rotated.sequence,
+            cookie: Some(cookie_to_proto(&rotated.cookie)),
+            next_challenge: next.challenge,
+            next_challenge_expires_at: Some(convert::timestamp(next.expires_at)),
         }))
     }
 

@@ -78,6 +78,20 @@ pub struct Rotated {
     pub cookie: CookieAdvice,
 }
 
+/// A refreshed device-bound session: its new token, and the challenge for its next refresh.
+#[derive(Debug)]
+pub struct Refreshed {
+    pub rotated: Rotated,
+    pub next_challenge: Challenged,
+}
+
+/// A sealed challenge as handed to a device, and when it stops being answerable.
+#[derive(Debug)]
+pub struct Challenged {
+    pub challenge: String,
+    pub expires_at: Timestamp,
+}
+
 /// A validated listing request.
 #[derive(Debug, Clone)]
 pub struct ListQuery {
@@ -519,11 +533,7 @@ impl<S: SessionStore> Sessions<S> {
     /// A fresh, single-use challenge for device-bound session `id`'s next refresh, answerable
     /// for [`CHALLENGE_TTL`], sealed (see `model::binding`): handing it out writes nothing.
     /// Another tenant's session is not found for a tenant-bound caller.
-    pub fn binding_challenge(
-        &self,
-        id: &SessionId,
-        tenant: Option<&str>,
-    ) -> Result<(String, Timestamp)> {
+    pub fn binding_challenge(&self, id: &SessionId, tenant: Option<&str>) -> Result<Challenged> {
         let now = self.clock.now();
         let stored = self
             .store
@@ -541,26 +551,34 @@ impl<S: SessionStore> Sessions<S> {
                 "session_id: the session is not device-bound".into(),
             ));
         }
+        Ok(self.challenge(&id.to_string(), now.saturating_add(CHALLENGE_TTL)))
+    }
+
+    /// A new sealed challenge for the session whose id reads `id_text`, answerable until
+    /// `expires_at`.
+    fn challenge(&self, id_text: &str, expires_at: Timestamp) -> Challenged {
         let challenge = Challenge {
             nonce: self.tokens.nonce(),
-            expires_at: now.saturating_add(CHALLENGE_TTL),
+            expires_at,
         };
-        Ok((
-            self.seal.seal(&id.to_string(), &challenge),
-            challenge.expires_at,
-        ))
+        Challenged {
+            challenge: self.seal.seal(id_text, &challenge),
+            expires_at: challenge.expires_at,
+        }
     }
 
     /// A new token for device-bound session `id`, against `proof`: a compact JWS (ES256,
     /// `typ` `dbsc+jwt`) signed by the session's device key over `{"jti": <an outstanding
     /// challenge>, "sub": <id>, "iat": <now, within a minute>}`. Every failure is the same
-    /// `SessionNotValid` and changes nothing.
+    /// `SessionNotValid` and changes nothing. The answer carries the next refresh's challenge,
+    /// as DBSC's refresh response does, so a device needs one call per refresh: it answers until
+    /// a minute after the new token ends, when the device will next refresh.
     pub async fn refresh_bound(
         &self,
         id: &SessionId,
         proof: &str,
         tenant: Option<&str>,
-    ) -> Result<Rotated> {
+    ) -> Result<Refreshed> {
         let now = self.clock.now();
         let stored = match self.store.get(id)? {
             Some(s) if s.is_active() && tenant.is_none_or(|t| t == s.tenant_id) => s,
@@ -587,11 +605,19 @@ impl<S: SessionStore> Sessions<S> {
         tracing::info!(session_id = %id, "device-bound session refreshed");
         let (session, policy) = self.current(defended.session, now);
         let cookie = self.cookie_advice(&session, &policy, now);
-        Ok(Rotated {
-            session,
-            token: issued.token,
-            sequence: defended.sequence,
-            cookie,
+        let next_expires_at = session
+            .bound_token_expires_at()
+            .unwrap_or(now)
+            .saturating_add(CHALLENGE_TTL);
+        let next_challenge = self.challenge(&id_text, next_expires_at);
+        Ok(Refreshed {
+            rotated: Rotated {
+                session,
+                token: issued.token,
+                sequence: defended.sequence,
+                cookie,
+            },
+            next_challenge,
         })
     }
 
