@@ -1,7 +1,7 @@
 //! `session-authority`: parse configuration, set up logging, bind, serve until SIGINT or SIGTERM.
 //! Or run an operator tool: `backup` (from a running server) or `restore` (offline).
 
-use std::{process::ExitCode, sync::Arc};
+use std::{io::IsTerminal, process::ExitCode, sync::Arc};
 
 use session_authority::{
     backup,
@@ -117,7 +117,11 @@ async fn fetch_backup(
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour codes only for a person at a terminal: in a file or a log collector they are noise,
+    // and writing them was a measurable part of every call's cost.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
