@@ -412,6 +412,38 @@ async fn a_bound_session_refreshes_with_a_valid_proof_and_its_token_lives_only_t
 }
 
 #[tokio::test]
+async fn a_bound_session_is_created_with_its_first_challenge() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, jwk) = dbsc::key_pair(7);
+    let created = create_bound(&mut client, "u", &jwk).await;
+    let id = created.session.clone().expect("s").session_id;
+    assert_eq!(
+        created.next_challenge_expires_at.map(|t| t.seconds),
+        Some(now_secs(&server) + 600 + 60),
+        "answerable until a minute after the token ends"
+    );
+    // The device refreshes when its token is about to end, with no GetBindingChallenge call.
+    server.advance(Duration::from_secs(590));
+    validate(&mut client, &created.token).await.expect("in use");
+    let proof = dbsc::proof(&key, &created.next_challenge, &id, now_secs(&server));
+    let refreshed = refresh(&mut client, &id, proof.clone())
+        .await
+        .expect("refresh with the creation's challenge");
+    validate(&mut client, &refreshed.token)
+        .await
+        .expect("the new token");
+    let err = refresh(&mut client, &id, proof)
+        .await
+        .expect_err("replayed");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let unbound = create(&mut client, "t", "u").await;
+    assert!(unbound.next_challenge.is_empty());
+    assert!(unbound.next_challenge_expires_at.is_none());
+}
+
+#[tokio::test]
 async fn a_refresh_is_refused_for_every_bad_proof_and_changes_nothing() {
     let server = TestServer::start().await;
     let mut client = server.client().await;

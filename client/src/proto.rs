@@ -18,6 +18,8 @@ impl fmt::Debug for v1::CreateSessionResponse {
             .field("evicted_session_ids", &self.evicted_session_ids)
             .field("sequence", &self.sequence)
             .field("cookie", &self.cookie)
+            .field("next_challenge", &self.next_challenge)
+            .field("next_challenge_expires_at", &self.next_challenge_expires_at)
             .finish()
     }
 }

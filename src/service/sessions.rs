@@ -129,6 +129,14 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
             evicted_session_ids: ids(created.evicted),
             sequence: created.sequence,
             cookie: Some(cookie_to_proto(&created.cookie)),
+            next_challenge_expires_at: created
+                .next_challenge
+                .as_ref()
+                .map(|c| convert::timestamp(c.expires_at)),
+            next_challenge: created
+                .next_challenge
+                .map(|c| c.challenge)
+                .unwrap_or_default(),
         }))
     }
 

@@ -67,6 +67,8 @@ pub struct Created {
     pub evicted: Vec<SessionId>,
     pub sequence: u64,
     pub cookie: CookieAdvice,
+    /// For a device-bound session, the challenge its first refresh answers.
+    pub next_challenge: Option<Challenged>,
 }
 
 /// A rotated session and its new token.
@@ -336,12 +338,16 @@ impl<S: SessionStore> Sessions<S> {
             "session created"
         );
         let cookie = self.cookie_advice(&session, &policy, now);
+        let next_challenge = session.bound_token_expires_at().map(|ends| {
+            self.challenge(&session.id.to_string(), ends.saturating_add(CHALLENGE_TTL))
+        });
         Ok(Created {
             session,
             token: issued.token,
             evicted: outcome.evicted,
             sequence: outcome.sequence,
             cookie,
+            next_challenge,
         })
     }
 
@@ -572,7 +578,8 @@ impl<S: SessionStore> Sessions<S> {
     /// challenge>, "sub": <id>, "iat": <now, within a minute>}`. Every failure is the same
     /// `SessionNotValid` and changes nothing. The answer carries the next refresh's challenge,
     /// as DBSC's refresh response does, so a device needs one call per refresh: it answers until
-    /// a minute after the new token ends, when the device will next refresh.
+    /// a minute after the new token ends, when the device will next refresh. (A bound session's
+    /// creation hands out the first one the same way.)
     pub async fn refresh_bound(
         &self,
         id: &SessionId,
