@@ -59,12 +59,12 @@ fn proof(key: &EcdsaKeyPair, challenge: &str, session_id: &str) -> Result<String
     ))
 }
 
-/// `n` bound sessions: (id, token).
+/// `n` bound sessions: (id, token, the challenge for the first refresh their creation carried).
 async fn bound_pool(
     channels: &[Channel],
     n: usize,
     jwk: &str,
-) -> Result<Vec<(String, String)>, Error> {
+) -> Result<Vec<(String, String, String)>, Error> {
     let mut out = Vec::with_capacity(n);
     let mut client = SessionServiceClient::new(channels[0].clone());
     for i in 0..n {
@@ -78,7 +78,7 @@ async fn bound_pool(
             .await?
             .into_inner();
         let id = r.session.ok_or("no session in reply")?.session_id;
-        out.push((id, r.token));
+        out.push((id, r.token, r.next_challenge));
     }
     Ok(out)
 }
@@ -121,7 +121,7 @@ pub async fn run(args: &Args, channels: &[Channel], health_rate: Option<f64>) ->
     let (key, jwk) = device_key()?;
     let unbound = Arc::new(make_pool(channels, args.pool).await?);
     let bound = bound_pool(channels, args.pool, &jwk).await?;
-    let bound_tokens = Arc::new(bound.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>());
+    let bound_tokens = Arc::new(bound.iter().map(|(_, t, _)| t.clone()).collect::<Vec<_>>());
     // Interleaved, so a drift of the machine during the run hits both alike.
     let u1 = validate_loop(args, channels, unbound.clone()).await;
     let b1 = validate_loop(args, channels, bound_tokens.clone()).await;
@@ -152,7 +152,7 @@ pub async fn run(args: &Args, channels: &[Channel], health_rate: Option<f64>) ->
     let fetched = closed_loop(args, channels, move |ch, i| {
         let (sessions, key) = (s.clone(), k.clone());
         async move {
-            let (id, _) = &sessions[i % sessions.len()];
+            let (id, _, _) = &sessions[i % sessions.len()];
             let mut client = SessionServiceClient::new(ch);
             let challenge = client
                 .get_binding_challenge(pb::GetBindingChallengeRequest {
@@ -173,15 +173,20 @@ pub async fn run(args: &Args, channels: &[Channel], health_rate: Option<f64>) ->
     .await;
     fetched.print("refresh-bound-fetching-challenge", health_rate);
 
-    // Every later refresh: sign the challenge the previous refresh carried, refresh. A session
-    // without one (the first time round) fetches it.
-    let carried: Arc<Vec<Mutex<Option<String>>>> =
-        Arc::new(sessions.iter().map(|_| Mutex::new(None)).collect());
+    // Every later refresh: sign the challenge the creation or the previous refresh carried,
+    // refresh. (The creations' challenges are still unused: the loop above fetched its own.) A
+    // session without one fetches it.
+    let carried: Arc<Vec<Mutex<Option<String>>>> = Arc::new(
+        sessions
+            .iter()
+            .map(|(_, _, c)| Mutex::new(Some(c.clone()).filter(|c| !c.is_empty())))
+            .collect(),
+    );
     let refresh = closed_loop(args, channels, move |ch, i| {
         let (sessions, key, carried) = (sessions.clone(), key.clone(), carried.clone());
         async move {
             let slot = i % sessions.len();
-            let (id, _) = &sessions[slot];
+            let (id, _, _) = &sessions[slot];
             let mut client = SessionServiceClient::new(ch);
             let held = carried[slot].lock().map_or(None, |mut c| c.take());
             let challenge = match held {
