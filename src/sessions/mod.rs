@@ -338,9 +338,10 @@ impl<S: SessionStore> Sessions<S> {
             "session created"
         );
         let cookie = self.cookie_advice(&session, &policy, now);
-        let next_challenge = session.bound_token_expires_at().map(|ends| {
-            self.challenge(&session.id.to_string(), ends.saturating_add(CHALLENGE_TTL))
-        });
+        let next_challenge = session
+            .binding
+            .is_some()
+            .then(|| self.carried_challenge(&session, now));
         Ok(Created {
             session,
             token: issued.token,
@@ -560,6 +561,14 @@ impl<S: SessionStore> Sessions<S> {
         Ok(self.challenge(&id.to_string(), now.saturating_add(CHALLENGE_TTL)))
     }
 
+    /// The challenge a bound session's creation or refresh hands its device for the next
+    /// refresh: answerable until a minute after the current token ends, when the device will
+    /// refresh.
+    fn carried_challenge(&self, session: &Session, now: Timestamp) -> Challenged {
+        let ends = session.bound_token_expires_at().unwrap_or(now);
+        self.challenge(&session.id.to_string(), ends.saturating_add(CHALLENGE_TTL))
+    }
+
     /// A new sealed challenge for the session whose id reads `id_text`, answerable until
     /// `expires_at`.
     fn challenge(&self, id_text: &str, expires_at: Timestamp) -> Challenged {
@@ -612,11 +621,7 @@ impl<S: SessionStore> Sessions<S> {
         tracing::info!(session_id = %id, "device-bound session refreshed");
         let (session, policy) = self.current(defended.session, now);
         let cookie = self.cookie_advice(&session, &policy, now);
-        let next_expires_at = session
-            .bound_token_expires_at()
-            .unwrap_or(now)
-            .saturating_add(CHALLENGE_TTL);
-        let next_challenge = self.challenge(&id_text, next_expires_at);
+        let next_challenge = self.carried_challenge(&session, now);
         Ok(Refreshed {
             rotated: Rotated {
                 session,
