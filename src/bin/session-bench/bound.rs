@@ -59,6 +59,37 @@ fn proof(key: &EcdsaKeyPair, challenge: &str, session_id: &str) -> Result<String
     ))
 }
 
+/// A fresh challenge for session `id`, as a device that holds none asks for it.
+async fn fetch_challenge(
+    client: &mut SessionServiceClient<Channel>,
+    id: &str,
+) -> Result<String, tonic::Status> {
+    Ok(client
+        .get_binding_challenge(pb::GetBindingChallengeRequest {
+            session_id: id.to_string(),
+        })
+        .await?
+        .into_inner()
+        .challenge)
+}
+
+/// Refreshes session `id` with a proof over `challenge`; the challenge for its next refresh.
+async fn refresh(
+    client: &mut SessionServiceClient<Channel>,
+    key: &EcdsaKeyPair,
+    id: &str,
+    challenge: &str,
+) -> Result<String, tonic::Status> {
+    Ok(client
+        .refresh_bound_session(pb::RefreshBoundSessionRequest {
+            session_id: id.to_string(),
+            proof: proof(key, challenge, id)?,
+        })
+        .await?
+        .into_inner()
+        .next_challenge)
+}
+
 /// `n` bound sessions: (id, token, the challenge for the first refresh their creation carried).
 async fn bound_pool(
     channels: &[Channel],
@@ -154,20 +185,8 @@ pub async fn run(args: &Args, channels: &[Channel], health_rate: Option<f64>) ->
         async move {
             let (id, _, _) = &sessions[i % sessions.len()];
             let mut client = SessionServiceClient::new(ch);
-            let challenge = client
-                .get_binding_challenge(pb::GetBindingChallengeRequest {
-                    session_id: id.clone(),
-                })
-                .await?
-                .into_inner()
-                .challenge;
-            client
-                .refresh_bound_session(pb::RefreshBoundSessionRequest {
-                    session_id: id.clone(),
-                    proof: proof(&key, &challenge, id)?,
-                })
-                .await
-                .map(drop)
+            let challenge = fetch_challenge(&mut client, id).await?;
+            refresh(&mut client, &key, id, &challenge).await.map(drop)
         }
     })
     .await;
@@ -191,24 +210,9 @@ pub async fn run(args: &Args, channels: &[Channel], health_rate: Option<f64>) ->
             let held = carried[slot].lock().map_or(None, |mut c| c.take());
             let challenge = match held {
                 Some(c) => c,
-                None => {
-                    client
-                        .get_binding_challenge(pb::GetBindingChallengeRequest {
-                            session_id: id.clone(),
-                        })
-                        .await?
-                        .into_inner()
-                        .challenge
-                }
+                None => fetch_challenge(&mut client, id).await?,
             };
-            let next = client
-                .refresh_bound_session(pb::RefreshBoundSessionRequest {
-                    session_id: id.clone(),
-                    proof: proof(&key, &challenge, id)?,
-                })
-                .await?
-                .into_inner()
-                .next_challenge;
+            let next = refresh(&mut client, &key, id, &challenge).await?;
             if let Ok(mut c) = carried[slot].lock() {
                 *c = Some(next);
             }
