@@ -6,7 +6,7 @@
 use std::{sync::Arc, time::Duration};
 
 use session_authority::{
-    clock::{ManualClock, Timestamp},
+    clock::{Clock, ManualClock, Timestamp},
     config::Config,
     model::{
         policy::Policy,
@@ -20,6 +20,14 @@ use session_authority::{
 const START: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 
 fn open(dir: &std::path::Path, cache_bytes: u64) -> Arc<Sessions<SledStore>> {
+    open_with(dir, cache_bytes, Arc::new(ManualClock::new(START)))
+}
+
+fn open_with(
+    dir: &std::path::Path,
+    cache_bytes: u64,
+    clock: Arc<ManualClock>,
+) -> Arc<Sessions<SledStore>> {
     let store = Arc::new(
         SledStore::open(
             &dir.join("data"),
@@ -34,7 +42,7 @@ fn open(dir: &std::path::Path, cache_bytes: u64) -> Arc<Sessions<SledStore>> {
     let policies = Arc::new(Policies::load(store.clone(), policy).expect("policies"));
     Arc::new(Sessions::new(
         store,
-        Arc::new(ManualClock::new(START)),
+        clock,
         TokenGenerator::from_os().expect("seed"),
         policies,
         Duration::from_secs(60),
@@ -161,4 +169,52 @@ async fn a_cache_smaller_than_the_store_holds_its_bytes_and_every_session_still_
     let after = stats(&s);
     assert!(after.misses > warm.misses, "the rest came from disk");
     assert!(after.bytes <= budget as usize, "{after:?}");
+}
+
+/// Touches wait a moment to be written together (one wake-up of the writer for many); a store
+/// closed in that moment writes them before it stops.
+#[tokio::test]
+async fn touches_not_yet_written_are_kept_by_a_clean_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(START));
+    let s = open_with(dir.path(), 8 << 20, clock.clone());
+    let created = create(&s, 100).await;
+    clock.advance(Duration::from_secs(120));
+    let used_at = clock.now();
+    for (token, _) in &created {
+        s.validate(token, true, None, None).await.expect("valid");
+    }
+    s.store().close().await.expect("close");
+    drop(s);
+    let s = open_with(dir.path(), 8 << 20, clock.clone());
+    for (_, id) in &created {
+        let session = s.store().get(id).expect("get").expect("stored");
+        assert_eq!(session.last_seen_at, used_at, "session {id}");
+    }
+}
+
+/// Many validates' touches are written in the background without a close, and a session read
+/// back from the store (not from the queue of touches) carries its last use.
+#[tokio::test]
+async fn touches_are_written_in_the_background() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(START));
+    let s = open_with(dir.path(), 8 << 20, clock.clone());
+    let created = create(&s, 300).await;
+    clock.advance(Duration::from_secs(120));
+    let used_at = clock.now();
+    for (token, _) in &created {
+        s.validate(token, true, None, None).await.expect("valid");
+    }
+    for _ in 0..200 {
+        if s.store().queued_touches() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.store().queued_touches(), 0, "every touch written");
+    for (_, id) in &created {
+        let session = s.store().get(id).expect("get").expect("stored");
+        assert_eq!(session.last_seen_at, used_at, "session {id}");
+    }
 }

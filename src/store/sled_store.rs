@@ -95,12 +95,15 @@ struct Shared {
     log_epoch: u64,
     /// How long an ended session's tombstone is kept.
     tombstone_retention: std::time::Duration,
-    /// Touches queued for the writer but not applied yet. Reads apply them on top of the tree, so
-    /// a validate right after a touch sees the deadline the touch's reply promised. Bounded by the
-    /// command queue, since an entry exists only while its command is queued.
+    /// Touches waiting for the writer. Reads apply them on top of the tree, so a validate right
+    /// after a touch sees the deadline the touch's reply promised. The writer takes them all at
+    /// once (`Op::DrainTouches`), at most `TOUCH_DELAY` after the first, so touches cost the
+    /// writer one wake-up per round rather than one each. Bounded by `MAX_QUEUED_TOUCHES`.
     /// A read-write lock: every validate reads it, while touches (at most one per session per
     /// `touch_interval`) rarely write it.
     queued_touches: RwLock<HashMap<SessionId, Timestamp>>,
+    /// Set while a drain of `queued_touches` is scheduled and not yet begun.
+    drain_scheduled: AtomicBool,
     /// Session records for reads; the writer writes through it (see `session_cache`).
     cache: SessionCache,
 }
@@ -213,10 +216,13 @@ enum Op {
         older_than: Timestamp,
         keep: u64,
     },
+    /// One touch, within a drain.
     Touch {
         id: SessionId,
         now: Timestamp,
     },
+    /// Applies every queued touch (see `Shared::queued_touches`).
+    DrainTouches,
     PurgeUserState {
         older_than: Timestamp,
         now: Timestamp,
@@ -265,6 +271,15 @@ struct Pending {
 }
 
 impl SledStore {
+    /// Touches answered for but not written yet (the writer takes them every `TOUCH_DELAY`).
+    pub fn queued_touches(&self) -> usize {
+        self.shared
+            .queued_touches
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// Opens (or creates) the store in `dir`. Refuses a directory that holds anything but a
     /// session-authority store, so it never starts empty over someone's data.
     pub fn open(
@@ -297,6 +312,7 @@ impl SledStore {
             log_epoch,
             tombstone_retention,
             queued_touches: RwLock::new(HashMap::new()),
+            drain_scheduled: AtomicBool::new(false),
             cache: SessionCache::new(usize::try_from(session_cache_bytes).unwrap_or(usize::MAX)),
         });
 
@@ -728,19 +744,37 @@ impl SessionStore for SledStore {
     }
 
     fn touch(&self, id: SessionId, now: Timestamp) {
-        let previous = self.shared.touches().insert(id, now);
-        let command = Command {
-            op: Op::Touch { id, now },
+        {
+            let mut touches = self.shared.touches();
+            if touches.len() >= MAX_QUEUED_TOUCHES && !touches.contains_key(&id) {
+                // The writer is this far behind: the touch is shed, as a full queue shed it before.
+                return;
+            }
+            let at = touches.entry(id).or_insert(now);
+            *at = (*at).max(now);
+        }
+        if self.shared.drain_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let drain = || Command {
+            op: Op::DrainTouches,
             reply: None,
         };
-        if self.commands.try_send(command).is_err() {
-            // Not queued: forget it, unless a newer touch took its place meanwhile.
-            let mut touches = self.shared.touches();
-            if touches.get(&id) == Some(&now) {
-                match previous {
-                    Some(p) => touches.insert(id, p),
-                    None => touches.remove(&id),
-                };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let commands = self.commands.clone();
+                runtime.spawn(async move {
+                    tokio::time::sleep(TOUCH_DELAY).await;
+                    // Err: the store is closing; its writer drains before it stops.
+                    let _ = commands.send(drain()).await;
+                });
+            }
+            // Outside a runtime (a tool driving the store directly): now, and without waiting
+            // for room, since nothing here can wait.
+            Err(_) => {
+                if self.commands.try_send(drain()).is_err() {
+                    self.shared.drain_scheduled.store(false, Ordering::Release);
+                }
             }
         }
     }
@@ -1129,10 +1163,15 @@ fn warm_cache(
 /// Most creations applied as one sled batch. sled's cost is mostly per batch (its log
 /// reservation and page updates), so queued creations share one.
 const MAX_CREATE_GROUP: usize = 64;
-/// Most touches applied as one sled batch. Every validate of a session not used for
-/// `touch_interval` queues one; at a million sessions they arrive by the thousand per second, and
-/// one batch each kept creations and revocations waiting behind them for seconds.
+/// Most touches applied in one transaction of a drain.
 const MAX_TOUCH_GROUP: usize = 512;
+/// How long touches gather before the writer takes them. Every validate of a session not used for
+/// `touch_interval` makes one; at a million sessions they come by the ten thousand per second, and
+/// waking the writer for each cost more than writing it (a context switch each way, on the cores
+/// that serve the calls). A touch is visible to reads at once; this delays only its write.
+const TOUCH_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
+/// Most touches waiting for the writer; past it, new ones are shed (see `SledStore::touch`).
+const MAX_QUEUED_TOUCHES: usize = 1 << 18;
 
 fn writer_loop(
     shared: &Shared,
@@ -1157,6 +1196,8 @@ fn writer_loop(
             continue;
         };
         if matches!(op, Op::Close) {
+            // Touches still waiting are written first, so a clean stop keeps them.
+            drain_touches(shared, &mut head);
             // Answered by the flusher after a final flush of everything before it.
             let _ = pending.send(Pending {
                 reply,
@@ -1170,6 +1211,10 @@ fn writer_loop(
             refuse(reply);
             continue;
         }
+        if matches!(op, Op::DrainTouches) {
+            drain_touches(shared, &mut head);
+            continue;
+        }
         if let Op::Warm { after } = op {
             // Nothing to make durable: answered here, not by the flusher.
             let warmed = warm_cache(&shared.tree, &shared.cache, after).map(Outcome::Warmed);
@@ -1178,7 +1223,6 @@ fn writer_loop(
             }
             continue;
         }
-        let touched = touched(&op);
         let mut tx = Tx::new(shared, head);
         let result = tx.run(op);
         let (outcome, events) = match tx.commit() {
@@ -1188,7 +1232,6 @@ fn writer_loop(
             }
             Err(e) => (Err(e), Vec::new()),
         };
-        shared.touches_applied(touched);
         if pending
             .send(Pending {
                 reply,
@@ -1209,8 +1252,6 @@ fn writer_loop(
 enum Sharing {
     /// A creation, for this user.
     Create(String, String),
-    /// A touch of this session.
-    Touch(SessionId),
     /// A rotation or a defence (a DBSC refresh, a reuse or drift verdict) of this session.
     Session(SessionId),
 }
@@ -1221,7 +1262,6 @@ fn sharing(op: &Op) -> Option<Sharing> {
             session.tenant_id.clone(),
             session.user_id.clone(),
         )),
-        Op::Touch { id, .. } => Some(Sharing::Touch(*id)),
         Op::Rotate { id, .. } | Op::Defend { id, .. } => Some(Sharing::Session(*id)),
         _ => None,
     }
@@ -1239,10 +1279,7 @@ fn gather(
     let Some(kind) = sharing(&first.op) else {
         return (vec![first], None);
     };
-    let max = match kind {
-        Sharing::Create(..) | Sharing::Session(_) => MAX_CREATE_GROUP,
-        Sharing::Touch(_) => MAX_TOUCH_GROUP,
-    };
+    let max = MAX_CREATE_GROUP;
     let same_kind = std::mem::discriminant(&kind);
     let mut seen = HashSet::from([kind]);
     let mut group = vec![first];
@@ -1260,10 +1297,37 @@ fn gather(
     (group, None)
 }
 
-fn touched(op: &Op) -> Option<(SessionId, Timestamp)> {
-    match op {
-        Op::Touch { id, now } => Some((*id, *now)),
-        _ => None,
+/// Applies every queued touch, `MAX_TOUCH_GROUP` to a transaction, then takes each out of the
+/// queue (unless a newer touch of its session came meanwhile). A touch ends nothing and emits no
+/// event, so nothing goes to the flusher: its writes ride the next flush, another command's or
+/// sled's own (every 500 ms), as RELIABILITY.md says of last use.
+fn drain_touches(shared: &Shared, head: &mut u64) {
+    // Cleared before the queue is read: a touch queued after the read schedules the next drain.
+    shared.drain_scheduled.store(false, Ordering::Release);
+    let due: Vec<(SessionId, Timestamp)> = shared
+        .queued_touches
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(id, at)| (*id, *at))
+        .collect();
+    for chunk in due.chunks(MAX_TOUCH_GROUP) {
+        if !shared.healthy.load(Ordering::Acquire) {
+            // Kept queued: reads still see them, and nothing more can be written.
+            return;
+        }
+        let mut tx = Tx::new(shared, *head);
+        for &(id, now) in chunk {
+            if let Err(e) = tx.run(Op::Touch { id, now }) {
+                tracing::warn!(session = %id, error = %e, "touch not applied");
+            }
+        }
+        if let Ok((new_head, _)) = tx.commit() {
+            *head = new_head;
+        }
+        for &touch in chunk {
+            shared.touches_applied(Some(touch));
+        }
     }
 }
 
@@ -1281,9 +1345,7 @@ fn apply_group(
     }
     let mut tx = Tx::new(shared, *head);
     let mut results = Vec::with_capacity(group.len());
-    let mut touches = Vec::new();
     for Command { op, reply } in group {
-        touches.extend(touched(&op));
         results.push((reply, tx.run(op)));
     }
     let (committed, mut events) = match tx.commit() {
@@ -1293,9 +1355,6 @@ fn apply_group(
         }
         Err(e) => (Err(e), Vec::new()),
     };
-    for t in touches {
-        shared.touches_applied(Some(t));
-    }
     for (reply, result) in results {
         let outcome = match &committed {
             Ok(()) => result,
@@ -1370,6 +1429,7 @@ fn flusher_loop(shared: &Shared, pending: std_mpsc::Receiver<Pending>) {
 struct Tx<'a> {
     tree: &'a sled::Tree,
     cache: &'a SessionCache,
+    queued_touches: &'a RwLock<HashMap<SessionId, Timestamp>>,
     healthy: &'a AtomicBool,
     /// What this batch does to each session it writes, in order, for the cache.
     changed: Vec<Change>,
@@ -1382,8 +1442,14 @@ struct Tx<'a> {
     /// Sessions this batch writes in full.
     written: HashSet<SessionId>,
     batch: sled::Batch,
+    /// The last uses this batch writes (also in `batch`, in order). When they are all it writes,
+    /// they go in key by key instead: each is one key, whole on its own, and a sled batch forces
+    /// its log buffer out to disk (a write on sled's thread pool) while single inserts share the
+    /// buffer until the next flush.
+    last_uses: Vec<([u8; 17], [u8; 16])>,
     events: Vec<Event>,
     head: u64,
+    /// Set by any write other than a last use.
     dirty: bool,
     tombstone_retention: std::time::Duration,
 }
@@ -1393,12 +1459,14 @@ impl<'a> Tx<'a> {
         Self {
             tree: &shared.tree,
             cache: &shared.cache,
+            queued_touches: &shared.queued_touches,
             healthy: &shared.healthy,
             changed: Vec::new(),
             touching: false,
             filed: Default::default(),
             written: HashSet::new(),
             batch: sled::Batch::default(),
+            last_uses: Vec::new(),
             events: Vec::new(),
             head,
             dirty: false,
@@ -1410,9 +1478,15 @@ impl<'a> Tx<'a> {
         // The head is not written here: it is the last event's key, read at open. Only pruning,
         // which may delete that key, records it (see `prune`). One key fewer per write matters:
         // sled's cost is per key.
-        if self.dirty {
+        if self.dirty || !self.last_uses.is_empty() {
             self.cache.write_begins();
-            let applied = self.tree.apply_batch(self.batch);
+            let applied = if self.dirty {
+                self.tree.apply_batch(self.batch)
+            } else {
+                self.last_uses
+                    .into_iter()
+                    .try_for_each(|(key, value)| self.tree.insert(key, &value[..]).map(drop))
+            };
             self.cache.write_ends(self.changed, applied.is_ok());
             if let Err(e) = applied {
                 // sled fails a batch when an earlier write of its log failed (a full disk, say):
@@ -1506,7 +1580,7 @@ impl<'a> Tx<'a> {
                 self.prune_audit(older_than, limit).map(Outcome::Count)
             }
             // Both are answered by `writer_loop` itself and never reach a batch.
-            Op::Close | Op::Warm { .. } => Ok(Outcome::Nothing),
+            Op::Close | Op::Warm { .. } | Op::DrainTouches => Ok(Outcome::Nothing),
         }
     }
 
@@ -1629,15 +1703,13 @@ impl<'a> Tx<'a> {
             at: new.last_seen_at,
             filed,
         };
-        self.batch.insert(
-            &keys::touch(&new.id)[..],
-            &records::encode_last_use(&last_use)[..],
-        );
+        let (key, value) = (keys::touch(&new.id), records::encode_last_use(&last_use));
+        self.batch.insert(&key[..], &value[..]);
+        self.last_uses.push((key, value));
         self.changed.push((
             new.id,
             Some(records::encode_session(new).into_boxed_slice()),
         ));
-        self.dirty = true;
     }
 
     /// After a sweep: sessions it found due that are live because a touch moved their deadline
@@ -1805,13 +1877,34 @@ impl View for Tx<'_> {
         if let Some(l) = last_use {
             self.filed.borrow_mut().insert(*id, l.filed);
         }
-        match self.cache.get(id, |r| records::decode_session(*id, r)) {
-            Some(cached) => cached.map(Some),
+        let mut session = match self.cache.get(id, |r| records::decode_session(*id, r)) {
+            Some(cached) => cached?,
             None => match self.tree.get(keys::session(id))? {
-                None => Ok(None),
-                Some(record) => Ok(Some(with_last_use(*id, record, last_use)?.0)),
+                None => return Ok(None),
+                Some(record) => with_last_use(*id, record, last_use)?.0,
             },
+        };
+        // A touch still waiting for its drain counts, as it does for reads: a sweep must not end
+        // a session whose use a validate has already answered for. Not while a touch is applied:
+        // it would find its own last use already there, and write nothing.
+        let queued = if self.touching {
+            None
+        } else {
+            self.queued_touches
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .copied()
+        };
+        if let Some(at) = queued.filter(|at| session.is_active() && *at > session.last_seen_at) {
+            // The deadline entry stays where the stored last use filed it (see `put`).
+            self.filed
+                .borrow_mut()
+                .entry(*id)
+                .or_insert(session.last_seen_at);
+            session.last_seen_at = at;
         }
+        Ok(Some(session))
     }
 
     /// A user's active sessions, by creation time.
