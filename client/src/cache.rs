@@ -396,7 +396,15 @@ type ByToken = HashMap<TokenKey, Entry, BuildHasherDefault<PassThrough>>;
 
 struct Entry {
     session: Arc<pb::Session>,
-    valid_until: SystemTime,
+    /// Nanoseconds since the Unix epoch: 8 bytes where a `SystemTime` takes 16, so that a table
+    /// slot (with its 16-byte key) is half a cache line, and a hit's slot is more often in cache.
+    valid_until: u64,
+}
+
+/// `t` in nanoseconds since the Unix epoch (0 before it, saturating in the year 2554).
+fn epoch_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Where a miss stood when it went to the service, to judge its answer when it comes back.
@@ -433,7 +441,7 @@ impl State {
     fn lookup(&mut self, key: &TokenKey, now: SystemTime) -> Lookup {
         if self.live {
             match self.entries.get(key) {
-                Some(e) if now < e.valid_until => {
+                Some(e) if epoch_nanos(now) < e.valid_until => {
                     self.hits += 1;
                     return Lookup::Hit(e.session.clone());
                 }
@@ -488,7 +496,7 @@ impl State {
         let session_id = session.session_id.clone();
         let entry = Entry {
             session,
-            valid_until,
+            valid_until: epoch_nanos(valid_until),
         };
         if self.entries.insert(key, entry).is_none() {
             self.by_session.entry(session_id).or_default().push(key);
