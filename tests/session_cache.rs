@@ -171,6 +171,24 @@ async fn a_cache_smaller_than_the_store_holds_its_bytes_and_every_session_still_
     assert!(after.bytes <= budget as usize, "{after:?}");
 }
 
+/// `n` sessions, each validated with a touch two minutes after its creation (past
+/// `touch_interval`, so each validate touches); their tokens and ids, and when they were used.
+async fn used_two_minutes_later(
+    s: &Sessions<SledStore>,
+    clock: &ManualClock,
+    n: usize,
+) -> (
+    Vec<(String, session_authority::token::SessionId)>,
+    Timestamp,
+) {
+    let created = create(s, n).await;
+    clock.advance(Duration::from_secs(120));
+    for (token, _) in &created {
+        s.validate(token, true, None, None).await.expect("valid");
+    }
+    (created, clock.now())
+}
+
 /// Touches wait a moment to be written together (one wake-up of the writer for many); a store
 /// closed in that moment writes them before it stops.
 #[tokio::test]
@@ -178,12 +196,7 @@ async fn touches_not_yet_written_are_kept_by_a_clean_close() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new(START));
     let s = open_with(dir.path(), 8 << 20, clock.clone());
-    let created = create(&s, 100).await;
-    clock.advance(Duration::from_secs(120));
-    let used_at = clock.now();
-    for (token, _) in &created {
-        s.validate(token, true, None, None).await.expect("valid");
-    }
+    let (created, used_at) = used_two_minutes_later(&s, &clock, 100).await;
     s.store().close().await.expect("close");
     drop(s);
     let s = open_with(dir.path(), 8 << 20, clock.clone());
@@ -200,12 +213,7 @@ async fn touches_are_written_in_the_background() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new(START));
     let s = open_with(dir.path(), 8 << 20, clock.clone());
-    let created = create(&s, 300).await;
-    clock.advance(Duration::from_secs(120));
-    let used_at = clock.now();
-    for (token, _) in &created {
-        s.validate(token, true, None, None).await.expect("valid");
-    }
+    let (created, used_at) = used_two_minutes_later(&s, &clock, 300).await;
     for _ in 0..200 {
         if s.store().queued_touches() == 0 {
             break;
