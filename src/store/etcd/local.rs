@@ -33,8 +33,23 @@ fn free_port() -> std::io::Result<u16> {
 
 impl LocalCluster {
     /// Starts `n` members of `binary` (with `--quota-backend-bytes` if given) and waits until
-    /// the cluster has a leader.
+    /// the cluster has a leader. A start that fails is tried again on fresh ports, up to three
+    /// times: a port is free when picked but may be taken before etcd binds it (tests start
+    /// many clusters and servers at once), and the member then exits at once.
     pub fn start(binary: &Path, n: usize, quota_bytes: Option<u64>) -> std::io::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(binary, n, quota_bytes) {
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(error = %e, attempt, "local etcd did not start; trying new ports");
+                    attempt += 1;
+                }
+                started => return started,
+            }
+        }
+    }
+
+    fn start_once(binary: &Path, n: usize, quota_bytes: Option<u64>) -> std::io::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut members = Vec::new();
         for i in 0..n {
@@ -62,8 +77,27 @@ impl LocalCluster {
         for i in 0..n {
             cluster.spawn(i)?;
         }
-        cluster.wait_healthy(Duration::from_secs(30))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster.wait_healthy(Duration::from_millis(500)).is_err() {
+            if cluster.members_exited() * 2 > n {
+                // No quorum can form: the cluster's members died at start.
+                return Err(std::io::Error::other("etcd members exited at start"));
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::other("etcd cluster not healthy in time"));
+            }
+        }
         Ok(cluster)
+    }
+
+    /// How many members were started and have exited since.
+    fn members_exited(&mut self) -> usize {
+        self.members
+            .iter_mut()
+            .filter_map(|m| m.child.as_mut())
+            .map(|c| c.try_wait())
+            .filter(|exited| matches!(exited, Ok(Some(_))))
+            .count()
     }
 
     fn spawn(&mut self, i: usize) -> std::io::Result<()> {
@@ -206,4 +240,19 @@ pub fn find_etcd() -> Option<PathBuf> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Members that die at start (here a binary that exits at once, as etcd does when its port
+    /// was taken) are noticed as such, and not waited for.
+    #[test]
+    fn members_that_exit_at_start_are_reported_not_waited_for() {
+        let Err(e) = LocalCluster::start(Path::new("/bin/false"), 1, None) else {
+            panic!("a cluster of /bin/false started");
+        };
+        assert!(e.to_string().contains("exited at start"), "{e}");
+    }
 }
