@@ -108,6 +108,13 @@ struct Shared {
     cache: SessionCache,
 }
 
+/// The queue of touches, for reading. As with `Shared::touches`, a poisoned lock is still usable.
+fn queued(
+    touches: &RwLock<HashMap<SessionId, Timestamp>>,
+) -> std::sync::RwLockReadGuard<'_, HashMap<SessionId, Timestamp>> {
+    touches.read().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Shared {
     // The map holds plain values; a panic elsewhere cannot leave it half-updated, so a poisoned
     // lock is still usable.
@@ -119,12 +126,10 @@ impl Shared {
 
     /// The writer, after applying (or failing) a touch: the tree now answers for it. Keeps a newer
     /// queued touch of the same session.
-    fn touches_applied(&self, touch: Option<(SessionId, Timestamp)>) {
-        if let Some((id, at)) = touch {
-            let mut touches = self.touches();
-            if touches.get(&id).is_some_and(|queued| *queued <= at) {
-                touches.remove(&id);
-            }
+    fn touch_applied(&self, id: SessionId, at: Timestamp) {
+        let mut touches = self.touches();
+        if touches.get(&id).is_some_and(|queued| *queued <= at) {
+            touches.remove(&id);
         }
     }
 
@@ -134,12 +139,7 @@ impl Shared {
         // drops the cached record) before it removes the queued touch, so read in this order one
         // of the two always has it. The other order could see the record from before the touch
         // and then no queued touch, and call a session used a moment ago idle.
-        let queued = self
-            .queued_touches
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .copied();
+        let queued = queued(&self.queued_touches).get(id).copied();
         let mut session = match self.cache.get(id, |r| records::decode_session(*id, r)) {
             Some(cached) => Some(cached?),
             None => {
@@ -273,11 +273,7 @@ struct Pending {
 impl SledStore {
     /// Touches answered for but not written yet (the writer takes them every `TOUCH_DELAY`).
     pub fn queued_touches(&self) -> usize {
-        self.shared
-            .queued_touches
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        queued(&self.shared.queued_touches).len()
     }
 
     /// Opens (or creates) the store in `dir`. Refuses a directory that holds anything but a
@@ -1304,10 +1300,7 @@ fn gather(
 fn drain_touches(shared: &Shared, head: &mut u64) {
     // Cleared before the queue is read: a touch queued after the read schedules the next drain.
     shared.drain_scheduled.store(false, Ordering::Release);
-    let due: Vec<(SessionId, Timestamp)> = shared
-        .queued_touches
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
+    let due: Vec<(SessionId, Timestamp)> = queued(&shared.queued_touches)
         .iter()
         .map(|(id, at)| (*id, *at))
         .collect();
@@ -1325,8 +1318,8 @@ fn drain_touches(shared: &Shared, head: &mut u64) {
         if let Ok((new_head, _)) = tx.commit() {
             *head = new_head;
         }
-        for &touch in chunk {
-            shared.touches_applied(Some(touch));
+        for &(id, at) in chunk {
+            shared.touch_applied(id, at);
         }
     }
 }
@@ -1890,11 +1883,7 @@ impl View for Tx<'_> {
         let queued = if self.touching {
             None
         } else {
-            self.queued_touches
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(id)
-                .copied()
+            queued(self.queued_touches).get(id).copied()
         };
         if let Some(at) = queued.filter(|at| session.is_active() && *at > session.last_seen_at) {
             // The deadline entry stays where the stored last use filed it (see `put`).
