@@ -44,6 +44,12 @@ pub enum Error {
     #[error("storage unavailable: {0}")]
     Storage(String),
 
+    /// The store's disk failed under a read or write (a full disk, say). Unlike `Storage`, it
+    /// says the store cannot be trusted to write again until a restart: the store turns
+    /// unhealthy (health NOT_SERVING) on it.
+    #[error("storage unavailable: {0}")]
+    StorageFailed(String),
+
     /// The service is stopping and takes no more writes.
     #[error("service is shutting down")]
     ShuttingDown,
@@ -93,6 +99,7 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Storage(_)
+            | Error::StorageFailed(_)
             | Error::ShuttingDown
             | Error::DataDir(_)
             | Error::Server(_)
@@ -101,7 +108,11 @@ impl From<Error> for Status {
         };
         if matches!(
             e,
-            Error::Storage(_) | Error::DataDir(_) | Error::Server(_) | Error::StoreFull(_)
+            Error::Storage(_)
+                | Error::StorageFailed(_)
+                | Error::DataDir(_)
+                | Error::Server(_)
+                | Error::StoreFull(_)
         ) {
             tracing::warn!(error = %e, "request failed: service unavailable");
         }

@@ -168,15 +168,25 @@ async fn a_full_disk_fails_writes_and_loses_nothing_acknowledged() {
     );
     // Health turns NOT_SERVING, and further writes fail too.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    // What health said, each time it changed: a timeout then shows whether the server said
+    // SERVING or could not answer at all.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     eventually("health NOT_SERVING", || {
         let mut health = health.clone();
+        let seen = seen.clone();
+        let failure = failure.message().to_owned();
         async move {
-            health
+            let answer = health
                 .check(tonic_health::pb::HealthCheckRequest::default())
                 .await
-                .map(|r| r.into_inner().status())
-                .ok()
-                == Some(tonic_health::pb::health_check_response::ServingStatus::NotServing)
+                .map(|r| r.into_inner().status());
+            let said = format!("{answer:?}");
+            let mut last = seen.lock().expect("not poisoned");
+            if *last != said {
+                eprintln!("health after the failure ({failure}): {said}");
+                *last = said;
+            }
+            answer.ok() == Some(tonic_health::pb::health_check_response::ServingStatus::NotServing)
         }
     })
     .await;

@@ -62,10 +62,15 @@ use crate::{
     token::{SessionId, TokenHash},
 };
 
-/// sled's errors become the service's storage error here, so no other module knows sled.
+/// sled's errors become the service's storage errors here, so no other module knows sled. An I/O
+/// error is a failed disk: sled may have lost a write of its log, also under a read (a read can
+/// merge or split nodes of the tree, which writes).
 impl From<sled::Error> for Error {
     fn from(e: sled::Error) -> Self {
-        Error::Storage(e.to_string())
+        match e {
+            sled::Error::Io(_) => Error::StorageFailed(e.to_string()),
+            _ => Error::Storage(e.to_string()),
+        }
     }
 }
 
@@ -1169,12 +1174,27 @@ const TOUCH_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
 /// Most touches waiting for the writer; past it, new ones are shed (see `SledStore::touch`).
 const MAX_QUEUED_TOUCHES: usize = 1 << 18;
 
+/// Held by the writer and the flusher: if either dies by a panic (sled's own asserts included),
+/// the store can no longer take writes, and every write would fail as "shutting down" while
+/// health still said SERVING. Marking it unhealthy makes health say so, as after an I/O error.
+struct UnhealthyIfPanicking<'a>(&'a AtomicBool);
+
+impl Drop for UnhealthyIfPanicking<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(false, Ordering::Release);
+            tracing::error!("a store thread panicked; refusing further writes");
+        }
+    }
+}
+
 fn writer_loop(
     shared: &Shared,
     mut commands: mpsc::Receiver<Command>,
     pending: std_mpsc::Sender<Pending>,
     mut head: u64,
 ) {
+    let _guard = UnhealthyIfPanicking(&shared.healthy);
     let mut carried = None;
     loop {
         let Some(first) = carried.take().or_else(|| commands.blocking_recv()) else {
@@ -1377,6 +1397,7 @@ fn refuse(reply: Option<Reply>) {
 }
 
 fn flusher_loop(shared: &Shared, pending: std_mpsc::Receiver<Pending>) {
+    let _guard = UnhealthyIfPanicking(&shared.healthy);
     while let Ok(first) = pending.recv() {
         let mut group = vec![first];
         while let Ok(more) = pending.try_recv() {
@@ -1492,7 +1513,19 @@ impl<'a> Tx<'a> {
         Ok((self.head, self.events))
     }
 
+    /// Runs one command into the batch. A failed disk under its reads fails the store as a failed
+    /// write does (see `commit`): otherwise every later command could fail the same way while
+    /// health still said SERVING.
     fn run(&mut self, op: Op) -> Result<Outcome> {
+        let result = self.run_op(op);
+        if let Err(Error::StorageFailed(e)) = &result {
+            self.healthy.store(false, Ordering::Release);
+            tracing::error!(error = %e, "store read failed; refusing further writes");
+        }
+        result
+    }
+
+    fn run_op(&mut self, op: Op) -> Result<Outcome> {
         match op {
             Op::Create { session, rules } => self
                 .plan(|p| p.create(*session, rules))
@@ -1584,7 +1617,7 @@ impl<'a> Tx<'a> {
         let mut planner = Planner::new(&*self, Plan::new(self.head, self.tombstone_retention));
         let result = write(&mut planner);
         let plan = planner.plan;
-        if !matches!(result, Err(Error::Storage(_))) {
+        if !matches!(result, Err(Error::Storage(_) | Error::StorageFailed(_))) {
             self.apply(plan);
         }
         result
@@ -1937,4 +1970,49 @@ fn audit_id(key: &[u8]) -> Result<u64> {
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| Error::Storage("corrupt audit key".into()))?;
     Ok(u64::from_be_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writer and flusher hold this guard: a panic in either must turn health to NOT_SERVING,
+    /// while a thread that ends normally (a clean close) leaves health alone.
+    #[test]
+    fn a_store_thread_that_panics_marks_the_store_unhealthy() {
+        let healthy = AtomicBool::new(true);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _guard = UnhealthyIfPanicking(&healthy);
+            })
+            .join()
+            .expect("ends normally");
+        });
+        assert!(
+            healthy.load(Ordering::Acquire),
+            "a normal exit is not a failure"
+        );
+        std::thread::scope(|s| {
+            let joined = s
+                .spawn(|| {
+                    let _guard = UnhealthyIfPanicking(&healthy);
+                    panic!("as sled's asserts can");
+                })
+                .join();
+            assert!(joined.is_err());
+        });
+        assert!(!healthy.load(Ordering::Acquire));
+    }
+
+    /// A full disk can first show under a read (sled merges and splits nodes while it walks the
+    /// tree): the faults test once saw writes fail so while health said SERVING. The writer turns
+    /// unhealthy on `StorageFailed` (see `Tx::run`); other storage errors (a corrupt record) do
+    /// not stop all writes.
+    #[test]
+    fn sled_io_errors_are_store_failures_and_others_are_not() {
+        let full = sled::Error::Io(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert!(matches!(Error::from(full), Error::StorageFailed(_)));
+        let unsupported = sled::Error::Unsupported("x".into());
+        assert!(matches!(Error::from(unsupported), Error::Storage(_)));
+    }
 }

@@ -959,7 +959,7 @@ impl Inner {
             let mut planner = Planner::new(&view, Plan::new(head, self.tombstone_retention));
             let result = write(&mut planner);
             let plan = planner.plan;
-            if matches!(result, Err(Error::Storage(_))) {
+            if matches!(result, Err(Error::Storage(_) | Error::StorageFailed(_))) {
                 fates.push(Fate::Alone(result));
                 continue;
             }
