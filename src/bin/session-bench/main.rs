@@ -478,18 +478,20 @@ async fn mixed_call(
 
 /// ValidateSession over `tokens` (touch on) from every caller of `args`.
 async fn validate_loop(args: &Args, channels: &[Channel], tokens: Arc<Vec<String>>) -> Report {
-    validate_loop_touching(args, channels, tokens, None).await
+    validate_loop_touching(args, channels, tokens, 0, None).await
 }
 
-/// As `validate_loop`, with `touch` as the requests' (None: the server's default, a touch).
+/// As `validate_loop`, from the token at `offset` on, with `touch` as the requests' (None: the
+/// server's default, a touch).
 async fn validate_loop_touching(
     args: &Args,
     channels: &[Channel],
     tokens: Arc<Vec<String>>,
+    offset: usize,
     touch: Option<bool>,
 ) -> Report {
     closed_loop(args, channels, move |ch, i| {
-        let token = tokens[i % tokens.len()].clone();
+        let token = tokens[(offset + i) % tokens.len()].clone();
         async move { validate_one(&mut SessionServiceClient::new(ch), &token, touch).await }
     })
     .await

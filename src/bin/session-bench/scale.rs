@@ -11,6 +11,11 @@
 //! 0.8x the smallest size's rate; from 10 million, p99 at most 2x, RSS at most 1.5 GiB, restart at
 //! most 5 s.
 //!
+//! `--runs N` repeats each timed phase (validate without and with touches, durable creates) N
+//! times per size and holds the medians to the targets; the runs' rates are printed too. On a
+//! shared 2-core VM one 5-second run drifts by a fifth from the next, as much as the margins the
+//! targets leave.
+//!
 //! Sessions carry what a browser login gives them (an IP, a real User-Agent, a device label), so
 //! the bytes per session are a real deployment's, not an empty record's.
 
@@ -33,10 +38,11 @@ use session_authority::{
     },
 };
 use tonic::transport::Channel;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 use crate::{
-    closed_loop, connect, fmt_ms, percentile, validate_loop, validate_loop_touching, Args, Error,
-    OwnServer, ScaleStore,
+    closed_loop, connect, fmt_ms, percentile, validate_loop_touching, Args, Error, OwnServer,
+    Report, ScaleStore,
 };
 
 /// Tokens kept to validate: every session up to a million, then an even spread over the store; few
@@ -98,9 +104,36 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         );
         // Reads alone first, then as clients send them (a touch each: at a million sessions each
         // session is validated once in the run, longer than `touch_interval` after its last use,
-        // so every validation also writes its last use; at 10,000 sessions, none does).
-        let reads = validate_loop_touching(args, &channels, tokens.clone(), Some(false)).await;
-        let validate = validate_loop(args, &channels, tokens.clone()).await;
+        // so every validation also writes its last use; at 10,000 sessions, none does). With
+        // `--runs`, each run starts at its own share of the tokens, so that a later run meets
+        // sessions that the earlier ones have not touched, and the figures are medians.
+        let runs = args.runs.max(1);
+        // An empty call in each run too: the VM's speed drifts over minutes, and validate's rate
+        // against health's, compared across sizes, shows what the store's size costs apart from
+        // that drift (printed beside the targets, which are on the raw rates).
+        let mut healths = Vec::with_capacity(runs);
+        let mut reads = Vec::with_capacity(runs);
+        let mut validates = Vec::with_capacity(runs);
+        for run in 0..runs {
+            let offset = run * tokens.len() / runs;
+            healths.push(
+                closed_loop(args, &channels, |ch, _| async move {
+                    HealthClient::new(ch)
+                        .check(HealthCheckRequest::default())
+                        .await
+                        .map(drop)
+                })
+                .await,
+            );
+            reads.push(
+                validate_loop_touching(args, &channels, tokens.clone(), offset, Some(false)).await,
+            );
+            validates
+                .push(validate_loop_touching(args, &channels, tokens.clone(), offset, None).await);
+        }
+        let (health, _) = Median::of(healths);
+        let (reads, reads_rates) = Median::of(reads);
+        let (validate, validate_rates) = Median::of(validates);
         let rss = server.rss_mib();
         // On etcd the store is the cluster's backend (one member's), not the server's directory.
         let disk = match &options {
@@ -109,13 +142,20 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         };
         // Durable creates at this size, measured apart from the load (which shares its time with
         // the growing store's first writes); their sessions stay.
-        let creates = closed_loop(args, &channels, move |ch, i| async move {
-            SessionServiceClient::new(ch)
-                .create_session(request(&format!("at-{n}-{i}"), i))
-                .await
-                .map(drop)
-        })
-        .await;
+        let mut created = Vec::with_capacity(runs);
+        for run in 0..runs {
+            created.push(
+                closed_loop(args, &channels, move |ch, i| async move {
+                    SessionServiceClient::new(ch)
+                        .create_session(request(&format!("at-{n}-{run}-{i}"), i))
+                        .await
+                        .map(drop)
+                })
+                .await,
+            );
+        }
+        let stored = n + created.iter().map(|c| c.latencies.len()).sum::<usize>();
+        let (creates, creates_rates) = Median::of(created);
         let restart = server.crash_and_restart().await?;
         channels = connect(server.addr, args.connections.max(1)).await?;
         // Still there after the crash.
@@ -128,16 +168,16 @@ pub async fn run(args: &Args) -> Result<(), Error> {
             .await?;
         // Memory of a server that loaded the store as it started, rather than grew with it.
         let rss_restarted = server.rss_mib();
-        let p99 = percentile(&validate.latencies, 0.99);
-        let reads_p99 = percentile(&reads.latencies, 0.99);
+        let p99 = validate.p99;
+        let reads_p99 = reads.p99;
         let base = *baseline.get_or_insert(Baseline {
             validate: validate.rate,
             p99,
             reads: reads.rate,
             reads_p99,
             create: creates.rate,
+            health: health.rate,
         });
-        let stored = n + creates.latencies.len();
         let figures = Figures {
             validate: validate.rate / base.validate.max(1e-9),
             p99: p99.as_secs_f64() / base.p99.as_secs_f64().max(1e-9),
@@ -148,27 +188,74 @@ pub async fn run(args: &Args) -> Result<(), Error> {
             restart: restart.as_secs_f64(),
         };
         println!(
-            "scenario=scale store={:?} sessions={n} validate_per_sec={:.0} p50={} p99={} p999={} errors={} p99_vs_smallest={:.2} server_rss_mib={rss:.0} rss_after_restart_mib={rss_restarted:.0} disk_mib={disk:.0} disk_bytes_per_session={:.0} restart_secs={:.2} load_creates_per_sec={:.0} creates_per_sec={:.0} create_p99={} no_touch_validate_per_sec={:.0} no_touch_p99={}",
+            "scenario=scale store={:?} sessions={n} runs={runs} health_per_sec={:.0} validate_per_sec={:.0} p50={} p99={} p999={} errors={} p99_vs_smallest={:.2} server_rss_mib={rss:.0} rss_after_restart_mib={rss_restarted:.0} disk_mib={disk:.0} disk_bytes_per_session={:.0} restart_secs={:.2} load_creates_per_sec={:.0} creates_per_sec={:.0} create_p99={} no_touch_validate_per_sec={:.0} no_touch_p99={} validate_runs=[{validate_rates}] no_touch_runs=[{reads_rates}] creates_runs=[{creates_rates}]",
             args.scale_store,
+            health.rate,
             validate.rate,
-            fmt_ms(percentile(&validate.latencies, 0.50)),
+            fmt_ms(validate.p50),
             fmt_ms(p99),
-            fmt_ms(percentile(&validate.latencies, 0.999)),
-            validate.errors,
+            fmt_ms(validate.p999),
+            validate.errors + reads.errors + creates.errors,
             figures.p99,
             disk * 1024.0 * 1024.0 / stored as f64,
             restart.as_secs_f64(),
             load_rate,
             creates.rate,
-            fmt_ms(percentile(&creates.latencies, 0.99)),
+            fmt_ms(creates.p99),
             reads.rate,
             fmt_ms(reads_p99),
         );
         if n > sizes_smallest {
             figures.print_against_targets(n);
+            // Not targets: the same ratios with each size's rate taken against its empty calls.
+            let drift = health.rate / base.health.max(1e-9);
+            println!(
+                "drift sessions={n} health_vs_smallest={drift:.2} validate_vs_smallest_per_health={:.2} no_touch_validate_vs_smallest_per_health={:.2} creates_vs_smallest_per_health={:.2}",
+                figures.validate / drift.max(1e-9),
+                figures.reads / drift.max(1e-9),
+                figures.create / drift.max(1e-9),
+            );
         }
     }
     Ok(())
+}
+
+/// A phase's figures over `--runs`: each the median of the runs' own (one run: its figures).
+struct Median {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    /// Over all runs.
+    errors: u64,
+}
+
+impl Median {
+    /// The medians, and every run's rate as printed.
+    fn of(mut reports: Vec<Report>) -> (Self, String) {
+        let rates: Vec<String> = reports.iter().map(|r| format!("{:.0}", r.rate)).collect();
+        let mut rate: Vec<f64> = reports.iter().map(|r| r.rate).collect();
+        rate.sort_by(f64::total_cmp);
+        let mut at = |p: f64| {
+            let mut v: Vec<Duration> = reports
+                .iter_mut()
+                .map(|r| {
+                    r.latencies.sort_unstable();
+                    percentile(&r.latencies, p)
+                })
+                .collect();
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or_default()
+        };
+        let median = Median {
+            p50: at(0.50),
+            p99: at(0.99),
+            p999: at(0.999),
+            rate: rate.get(rate.len() / 2).copied().unwrap_or(0.0),
+            errors: reports.iter().map(|r| r.errors).sum(),
+        };
+        (median, rates.join(","))
+    }
 }
 
 /// The smallest size's figures, which the others are compared with.
@@ -180,6 +267,8 @@ struct Baseline {
     reads: f64,
     reads_p99: Duration,
     create: f64,
+    /// An empty call's rate, to tell the VM's drift from the store's cost.
+    health: f64,
 }
 
 /// One size's figures, as ratios to the smallest size where the target is a ratio.
