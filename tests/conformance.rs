@@ -737,6 +737,47 @@ async fn a_bound_session_renews_only_against_a_fresh_challenge<B: Backend>(b: B)
     );
 }
 
+/// A store writes touches in rounds (sled a moment after the first, etcd in the background), and
+/// keeps only a session's latest while one waits, so a busy writer can meet a use more than an
+/// idle timeout after the stored one. Each use was live when a validate answered for it, so the
+/// latest must still be written: judged against the stored last use alone, it looked idle and was
+/// dropped, and a session used every 50 s of a 60 s idle timeout expired (a hardening test caught
+/// it when the writer lagged). On etcd the writer also planned on a copy that already showed the
+/// queued touch, so it found nothing to write, and no touch reached etcd but through a sweep.
+async fn a_later_use_queued_over_an_earlier_one_is_still_written<B: Backend>(b: B) {
+    let second = START.saturating_add(Duration::from_secs(1000));
+    let (token, id) = {
+        let h = harness(&b, policy(|_| {})).await;
+        let s = &h.sessions;
+        let created = s.create(new_session("t", "u")).await.expect("create");
+        // Two uses 500 s apart, both queued before the store writes either; a close writes
+        // what is queued (reads would answer from the queue, so only a reopen shows the write).
+        s.store().touch(
+            created.session.id,
+            START.saturating_add(Duration::from_secs(500)),
+        );
+        s.store().touch(created.session.id, second);
+        s.store().close().await.expect("close");
+        (created.token.expose().to_string(), created.session.id)
+    };
+    let h = harness(&b, policy(|_| {})).await;
+    let s = &h.sessions;
+    let stored = s.store().get(&id).expect("get").map(|s| s.last_seen_at);
+    assert_eq!(stored, Some(second), "the later use is written");
+    // Past the first use's idle deadline (1,100 s), before the second's (1,600 s).
+    h.clock.advance(Duration::from_secs(1500));
+    let retention = Retention {
+        age: Duration::from_secs(86_400),
+        count: 1_000_000,
+        user_state: Duration::from_secs(86_400),
+        audit: Duration::from_secs(86_400),
+    };
+    sweep_once(s, retention, &mut None).await.expect("sweep");
+    s.validate(&token, false, None, None)
+        .await
+        .expect("live: last used 500 s ago");
+}
+
 /// A use slides the idle deadline: the sweeper leaves the session alone at its first deadline
 /// (even a backend that files touches lazily must not expire it, nor keep finding it due), and
 /// ends it once at the deadline its last use gave it.
@@ -1050,6 +1091,7 @@ macro_rules! conformance {
                 a_login_from_a_new_device_or_place_is_marked_and_flagged,
                 an_expiry_is_recorded_once_however_many_notice_it,
                 a_used_session_outlives_its_first_idle_deadline_and_expires_at_its_last,
+                a_later_use_queued_over_an_earlier_one_is_still_written,
                 event_sequences_are_gapless_under_concurrent_writes,
                 impossible_travel_with_revoke_ends_every_session_of_the_user,
                 policies_audit_and_sessions_survive_a_reopen,

@@ -797,12 +797,17 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         Ok(expired)
     }
 
-    /// Records a use of a live session.
+    /// Records a use of a live session. A validate judged the session live when it used it, so
+    /// the use is judged here against itself, not against the stored last use: a store keeps only
+    /// a session's latest queued touch, and a writer that lags can meet one more than an idle
+    /// timeout after the stored use (the uses between were merged away), for a session that was
+    /// never idle. Ended sessions (revoked, or swept) stay ended, and a use past the absolute
+    /// deadline or the maximum age is not recorded.
     pub fn touch(&mut self, id: SessionId, now: Timestamp) -> Result<()> {
         if let Some(s) = self.view.session(&id)? {
-            if s.is_live_at(now) && now > s.last_seen_at {
-                let mut touched = s.clone();
-                touched.last_seen_at = now;
+            let mut touched = s.clone();
+            touched.last_seen_at = now;
+            if touched.is_live_at(now) && now > s.last_seen_at {
                 self.plan.put(Some(&s), Some(&touched));
             }
         }

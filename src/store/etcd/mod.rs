@@ -652,17 +652,7 @@ async fn flush_touches(inner: Arc<Inner>) {
             .map(|(id, at)| (*id, *at))
             .collect();
         for chunk in queued.chunks(CHUNK * 2) {
-            let written = inner
-                .plan({
-                    let chunk = chunk.to_vec();
-                    move |p| {
-                        for (id, at) in &chunk {
-                            p.touch(*id, *at)?;
-                        }
-                        Ok(())
-                    }
-                })
-                .await;
+            let written = inner.plan_touches(chunk.to_vec()).await;
             if let Err(e) = written {
                 tracing::debug!(error = %e, "touches not written; last_seen_at stays coarser");
             }
@@ -741,6 +731,10 @@ struct Queued {
 enum Work {
     /// Runs a planner; commits its plan.
     Plan(PlanFn),
+    /// As `Plan`, for queued touches: planned on the copy without the queued touches, which are
+    /// what it writes (applied to what it reads, each would find itself already there, and
+    /// write nothing).
+    Touches(PlanFn),
     /// Appends to the audit trail; answers the id (a `u64`).
     Audit(AuditEntry),
 }
@@ -810,6 +804,17 @@ impl Inner {
         write: impl Fn(&mut Planner<'_, Recording<'_>>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let work = Work::Plan(Box::new(move |p| write(p).map(|t| Box::new(t) as Planned)));
+        self.submit(work).await
+    }
+
+    /// Writes queued touches (see `Work::Touches`).
+    async fn plan_touches(&self, touches: Vec<(SessionId, Timestamp)>) -> Result<()> {
+        let work = Work::Touches(Box::new(move |p| {
+            for (id, at) in &touches {
+                p.touch(*id, *at)?;
+            }
+            Ok(Box::new(()) as Planned)
+        }));
         self.submit(work).await
     }
 
@@ -933,8 +938,9 @@ impl Inner {
         let mut audit_next = None;
         let mut audit_puts = Vec::new();
         for q in group {
-            let write = match &q.work {
-                Work::Plan(write) => write,
+            let (write, with_touches) = match &q.work {
+                Work::Plan(write) => (write, true),
+                Work::Touches(write) => (write, false),
                 Work::Audit(entry) => {
                     let id = match audit_next {
                         Some(id) => id,
@@ -955,7 +961,12 @@ impl Inner {
                     continue;
                 }
             };
-            let view = Recording::new(&state, self);
+            let without_touches = WithoutTouches(self);
+            let view = if with_touches {
+                Recording::new(&state, self)
+            } else {
+                Recording::new(&state, &without_touches)
+            };
             let mut planner = Planner::new(&view, Plan::new(head, self.tombstone_retention));
             let result = write(&mut planner);
             let plan = planner.plan;
@@ -1345,6 +1356,20 @@ impl Inner {
         .await?;
         lock(&self.unlogged).pop_front();
         Ok(true)
+    }
+}
+
+/// What a replica knows that its copy does not hold yet, less the queued touches: the view that
+/// writing them plans on (see `Work::Touches`).
+struct WithoutTouches<'a>(&'a Inner);
+
+impl Pending for WithoutTouches<'_> {
+    fn touched(&self, _: &SessionId) -> Option<Timestamp> {
+        None
+    }
+
+    fn unlogged(&self, id: &SessionId) -> Option<Session> {
+        self.0.unlogged(id)
     }
 }
 
