@@ -121,6 +121,17 @@ async fn harness<B: Backend>(backend: &B, default: Policy) -> Harness<B::Store> 
     Harness { sessions, clock }
 }
 
+/// What the sweeper keeps: a day of everything, longer than any of these tests.
+fn a_day_of_retention() -> Retention {
+    let day = Duration::from_secs(86_400);
+    Retention {
+        age: day,
+        count: 1_000_000,
+        user_state: day,
+        audit: day,
+    }
+}
+
 fn new_session(tenant: &str, user: &str) -> NewSession {
     NewSession {
         tenant_id: tenant.into(),
@@ -766,12 +777,7 @@ async fn a_later_use_queued_over_an_earlier_one_is_still_written<B: Backend>(b: 
     assert_eq!(stored, Some(second), "the later use is written");
     // Past the first use's idle deadline (1,100 s), before the second's (1,600 s).
     h.clock.advance(Duration::from_secs(1500));
-    let retention = Retention {
-        age: Duration::from_secs(86_400),
-        count: 1_000_000,
-        user_state: Duration::from_secs(86_400),
-        audit: Duration::from_secs(86_400),
-    };
+    let retention = a_day_of_retention();
     sweep_once(s, retention, &mut None).await.expect("sweep");
     s.validate(&token, false, None, None)
         .await
@@ -786,12 +792,7 @@ async fn a_used_session_outlives_its_first_idle_deadline_and_expires_at_its_last
     let s = &h.sessions;
     let created = s.create(new_session("t", "u")).await.expect("create");
     let token = created.token.expose().to_string();
-    let retention = Retention {
-        age: Duration::from_secs(86_400),
-        count: 1_000_000,
-        user_state: Duration::from_secs(86_400),
-        audit: Duration::from_secs(86_400),
-    };
+    let retention = a_day_of_retention();
     h.clock.advance(Duration::from_secs(300));
     s.validate(&token, true, None, None).await.expect("a use");
     // Past the idle deadline of creation (600 s), before that of the use (900 s).
@@ -828,12 +829,7 @@ async fn an_expiry_is_recorded_once_however_many_notice_it<B: Backend>(b: B) {
     let s = &h.sessions;
     let created = s.create(new_session("t", "u")).await.expect("create");
     h.clock.advance(Duration::from_secs(601));
-    let retention = Retention {
-        age: Duration::from_secs(86_400),
-        count: 1_000_000,
-        user_state: Duration::from_secs(86_400),
-        audit: Duration::from_secs(86_400),
-    };
+    let retention = a_day_of_retention();
     for _ in 0..3 {
         assert!(is_not_valid(
             s.validate(created.token.expose(), true, None, None).await
