@@ -81,6 +81,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// The store could not read or write (either kind): a planner's result then carries no plan
+    /// to apply.
+    pub fn is_storage(&self) -> bool {
+        matches!(self, Error::Storage(_) | Error::StorageFailed(_))
+    }
+
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Self::InvalidArgument {
             field,

@@ -1617,7 +1617,7 @@ impl<'a> Tx<'a> {
         let mut planner = Planner::new(&*self, Plan::new(self.head, self.tombstone_retention));
         let result = write(&mut planner);
         let plan = planner.plan;
-        if !matches!(result, Err(Error::Storage(_) | Error::StorageFailed(_))) {
+        if !result.as_ref().is_err_and(Error::is_storage) {
             self.apply(plan);
         }
         result

@@ -224,13 +224,7 @@ async fn run_once(
     for scenario in &args.scenarios {
         match scenario {
             Scenario::Health => {
-                let r = closed_loop(args, channels, |ch, _| async move {
-                    HealthClient::new(ch)
-                        .check(HealthCheckRequest::default())
-                        .await
-                        .map(drop)
-                })
-                .await;
+                let r = health_loop(args, channels).await;
                 health_rate = Some(r.rate);
                 r.print("health", health_rate);
             }
@@ -474,6 +468,18 @@ async fn mixed_call(
         },
         _ => validate_one(&mut client, &tokens[i % tokens.len()], None).await,
     }
+}
+
+/// The empty call (`grpc.health.v1.Health/Check`) from every caller of `args`: the transport's
+/// ceiling.
+async fn health_loop(args: &Args, channels: &[Channel]) -> Report {
+    closed_loop(args, channels, |ch, _| async move {
+        HealthClient::new(ch)
+            .check(HealthCheckRequest::default())
+            .await
+            .map(drop)
+    })
+    .await
 }
 
 /// ValidateSession over `tokens` (touch on) from every caller of `args`.

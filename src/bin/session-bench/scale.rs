@@ -38,11 +38,10 @@ use session_authority::{
     },
 };
 use tonic::transport::Channel;
-use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 use crate::{
-    closed_loop, connect, fmt_ms, percentile, validate_loop_touching, Args, Error, OwnServer,
-    Report, ScaleStore,
+    closed_loop, connect, fmt_ms, health_loop, percentile, validate_loop_touching, Args, Error,
+    OwnServer, Report, ScaleStore,
 };
 
 /// Tokens kept to validate: every session up to a million, then an even spread over the store; few
@@ -116,15 +115,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         let mut validates = Vec::with_capacity(runs);
         for run in 0..runs {
             let offset = run * tokens.len() / runs;
-            healths.push(
-                closed_loop(args, &channels, |ch, _| async move {
-                    HealthClient::new(ch)
-                        .check(HealthCheckRequest::default())
-                        .await
-                        .map(drop)
-                })
-                .await,
-            );
+            healths.push(health_loop(args, &channels).await);
             reads.push(
                 validate_loop_touching(args, &channels, tokens.clone(), offset, Some(false)).await,
             );
@@ -234,19 +225,23 @@ impl Median {
     /// The medians, and every run's rate as printed.
     fn of(mut reports: Vec<Report>) -> (Self, String) {
         let rates: Vec<String> = reports.iter().map(|r| format!("{:.0}", r.rate)).collect();
-        let mut rate: Vec<f64> = reports.iter().map(|r| r.rate).collect();
-        rate.sort_by(f64::total_cmp);
-        let mut at = |p: f64| {
-            let mut v: Vec<Duration> = reports
-                .iter_mut()
-                .map(|r| {
-                    r.latencies.sort_unstable();
-                    percentile(&r.latencies, p)
-                })
-                .collect();
+        for r in &mut reports {
+            r.latencies.sort_unstable();
+        }
+        let median_of = |mut v: Vec<Duration>| {
             v.sort_unstable();
             v.get(v.len() / 2).copied().unwrap_or_default()
         };
+        let at = |p: f64| {
+            median_of(
+                reports
+                    .iter()
+                    .map(|r| percentile(&r.latencies, p))
+                    .collect(),
+            )
+        };
+        let mut rate: Vec<f64> = reports.iter().map(|r| r.rate).collect();
+        rate.sort_by(f64::total_cmp);
         let median = Median {
             p50: at(0.50),
             p99: at(0.99),

@@ -962,15 +962,12 @@ impl Inner {
                 }
             };
             let without_touches = WithoutTouches(self);
-            let view = if with_touches {
-                Recording::new(&state, self)
-            } else {
-                Recording::new(&state, &without_touches)
-            };
+            let pending: &dyn Pending = if with_touches { self } else { &without_touches };
+            let view = Recording::new(&state, pending);
             let mut planner = Planner::new(&view, Plan::new(head, self.tombstone_retention));
             let result = write(&mut planner);
             let plan = planner.plan;
-            if matches!(result, Err(Error::Storage(_) | Error::StorageFailed(_))) {
+            if result.as_ref().is_err_and(Error::is_storage) {
                 fates.push(Fate::Alone(result));
                 continue;
             }
