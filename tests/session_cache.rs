@@ -12,7 +12,11 @@ use session_authority::{
         policy::Policy,
         session::{Device, RevokeReason},
     },
-    sessions::{policies::Policies, NewSession, Sessions},
+    sessions::{
+        policies::Policies,
+        sweeper::{sweep_once, Retention},
+        NewSession, Sessions,
+    },
     store::{CacheStats, RevokeTarget, SessionStore, SledStore},
     token::TokenGenerator,
 };
@@ -225,4 +229,56 @@ async fn touches_are_written_in_the_background() {
         let session = s.store().get(id).expect("get").expect("stored");
         assert_eq!(session.last_seen_at, used_at, "session {id}");
     }
+}
+
+/// Waits for the writer to have written every queued touch.
+async fn touches_written(s: &Sessions<SledStore>) {
+    for _ in 0..200 {
+        if s.store().queued_touches() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} touches still queued", s.store().queued_touches());
+}
+
+/// A touch written in the background writes the last use only and leaves the deadline entry where
+/// the record filed it; the writer keeps that position beside the cached record instead of
+/// reading it back. With it, the sweeper that finds such a session due at its first deadline
+/// files it anew, so it is due no more, and ends it at the deadline its use gave it. (Without the
+/// position the entry left behind was never moved: the session stayed due at every sweep.)
+#[tokio::test]
+async fn a_session_touched_in_the_background_is_filed_anew_once_and_ends_at_its_last_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(START));
+    let s = open_with(dir.path(), 8 << 20, clock.clone());
+    let (created, used_at) = used_two_minutes_later(&s, &clock, 50).await;
+    touches_written(&s).await;
+    let idle = Duration::from_secs(30 * 60);
+    let day = Duration::from_secs(86_400);
+    let retention = Retention {
+        age: day,
+        count: 1_000_000,
+        user_state: day,
+        audit: day,
+    };
+    // Past the idle deadline of the creation, before that of the use.
+    clock.advance(idle - Duration::from_secs(60));
+    assert_eq!(s.store().due(clock.now(), 100).expect("due").len(), 50);
+    sweep_once(&s, retention, &mut None).await.expect("sweep");
+    let due = s.store().due(clock.now(), 100).expect("due");
+    assert!(due.is_empty(), "still due after the sweep: {due:?}");
+    for (token, _) in &created {
+        s.validate(token, false, None, None)
+            .await
+            .expect("live: used less than the idle timeout ago");
+    }
+    // Past the use's.
+    clock.advance(Duration::from_secs(61));
+    assert!(clock.now() > used_at.saturating_add(idle));
+    sweep_once(&s, retention, &mut None).await.expect("sweep");
+    for (token, _) in &created {
+        assert!(s.validate(token, false, None, None).await.is_err());
+    }
+    assert!(s.store().due(clock.now(), 100).expect("due").is_empty());
 }
