@@ -193,6 +193,17 @@ async fn used_two_minutes_later(
     (created, clock.now())
 }
 
+/// Waits for the writer to have written every queued touch.
+async fn touches_written(s: &Sessions<SledStore>) {
+    for _ in 0..200 {
+        if s.store().queued_touches() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} touches still queued", s.store().queued_touches());
+}
+
 /// Touches wait a moment to be written together (one wake-up of the writer for many); a store
 /// closed in that moment writes them before it stops.
 #[tokio::test]
@@ -218,28 +229,11 @@ async fn touches_are_written_in_the_background() {
     let clock = Arc::new(ManualClock::new(START));
     let s = open_with(dir.path(), 8 << 20, clock.clone());
     let (created, used_at) = used_two_minutes_later(&s, &clock, 300).await;
-    for _ in 0..200 {
-        if s.store().queued_touches() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(s.store().queued_touches(), 0, "every touch written");
+    touches_written(&s).await;
     for (_, id) in &created {
         let session = s.store().get(id).expect("get").expect("stored");
         assert_eq!(session.last_seen_at, used_at, "session {id}");
     }
-}
-
-/// Waits for the writer to have written every queued touch.
-async fn touches_written(s: &Sessions<SledStore>) {
-    for _ in 0..200 {
-        if s.store().queued_touches() == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{} touches still queued", s.store().queued_touches());
 }
 
 /// A touch written in the background writes the last use only and leaves the deadline entry where
