@@ -151,9 +151,9 @@ impl Shared {
                 let ticket = self.cache.before_read();
                 match read_stored(&self.tree, id)? {
                     None => None,
-                    Some((session, _, cached)) => {
+                    Some((session, filed, record)) => {
                         if let Some(ticket) = ticket {
-                            self.cache.fill(ticket, *id, &cached);
+                            self.cache.fill(ticket, *id, &cached(&record, filed));
                         }
                         Some(session)
                     }
@@ -1056,18 +1056,18 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
 }
 
 /// A session as stored (its record, with a later last use from `sessionid_lastuse` taken in),
-/// where its deadline entry is filed if a touch left it behind, and what the cache keeps of it.
+/// where its deadline entry is filed if a touch left it behind, and its record as the cache keeps
+/// it (see `cached`).
 fn read_stored(tree: &sled::Tree, id: &SessionId) -> Result<Option<Stored>> {
     let Some(record) = tree.get(keys::session(id))? else {
         return Ok(None);
     };
     let last_use = read_last_use(tree, id)?;
-    let filed = last_use.map(|l| l.filed);
     let (session, record) = with_last_use(*id, record, last_use)?;
-    Ok(Some((session, filed, cached(&record, filed))))
+    Ok(Some((session, last_use.map(|l| l.filed), record)))
 }
 
-type Stored = (Session, Option<Timestamp>, Box<[u8]>);
+type Stored = (Session, Option<Timestamp>, sled::IVec);
 
 fn read_last_use(tree: &sled::Tree, id: &SessionId) -> Result<Option<records::LastUse>> {
     tree.get(keys::touch(id))?
@@ -1200,7 +1200,8 @@ fn warm_cache(
             .ok_or_else(|| Error::Storage("corrupt session key".into()))?;
         let last_use = read_last_use(tree, &id)?;
         let (session, record) = with_last_use(id, record, last_use)?;
-        if session.is_active() && !cache.warm(id, &cached(&record, last_use.map(|l| l.filed))) {
+        let filed = last_use.map(|l| l.filed);
+        if session.is_active() && !cache.warm(id, &cached(&record, filed)) {
             return Ok(None);
         }
         last = Some(id);
@@ -2053,10 +2054,6 @@ mod tests {
         assert!(!healthy.load(Ordering::Acquire));
     }
 
-    /// A full disk can first show under a read (sled merges and splits nodes while it walks the
-    /// tree): the faults test once saw writes fail so while health said SERVING. The writer turns
-    /// unhealthy on `StorageFailed` (see `Tx::run`); other storage errors (a corrupt record) do
-    /// not stop all writes.
     /// The cache's form of a session gives back the record and the position its deadline entry
     /// is filed under, and a damaged form is an error, not a panic or a wrong position.
     #[test]
@@ -2077,6 +2074,10 @@ mod tests {
         }
     }
 
+    /// A full disk can first show under a read (sled merges and splits nodes while it walks the
+    /// tree): the faults test once saw writes fail so while health said SERVING. The writer turns
+    /// unhealthy on `StorageFailed` (see `Tx::run`); other storage errors (a corrupt record) do
+    /// not stop all writes.
     #[test]
     fn sled_io_errors_are_store_failures_and_others_are_not() {
         let full = sled::Error::Io(std::io::Error::from(std::io::ErrorKind::StorageFull));
