@@ -10,9 +10,12 @@
 mod dbsc;
 #[path = "common/etcd.rs"]
 mod etcd_cluster;
+#[path = "common/retention.rs"]
+mod retention;
 
 use std::{sync::Arc, time::Duration};
 
+use retention::a_day_of_retention;
 use session_authority::{
     clock::{Clock, ManualClock, Timestamp},
     config::Config,
@@ -25,8 +28,7 @@ use session_authority::{
         session::{Device, Location, RevokeReason, SessionState},
     },
     sessions::{
-        policies::Policies, sweeper::sweep_once, ListQuery, NewSession, Retention, SessionFilter,
-        Sessions,
+        policies::Policies, sweeper::sweep_once, ListQuery, NewSession, SessionFilter, Sessions,
     },
     store::{EtcdOptions, EtcdStore, ListScope, RevokeTarget, SessionStore, SledStore},
     token::TokenGenerator,
@@ -119,17 +121,6 @@ async fn harness<B: Backend>(backend: &B, default: Policy) -> Harness<B::Store> 
         TOUCH,
     ));
     Harness { sessions, clock }
-}
-
-/// What the sweeper keeps: a day of everything, longer than any of these tests.
-fn a_day_of_retention() -> Retention {
-    let day = Duration::from_secs(86_400);
-    Retention {
-        age: day,
-        count: 1_000_000,
-        user_state: day,
-        audit: day,
-    }
 }
 
 fn new_session(tenant: &str, user: &str) -> NewSession {

@@ -3,6 +3,9 @@
 //! puts its live sessions back in memory by itself, within the cache's bytes, and nothing ended
 //! ever validates from memory.
 
+#[path = "common/retention.rs"]
+mod retention;
+
 use std::{sync::Arc, time::Duration};
 
 use session_authority::{
@@ -12,14 +15,12 @@ use session_authority::{
         policy::Policy,
         session::{Device, RevokeReason},
     },
-    sessions::{
-        policies::Policies,
-        sweeper::{sweep_once, Retention},
-        NewSession, Sessions,
-    },
+    sessions::{policies::Policies, sweeper::sweep_once, NewSession, Sessions},
     store::{CacheStats, RevokeTarget, SessionStore, SledStore},
     token::TokenGenerator,
 };
+
+use retention::a_day_of_retention;
 
 const START: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 
@@ -248,14 +249,8 @@ async fn a_session_touched_in_the_background_is_filed_anew_once_and_ends_at_its_
     let s = open_with(dir.path(), 8 << 20, clock.clone());
     let (created, used_at) = used_two_minutes_later(&s, &clock, 50).await;
     touches_written(&s).await;
-    let idle = Duration::from_secs(30 * 60);
-    let day = Duration::from_secs(86_400);
-    let retention = Retention {
-        age: day,
-        count: 1_000_000,
-        user_state: day,
-        audit: day,
-    };
+    let idle = Config::default().idle_timeout;
+    let retention = a_day_of_retention();
     // Past the idle deadline of the creation, before that of the use.
     clock.advance(idle - Duration::from_secs(60));
     assert_eq!(s.store().due(clock.now(), 100).expect("due").len(), 50);

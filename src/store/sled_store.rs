@@ -1059,12 +1059,17 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
 /// where its deadline entry is filed if a touch left it behind, and its record as the cache keeps
 /// it (see `cached`).
 fn read_stored(tree: &sled::Tree, id: &SessionId) -> Result<Option<Stored>> {
-    let Some(record) = tree.get(keys::session(id))? else {
-        return Ok(None);
-    };
-    let last_use = read_last_use(tree, id)?;
-    let (session, record) = with_last_use(*id, record, last_use)?;
-    Ok(Some((session, last_use.map(|l| l.filed), record)))
+    match tree.get(keys::session(id))? {
+        None => Ok(None),
+        Some(record) => stored(tree, *id, record).map(Some),
+    }
+}
+
+/// `read_stored` for a record already read (as the cache's warming reads them, in key order).
+fn stored(tree: &sled::Tree, id: SessionId, record: sled::IVec) -> Result<Stored> {
+    let last_use = read_last_use(tree, &id)?;
+    let (session, record) = with_last_use(id, record, last_use)?;
+    Ok((session, last_use.map(|l| l.filed), record))
 }
 
 type Stored = (Session, Option<Timestamp>, sled::IVec);
@@ -1198,9 +1203,7 @@ fn warm_cache(
         let (key, record) = entry?;
         let id = SessionId::from_slice(&key[1..])
             .ok_or_else(|| Error::Storage("corrupt session key".into()))?;
-        let last_use = read_last_use(tree, &id)?;
-        let (session, record) = with_last_use(id, record, last_use)?;
-        let filed = last_use.map(|l| l.filed);
+        let (session, filed, record) = stored(tree, id, record)?;
         if session.is_active() && !cache.warm(id, &cached(&record, filed)) {
             return Ok(None);
         }
@@ -1815,7 +1818,7 @@ impl<'a> Tx<'a> {
             if key.first() == Some(&keys::SESSION) {
                 let id = SessionId::from_slice(&key[1..])
                     .ok_or_else(|| Error::Storage("corrupt session key".into()))?;
-                value = with_last_use(id, value, read_last_use(self.tree, &id)?)?.1;
+                value = stored(self.tree, id, value)?.2;
             }
             if super::snapshot::is_record(&key) {
                 out.entry(&key, &value).map_err(io)?;
