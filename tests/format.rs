@@ -1,7 +1,13 @@
-//! Stores written by an earlier release open in this one. Format 3 added the sessions' last-use
-//! map (`store::keys`); a format 2 store is marked 3 at open and keeps every session, ended or
-//! live, with its last use, and takes touches in format 3 from then on. The fixture in `tests/fixtures/store-format-2/` was written by the
-//! release before format 3 (commit 00ae628) with `make_format_2_fixture` below.
+//! Stores written by an earlier release open in this one, keeping every session, ended or live,
+//! with its last use, and take touches in today's format from then on.
+//! - Format 3 added last uses apart from the records, one key per session; format 2 had none and
+//!   is only marked anew at open. Its fixture, `tests/fixtures/store-format-2/`, was written by
+//!   the release before format 3 (commit 00ae628).
+//! - Format 4 keeps last uses in rounds (`store::touch_log`); format 3's keys are moved into
+//!   rounds at open. Its fixture, `tests/fixtures/store-format-3/`, was written by the release
+//!   before format 4 (commit 0e91a6f), and holds a session whose last use is in such a key.
+//!
+//! Both were written with `make_fixture` below.
 
 mod common;
 
@@ -10,7 +16,8 @@ use std::{path::Path, sync::Arc, time::Duration};
 use common::{connect, test_config, validate_with, TestServer};
 use session_authority::{clock::ManualClock, clock::Timestamp, proto::v1 as pb};
 
-const FIXTURE: &str = "tests/fixtures/store-format-2";
+const FORMAT_2: &str = "tests/fixtures/store-format-2";
+const FORMAT_3: &str = "tests/fixtures/store-format-3";
 /// What the fixture's server ran with (the test's server runs the same, on a manual clock set to
 /// when the fixture was written, so its sessions never expire with the calendar).
 const SETTINGS: [&str; 6] = [
@@ -31,8 +38,8 @@ struct Written {
     last_seen_ms: i64,
 }
 
-fn written() -> (Timestamp, Vec<Written>) {
-    let text = std::fs::read_to_string(Path::new(FIXTURE).join("sessions.txt")).expect("fixture");
+fn written(fixture: &str) -> (Timestamp, Vec<Written>) {
+    let text = std::fs::read_to_string(Path::new(fixture).join("sessions.txt")).expect("fixture");
     let mut lines = text.lines();
     let at = lines.next().expect("time line").parse().expect("millis");
     let sessions = lines
@@ -86,12 +93,13 @@ async fn check(server: &TestServer, sessions: &[Written]) {
     }
 }
 
-#[tokio::test]
-async fn a_format_2_store_opens_as_format_3_with_every_session_and_last_use() {
-    let (written_at, sessions) = written();
+/// Opens a copy of `fixture` and checks every session, touches one, and checks again after a
+/// restart.
+async fn opens_with_every_session_and_last_use(fixture: &str) {
+    let (written_at, sessions) = written(fixture);
     assert!(sessions.iter().any(|s| s.live) && sessions.iter().any(|s| !s.live));
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    copy_dir(&Path::new(FIXTURE).join("data"), &dir.path().join("data"));
+    copy_dir(&Path::new(fixture).join("data"), &dir.path().join("data"));
     let clock = Arc::new(ManualClock::new(written_at));
     let config = session_authority::config::Config {
         idle_timeout: Duration::from_secs(600),
@@ -102,7 +110,7 @@ async fn a_format_2_store_opens_as_format_3_with_every_session_and_last_use() {
 
     let server = TestServer::start_in(dir, clock, config).await;
     check(&server, &sessions).await;
-    // A touch in format 3 (a last use, not a record rewrite) is kept across a restart.
+    // A touch in today's format is kept across a restart.
     server.advance(Duration::from_secs(60));
     let live = sessions.iter().find(|s| s.live).expect("a live session");
     let mut client = server.client().await;
@@ -122,13 +130,34 @@ async fn a_format_2_store_opens_as_format_3_with_every_session_and_last_use() {
     );
 }
 
-/// Writes the fixture with the server binary in `FORMAT_FIXTURE_SERVER` (a release that writes
-/// format 2). Run by hand: `FORMAT_FIXTURE_SERVER=... cargo test --test format -- --ignored`.
 #[tokio::test]
-#[ignore = "writes tests/fixtures/store-format-2 with an earlier release's binary"]
-async fn make_format_2_fixture() {
+async fn a_format_2_store_opens_with_every_session_and_last_use() {
+    opens_with_every_session_and_last_use(FORMAT_2).await;
+}
+
+/// The fixture's touched session has its last use only in format 3's key: a migration that lost
+/// it would show the session's creation instead ("last use went back").
+#[tokio::test]
+async fn a_format_3_store_opens_with_every_session_and_last_use() {
+    let (_, sessions) = written(FORMAT_3);
+    let touched = &sessions[2];
+    assert!(
+        touched.live && touched.last_seen_ms > sessions[0].last_seen_ms + 10_000,
+        "the fixture has a session touched ten seconds after it was created"
+    );
+    opens_with_every_session_and_last_use(FORMAT_3).await;
+}
+
+/// Writes a fixture with the server binary in `FORMAT_FIXTURE_SERVER` (a release that writes the
+/// format to keep opening) into `FORMAT_FIXTURE_DIR`. Run by hand:
+/// `FORMAT_FIXTURE_SERVER=... FORMAT_FIXTURE_DIR=tests/fixtures/store-format-N cargo test --test
+/// format -- --ignored`.
+#[tokio::test]
+#[ignore = "writes a fixture with an earlier release's binary"]
+async fn make_fixture() {
     let bin = std::env::var("FORMAT_FIXTURE_SERVER").expect("FORMAT_FIXTURE_SERVER");
-    let out = Path::new(FIXTURE);
+    let out = std::env::var("FORMAT_FIXTURE_DIR").expect("FORMAT_FIXTURE_DIR");
+    let out = Path::new(&out);
     let _ = std::fs::remove_dir_all(out);
     let data = out.join("data");
     std::fs::create_dir_all(out).expect("mkdir");
@@ -161,7 +190,7 @@ async fn make_format_2_fixture() {
             .into_inner();
         created.push(c);
     }
-    // One revoked, one touched (a record rewrite in format 2).
+    // One revoked, one touched (a record rewrite in format 2, a last-use key in format 3).
     client
         .revoke_session(pb::RevokeSessionRequest {
             session_id: created[1]

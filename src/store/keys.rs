@@ -14,19 +14,21 @@
 //! | `l`    | user_lastseen           | tenant, 0, user, 0                                | LastSeenRecord |
 //! | `q`    | user_creations          | tenant, 0, user, 0                                | timestamps     |
 //! | `a`    | auditid_record          | id (8)                                            | entry (JSON)   |
-//! | `t`    | sessionid_lastuse       | session id (16)                                   | LastUse (16)   |
+//! | `T`    | round_lastuses          | round (8)                                         | entries        |
 //!
 //! `user_sessionid` holds active sessions only, so counting a user's sessions for the limit is a
 //! short prefix scan. `deadline_sessionid` holds every session under the instant the sweeper must
 //! look at it again (idle deadline while active, absolute deadline for a tombstone).
 //!
-//! `sessionid_lastuse` (sled only, since format 3) holds a session's last use when it is newer
-//! than its record's: a touch writes this one small key instead of rewriting the record and
-//! moving its deadline entry (three writes, each copying a node of sled's tree; at a million
-//! sessions touches were most of the store's work). It also holds the last use the deadline entry
-//! is still filed under, so the entry can be found: it may be early, never late, and the sweeper
-//! re-files a session it finds due but touched since. Every full write of the record folds the
-//! last use in and deletes the entry; readers take the later of the two.
+//! `round_lastuses` (sled only, since format 4) holds sessions' last uses when they are newer
+//! than their records': a touch writes its session's last use there instead of rewriting the
+//! record and moving its deadline entry (three writes, each copying a node of sled's tree; at a
+//! million sessions touches were most of the store's work). Each entry also holds the last use
+//! the deadline entry is still filed under, so the entry can be found: it may be early, never
+//! late, and the sweeper re-files a session it finds due but touched since. Every full write of
+//! the record folds the last use in, which makes the entry stale; readers take the later of the
+//! two. The touches of one round of the writer share one key (see `store::touch_log`); format 3
+//! had one key per session (`t` + id), migrated on open.
 
 use crate::{clock::Timestamp, token::SessionId};
 
@@ -41,7 +43,10 @@ pub const CREATIONS: u8 = b'q';
 /// the purge of per-user records walks all three in one range.
 pub const LOGINS: u8 = b'o';
 pub const AUDIT: u8 = b'a';
-/// sled only: see `sessionid_lastuse` above.
+/// sled only: see `round_lastuses` above.
+pub const TOUCH_LOG: u8 = b'T';
+/// Format 3's last uses, one key per session (`t` + id -> `LastUse`): migrated into
+/// `round_lastuses` on open, and never written since.
 pub const TOUCH: u8 = b't';
 /// Tenants whose policy changed and whose open sessions are not all enforced yet: tenant -> nonce.
 pub const ENFORCE: u8 = b'n';
@@ -58,10 +63,17 @@ pub fn audit(id: u64) -> [u8; 9] {
 
 /// Marks a directory as ours, with the layout version. Checked at open.
 pub const META_FORMAT: &[u8] = b"mformat";
-pub const FORMAT_VALUE: &[u8] = b"session-authority/3";
-/// The format before `sessionid_lastuse`: the same keys without it, so it opens as it is and is
-/// marked 3 (releases that know only 2 then refuse it instead of misreading last uses).
+/// sled's layout: format 4 keeps last uses in rounds (`round_lastuses`).
+pub const FORMAT_VALUE: &[u8] = b"session-authority/4";
+/// sled's format with one last-use key per session (`t`): migrated on open, and marked 4 (so
+/// releases that know only 3 refuse it instead of missing last uses).
+pub const FORMAT_VALUE_3: &[u8] = b"session-authority/3";
+/// The format before any last-use keys: the same keys without them, so it opens as it is and is
+/// marked 4.
 pub const FORMAT_VALUE_2: &[u8] = b"session-authority/2";
+/// etcd's layout, which has no last-use keys (a touch is a record write there) and so stayed at
+/// the number sled had when etcd came.
+pub const ETCD_FORMAT_VALUE: &[u8] = b"session-authority/3";
 /// The newest event sequence at the last prune; with the last event key it gives the head, even
 /// when pruning emptied the log.
 pub const META_HEAD: &[u8] = b"mhead";
@@ -101,8 +113,20 @@ pub fn session(id: &SessionId) -> [u8; 17] {
     by_id(SESSION, id)
 }
 
-pub fn touch(id: &SessionId) -> [u8; 17] {
-    by_id(TOUCH, id)
+/// A round of last uses (`round_lastuses`).
+pub fn touch_round(round: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = TOUCH_LOG;
+    k[1..].copy_from_slice(&round.to_be_bytes());
+    k
+}
+
+/// The round number of a `touch_round` key.
+pub fn touch_round_of(key: &[u8]) -> Option<u64> {
+    match key {
+        [TOUCH_LOG, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
 }
 
 fn by_id(prefix: u8, id: &SessionId) -> [u8; 17] {

@@ -14,6 +14,7 @@ mod session_cache;
 pub use session_cache::CacheStats;
 mod sled_store;
 pub mod snapshot;
+mod touch_log;
 
 use std::{
     future::Future,

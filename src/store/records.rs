@@ -649,8 +649,8 @@ pub fn decode_policy(bytes: &[u8]) -> Result<Policy, Error> {
 }
 
 /// A user's recent session creations (login quota): big-endian millisecond timestamps.
-/// A session's entry in `sessionid_lastuse` (sled): its last use, and the last use its deadline
-/// entry is filed under (its record's, which touches leave as it is).
+/// A session's entry in the last-use log (sled, `store::touch_log`): its last use, and the last
+/// use its deadline entry is filed under (its record's, which touches leave as it is).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LastUse {
     pub at: Timestamp,

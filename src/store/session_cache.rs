@@ -37,7 +37,7 @@ pub const ENTRY_OVERHEAD: usize = 80;
 /// only ids the service made are ever inserted, nobody can choose colliding ones. (The shard is
 /// chosen by the first byte, so the hash takes other bytes.)
 #[derive(Default)]
-struct IdHasher(u64);
+pub(super) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {

@@ -43,6 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     keys, records,
     session_cache::{Change, SessionCache},
+    touch_log::{self, TouchLog},
     CreateOutcome, CreateRules, Defence, Defended, ListPage, ListScope, LogBounds, PolicyOf,
     RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
 };
@@ -111,6 +112,8 @@ struct Shared {
     drain_scheduled: AtomicBool,
     /// Session records for reads; the writer writes through it (see `session_cache`).
     cache: SessionCache,
+    /// Where touches write last uses (see `touch_log`).
+    log: TouchLog,
 }
 
 /// The queue of touches, for reading. As with `Shared::touches`, a poisoned lock is still usable.
@@ -149,7 +152,7 @@ impl Shared {
             Some(cached) => Some(cached?.0),
             None => {
                 let ticket = self.cache.before_read();
-                match read_stored(&self.tree, id)? {
+                match read_stored(&self.tree, &self.log, id)? {
                     None => None,
                     Some((session, filed, record)) => {
                         if let Some(ticket) = ticket {
@@ -299,6 +302,7 @@ impl SledStore {
         let secret = read_or_make_secret(&db, &tree)?;
         let log_epoch = read_or_make_log_epoch(&db, &tree)?;
         let head = read_head(&tree)?;
+        let log = TouchLog::open(&tree)?;
         let data_file = std::fs::File::open(dir.join("db")).map_err(|e| {
             Error::DataDir(format!("{}: cannot open the data file: {e}", dir.display()))
         })?;
@@ -315,6 +319,7 @@ impl SledStore {
             queued_touches: RwLock::new(HashMap::new()),
             drain_scheduled: AtomicBool::new(false),
             cache: SessionCache::new(usize::try_from(session_cache_bytes).unwrap_or(usize::MAX)),
+            log,
         });
 
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -832,10 +837,19 @@ fn check_format(db: &sled::Db, tree: &sled::Tree, dir: &Path, marked: bool) -> R
     match tree.get(keys::META_FORMAT)? {
         Some(v) if v.as_ref() == keys::FORMAT_VALUE => Ok(()),
         Some(v) if v.as_ref() == keys::FORMAT_VALUE_2 => {
-            // Format 2 is format 3 without last uses: nothing to convert, only the mark.
+            // Format 2 is format 4 without last uses: nothing to convert, only the mark.
             tree.insert(keys::META_FORMAT, keys::FORMAT_VALUE)?;
             db.flush()?;
-            tracing::info!(dir = %dir.display(), "store format 2 upgraded to 3");
+            tracing::info!(dir = %dir.display(), "store format 2 upgraded to 4");
+            Ok(())
+        }
+        Some(v) if v.as_ref() == keys::FORMAT_VALUE_3 => {
+            // One atomic batch: the rounds, the old keys' deletion and the mark.
+            let (mut batch, migrated) = touch_log::migrate_format_3(tree)?;
+            batch.insert(keys::META_FORMAT, keys::FORMAT_VALUE);
+            tree.apply_batch(batch)?;
+            db.flush()?;
+            tracing::info!(dir = %dir.display(), last_uses = migrated, "store format 3 upgraded to 4");
             Ok(())
         }
         Some(v) => Err(Error::DataDir(format!(
@@ -1055,55 +1069,64 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
     }
 }
 
-/// A session as stored (its record, with a later last use from `sessionid_lastuse` taken in),
+/// A session as stored (its record, with a later last use from the last-use log taken in),
 /// where its deadline entry is filed if a touch left it behind, and its record as the cache keeps
 /// it (see `cached`).
-fn read_stored(tree: &sled::Tree, id: &SessionId) -> Result<Option<Stored>> {
+fn read_stored(tree: &sled::Tree, log: &TouchLog, id: &SessionId) -> Result<Option<Stored>> {
+    // The log first, the record second: a full write that lands between the two makes the entry
+    // stale, which the record then shows. The other order could take a record from before a full
+    // write and find its entry already forgotten.
+    let last_use = log.lookup(tree, id)?;
     match tree.get(keys::session(id))? {
         None => Ok(None),
-        Some(record) => stored(tree, *id, record).map(Some),
+        Some(record) => with_last_use(*id, record, last_use).map(Some),
     }
 }
 
-/// `read_stored` for a record already read (as the cache's warming reads them, in key order).
-fn stored(tree: &sled::Tree, id: SessionId, record: sled::IVec) -> Result<Stored> {
-    let last_use = read_last_use(tree, &id)?;
-    let (session, record) = with_last_use(id, record, last_use)?;
-    Ok((session, last_use.map(|l| l.filed), record))
+/// `read_stored` for a record already read (as the cache's warming reads them, in key order), on
+/// the writer (so nothing writes between the two reads).
+fn stored(tree: &sled::Tree, log: &TouchLog, id: SessionId, record: sled::IVec) -> Result<Stored> {
+    with_last_use(id, record, log.lookup(tree, &id)?)
 }
 
 type Stored = (Session, Option<Timestamp>, sled::IVec);
 
-fn read_last_use(tree: &sled::Tree, id: &SessionId) -> Result<Option<records::LastUse>> {
-    tree.get(keys::touch(id))?
-        .map(|v| records::decode_last_use(&v))
-        .transpose()
-}
-
-/// `record` with the session's later last use (its `read_last_use`), if one was written since
-/// (re-encoded then).
+/// `record` with the session's later last use, if one was logged since (re-encoded then), and
+/// where that entry says the deadline entry is filed. An entry not after the record's own last
+/// use is stale: a full write took it in (see `touch_log`).
 fn with_last_use(
     id: SessionId,
     record: sled::IVec,
     last_use: Option<records::LastUse>,
-) -> Result<(Session, sled::IVec)> {
+) -> Result<Stored> {
     let mut session = records::decode_session(id, &record)?;
     let Some(last_use) = last_use else {
-        return Ok((session, record));
+        return Ok((session, None, record));
     };
     if !session.is_active() || last_use.at <= session.last_seen_at {
-        return Ok((session, record));
+        return Ok((session, None, record));
     }
     session.last_seen_at = last_use.at;
     let merged = records::encode_session(&session).into();
-    Ok((session, merged))
+    Ok((session, Some(last_use.filed), merged))
+}
+
+/// Whether a logged last use is stale against the session's stored record (or its absence).
+fn is_stale(tree: &sled::Tree, id: &SessionId, last_use: &records::LastUse) -> Result<bool> {
+    Ok(match tree.get(keys::session(id))? {
+        None => true,
+        Some(record) => {
+            let session = records::decode_session(*id, &record)?;
+            !session.is_active() || last_use.at <= session.last_seen_at
+        }
+    })
 }
 
 // === what the cache holds ===
 
 /// A session as the session cache holds it: its record as reads see it (any later last use taken
 /// in), then, when a touch left its deadline entry behind, the last use that entry is filed under
-/// (the `filed` of its `sessionid_lastuse` entry; 8 bytes, big-endian milliseconds), then one byte
+/// (the `filed` of its entry in the last-use log; 8 bytes, big-endian milliseconds), then one byte
 /// saying whether that position is there. The writer must know the position to move the entry
 /// whenever it writes the session; carried here, a touch of a cached session reads nothing from
 /// the tree (reading the position was 37% of the writer's time at a million sessions).
@@ -1187,6 +1210,7 @@ fn warm_until_full(commands: &mpsc::Sender<Command>) {
 /// on from, or `None` when done or full.
 fn warm_cache(
     tree: &sled::Tree,
+    log: &TouchLog,
     cache: &SessionCache,
     after: Option<SessionId>,
 ) -> Result<Option<SessionId>> {
@@ -1203,7 +1227,7 @@ fn warm_cache(
         let (key, record) = entry?;
         let id = SessionId::from_slice(&key[1..])
             .ok_or_else(|| Error::Storage("corrupt session key".into()))?;
-        let (session, filed, record) = stored(tree, id, record)?;
+        let (session, filed, record) = stored(tree, log, id, record)?;
         if session.is_active() && !cache.warm(id, &cached(&record, filed)) {
             return Ok(None);
         }
@@ -1286,7 +1310,8 @@ fn writer_loop(
         }
         if let Op::Warm { after } = op {
             // Nothing to make durable: answered here, not by the flusher.
-            let warmed = warm_cache(&shared.tree, &shared.cache, after).map(Outcome::Warmed);
+            let warmed =
+                warm_cache(&shared.tree, &shared.log, &shared.cache, after).map(Outcome::Warmed);
             if let Some(reply) = reply {
                 let _ = reply.send(warmed);
             }
@@ -1394,6 +1419,12 @@ fn drain_touches(shared: &Shared, head: &mut u64) {
         for &(id, at) in chunk {
             shared.touch_applied(id, at);
         }
+    }
+    if let Err(e) = shared.log.clean(&shared.tree, |id, last_use| {
+        is_stale(&shared.tree, id, last_use)
+    }) {
+        // Left as it was: the next drain tries again.
+        tracing::warn!(error = %e, "cleaning the last-use log failed");
     }
 }
 
@@ -1509,11 +1540,14 @@ struct Tx<'a> {
     /// Sessions this batch writes in full.
     written: HashSet<SessionId>,
     batch: sled::Batch,
-    /// The last uses this batch writes (also in `batch`, in order). When they are all it writes,
-    /// they go in key by key instead: each is one key, whole on its own, and a sled batch forces
-    /// its log buffer out to disk (a write on sled's thread pool) while single inserts share the
-    /// buffer until the next flush.
-    last_uses: Vec<([u8; 17], [u8; 16])>,
+    log: &'a TouchLog,
+    /// The last uses this batch writes: one round of the log at commit. When they are all it
+    /// writes, the round goes in as a single insert, not a batch: a sled batch forces its log
+    /// buffer out to disk (a write on sled's thread pool) while single inserts share the buffer
+    /// until the next flush.
+    last_uses: Vec<(SessionId, records::LastUse)>,
+    /// Sessions this batch writes in full that had a logged last use, now stale.
+    unlogged: Vec<SessionId>,
     events: Vec<Event>,
     head: u64,
     /// Set by any write other than a last use.
@@ -1533,7 +1567,9 @@ impl<'a> Tx<'a> {
             filed: Default::default(),
             written: HashSet::new(),
             batch: sled::Batch::default(),
+            log: &shared.log,
             last_uses: Vec::new(),
+            unlogged: Vec::new(),
             events: Vec::new(),
             head,
             dirty: false,
@@ -1546,14 +1582,33 @@ impl<'a> Tx<'a> {
         // which may delete that key, records it (see `prune`). One key fewer per write matters:
         // sled's cost is per key.
         if self.dirty || !self.last_uses.is_empty() {
+            let mut last_uses = self.last_uses;
+            let round = (!last_uses.is_empty()).then(|| self.log.round(&mut last_uses));
             self.cache.write_begins();
             let applied = if self.dirty {
-                self.tree.apply_batch(self.batch)
+                let mut batch = self.batch;
+                if let Some(round) = &round {
+                    batch.insert(&round.key[..], round.value.as_slice());
+                    for doomed in &round.doomed {
+                        batch.remove(&keys::touch_round(*doomed)[..]);
+                    }
+                }
+                self.tree.apply_batch(batch)
             } else {
-                self.last_uses
-                    .into_iter()
-                    .try_for_each(|(key, value)| self.tree.insert(key, &value[..]).map(drop))
+                round
+                    .as_ref()
+                    .map_or(Ok(()), |round| touch_log::apply(self.tree, round))
             };
+            // Inside the cache's bracket: a reader that misses after it sees the log as written.
+            if applied.is_ok() {
+                self.log.forget(&self.unlogged);
+            }
+            if let Some(round) = round {
+                match applied {
+                    Ok(()) => self.log.written(round),
+                    Err(_) => self.log.not_written(round),
+                }
+            }
             self.cache.write_ends(self.changed, applied.is_ok());
             if let Err(e) = applied {
                 // sled fails a batch when an earlier write of its log failed (a full disk, say):
@@ -1725,7 +1780,7 @@ impl<'a> Tx<'a> {
             // deadline entry moves from where it was filed.
             let filed = self.filed.borrow_mut().remove(&old.id);
             if filed.is_some() {
-                self.batch.remove(&keys::touch(&old.id)[..]);
+                self.unlogged.push(old.id);
             }
             let filed_deadline = match filed {
                 Some(at) => Session {
@@ -1755,8 +1810,8 @@ impl<'a> Tx<'a> {
             self.batch.insert(&keys::session(&new.id)[..], &record[..]);
             // Live sessions go through to the cache; ended ones leave it (a read puts a tombstone
             // back if one is asked for), so that it spends its bytes on sessions that validate.
-            // The full write deletes any `sessionid_lastuse` entry: the deadline entry is filed
-            // where the record says.
+            // The full write makes any logged last use stale: the deadline entry is filed where
+            // the record says.
             self.changed
                 .push((new.id, new.is_active().then(|| cached(&record, None))));
             self.batch
@@ -1784,9 +1839,7 @@ impl<'a> Tx<'a> {
             at: new.last_seen_at,
             filed,
         };
-        let (key, value) = (keys::touch(&new.id), records::encode_last_use(&last_use));
-        self.batch.insert(&key[..], &value[..]);
-        self.last_uses.push((key, value));
+        self.last_uses.push((new.id, last_use));
         self.changed.push((
             new.id,
             Some(cached(&records::encode_session(new), Some(filed))),
@@ -1818,7 +1871,7 @@ impl<'a> Tx<'a> {
             if key.first() == Some(&keys::SESSION) {
                 let id = SessionId::from_slice(&key[1..])
                     .ok_or_else(|| Error::Storage("corrupt session key".into()))?;
-                value = stored(self.tree, id, value)?.2;
+                value = stored(self.tree, self.log, id, value)?.2;
             }
             if super::snapshot::is_record(&key) {
                 out.entry(&key, &value).map_err(io)?;
@@ -1952,10 +2005,10 @@ impl View for Tx<'_> {
     fn session(&self, id: &SessionId) -> Result<Option<Session>> {
         // The cache holds what the tree holds (only this thread writes either), without the walk,
         // with any later last use taken in and where the deadline entry is filed if a touch left
-        // it behind (see `put`); on a miss, the tree's `sessionid_lastuse` entry gives both.
+        // it behind (see `put`); on a miss, the session's entry in the last-use log gives both.
         let (mut session, filed) = match self.cache.get(id, |r| decode_cached(*id, r)) {
             Some(cached) => cached?,
-            None => match read_stored(self.tree, id)? {
+            None => match read_stored(self.tree, self.log, id)? {
                 None => return Ok(None),
                 Some((session, filed, _)) => (session, filed),
             },

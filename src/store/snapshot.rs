@@ -149,9 +149,11 @@ pub fn is_record(key: &[u8]) -> bool {
     use super::keys;
     match key.first() {
         // Last uses are folded into the session records by sled's snapshot.
-        Some(&keys::USER) | Some(&keys::DEADLINE) | Some(&keys::GUARD) | Some(&keys::TOUCH) => {
-            false
-        }
+        Some(&keys::USER)
+        | Some(&keys::DEADLINE)
+        | Some(&keys::GUARD)
+        | Some(&keys::TOUCH)
+        | Some(&keys::TOUCH_LOG) => false,
         _ => ![keys::META_FORMAT, keys::META_LOG_EPOCH, keys::META_LEADER].contains(&key),
     }
 }

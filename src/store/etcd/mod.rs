@@ -184,7 +184,7 @@ impl EtcdStore {
         let (secret, log_epoch) = {
             let state = mirror.read();
             match state.other.get(keys::META_FORMAT) {
-                Some(v) if v.value == keys::FORMAT_VALUE => {}
+                Some(v) if v.value == keys::ETCD_FORMAT_VALUE => {}
                 other => {
                     return Err(Error::DataDir(format!(
                         "etcd prefix {:?} holds an incompatible store format {:?}",
@@ -306,7 +306,10 @@ impl EtcdStore {
         commit_plain(&client, std::mem::take(&mut ops)).await?;
         commit_plain(
             &client,
-            vec![put(key(keys::META_FORMAT), keys::FORMAT_VALUE.to_vec())],
+            vec![put(
+                key(keys::META_FORMAT),
+                keys::ETCD_FORMAT_VALUE.to_vec(),
+            )],
         )
         .await?;
         Ok(written)
@@ -362,7 +365,7 @@ async fn create_if_absent(client: &EtcdClient, prefix: &[u8]) -> Result<()> {
                     key(keys::META_LOG_EPOCH),
                     random_nonzero_u64()?.to_be_bytes().to_vec(),
                 ),
-                put(key(keys::META_FORMAT), keys::FORMAT_VALUE.to_vec()),
+                put(key(keys::META_FORMAT), keys::ETCD_FORMAT_VALUE.to_vec()),
             ],
             failure: vec![],
         })
