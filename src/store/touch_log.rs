@@ -17,7 +17,8 @@
 //! index when it writes it in full, so that cleaning does not carry the entry forward.
 //!
 //! **Cleaning.** Every round stays until cleaned. Once the rounds hold more than twice as many
-//! entries as the index (and at least `CLEAN_FLOOR`), the oldest half is read back: entries the
+//! entries as the index (and at least `CLEAN_FLOOR`), the oldest half is read back, a bounded
+//! pass after each round of touches: entries the
 //! index still points at and that are not stale are appended again in a new round, the index moves
 //! to it, and the old rounds are deleted by the writer's next write. Deleting them one write
 //! later lets a reader that took the old round from the index just before it moved still find it;
@@ -44,6 +45,10 @@ use super::{
 const ENTRY: usize = SessionId::LEN + 16;
 /// Rounds hold fewer entries than this before cleaning is worth a pass.
 const CLEAN_FLOOR: usize = 1 << 16;
+/// Most entries one pass of cleaning reads: passes follow drains until the log is small enough,
+/// so that none holds the writer for long (a store of millions would otherwise read half its log
+/// at once).
+const MAX_PASS: usize = 1 << 16;
 /// Most entries in one round written by cleaning or by the format 3 migration.
 const MAX_ROUND: usize = 4096;
 
@@ -181,7 +186,7 @@ impl TouchLog {
                 .held
                 .iter()
                 .take_while(|(_, count)| {
-                    let more = covered < rounds.entries / 2;
+                    let more = covered < (rounds.entries / 2).min(MAX_PASS);
                     covered += count;
                     more
                 })
