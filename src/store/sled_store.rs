@@ -1242,7 +1242,7 @@ fn warm_cache(
 /// reservation and page updates), so queued creations share one.
 const MAX_CREATE_GROUP: usize = 64;
 /// Most touches applied in one transaction of a drain.
-const MAX_TOUCH_GROUP: usize = 512;
+const MAX_TOUCH_GROUP: usize = touch_log::MAX_ROUND;
 /// How long touches gather before the writer takes them. Every validate of a session not used for
 /// `touch_interval` makes one; at a million sessions they come by the ten thousand per second, and
 /// waking the writer for each cost more than writing it (a context switch each way, on the cores

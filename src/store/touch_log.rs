@@ -49,8 +49,10 @@ const CLEAN_FLOOR: usize = 1 << 16;
 /// so that none holds the writer for long (a store of millions would otherwise read half its log
 /// at once).
 const MAX_PASS: usize = 1 << 16;
-/// Most entries in one round written by cleaning or by the format 3 migration.
-const MAX_ROUND: usize = 4096;
+/// Most entries in one round (4 KiB). sled splits a leaf at 16 keys, and writes a node of more
+/// than 128 KiB (a quarter of its 512 KiB segment) to a file of its own, one per rewrite: rounds
+/// this small keep a leaf of them well under that.
+pub(super) const MAX_ROUND: usize = 128;
 
 type Index = HashMap<SessionId, u64, BuildHasherDefault<IdHasher>>;
 
