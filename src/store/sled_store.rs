@@ -844,10 +844,9 @@ fn check_format(db: &sled::Db, tree: &sled::Tree, dir: &Path, marked: bool) -> R
             Ok(())
         }
         Some(v) if v.as_ref() == keys::FORMAT_VALUE_3 => {
-            // One atomic batch: the rounds, the old keys' deletion and the mark.
-            let (mut batch, migrated) = touch_log::migrate_format_3(tree)?;
-            batch.insert(keys::META_FORMAT, keys::FORMAT_VALUE);
-            tree.apply_batch(batch)?;
+            // Marked 4 only once every last use is moved (see `migrate_format_3`).
+            let migrated = touch_log::migrate_format_3(tree)?;
+            tree.insert(keys::META_FORMAT, keys::FORMAT_VALUE)?;
             db.flush()?;
             tracing::info!(dir = %dir.display(), last_uses = migrated, "store format 3 upgraded to 4");
             Ok(())

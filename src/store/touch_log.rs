@@ -331,24 +331,49 @@ fn corrupt() -> Error {
     Error::Storage("corrupt last-use round".into())
 }
 
-/// Format 3's last uses (`t` + id keys) as rounds of format 4: the batch that writes the rounds
-/// and deletes the keys. The caller adds the format mark and applies it.
-pub(super) fn migrate_format_3(tree: &sled::Tree) -> Result<(sled::Batch, usize)> {
-    let mut batch = sled::Batch::default();
-    let mut entries = Vec::new();
-    for item in tree.scan_prefix([keys::TOUCH]) {
-        let (key, value) = item?;
-        let id = SessionId::from_slice(&key[1..])
-            .ok_or_else(|| Error::Storage("corrupt last-use key".into()))?;
-        entries.push((id, records::decode_last_use(&value)?));
-        batch.remove(key);
-    }
-    let migrated = entries.len();
-    for (n, chunk) in entries.chunks_mut(MAX_ROUND).enumerate() {
-        batch.insert(&keys::touch_round(n as u64)[..], encode(chunk));
-    }
-    Ok((batch, migrated))
+/// Moves format 3's last uses (`t` + id keys) into rounds of format 4, a bounded chunk to each
+/// atomic batch (a store of millions would otherwise build one batch of millions of keys). A
+/// crash between chunks leaves some keys moved and the rest where they were, and the next open
+/// goes on from there: rounds are numbered after any already written. Returns the count moved.
+pub(super) fn migrate_format_3(tree: &sled::Tree) -> Result<usize> {
+    migrate_in_chunks(tree, MIGRATE_CHUNK)
 }
+
+fn migrate_in_chunks(tree: &sled::Tree, chunk: usize) -> Result<usize> {
+    let mut next = match tree.scan_prefix([keys::TOUCH_LOG]).last() {
+        Some(item) => {
+            let (key, _) = item?;
+            keys::touch_round_of(&key)
+                .ok_or_else(|| Error::Storage("corrupt last-use round key".into()))?
+                + 1
+        }
+        None => 0,
+    };
+    let mut migrated = 0;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut entries = Vec::new();
+        for item in tree.scan_prefix([keys::TOUCH]).take(chunk) {
+            let (key, value) = item?;
+            let id = SessionId::from_slice(&key[1..])
+                .ok_or_else(|| Error::Storage("corrupt last-use key".into()))?;
+            entries.push((id, records::decode_last_use(&value)?));
+            batch.remove(key);
+        }
+        if entries.is_empty() {
+            return Ok(migrated);
+        }
+        migrated += entries.len();
+        for chunk in entries.chunks_mut(MAX_ROUND) {
+            batch.insert(&keys::touch_round(next)[..], encode(chunk));
+            next += 1;
+        }
+        tree.apply_batch(batch)?;
+    }
+}
+
+/// Format 3 keys moved by one batch of the migration.
+const MIGRATE_CHUNK: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {
@@ -430,6 +455,40 @@ mod tests {
         let reopened = open_log(&tree);
         expect(&reopened);
         assert_eq!(at(&reopened, &tree, 200), Some(4000));
+    }
+
+    /// A migration that a crash stopped part way (one round already written, its keys gone) goes
+    /// on where it stopped, numbering its rounds after that one, and loses no last use.
+    #[test]
+    fn the_format_3_migration_moves_every_last_use_and_resumes_after_a_crash() {
+        let db = sled::Config::new().temporary(true).open().expect("sled");
+        let tree = db.open_tree("t").expect("tree");
+        let mut moved_before = vec![(id(200), used(7))];
+        tree.insert(keys::touch_round(5), encode(&mut moved_before))
+            .expect("round");
+        for n in 1..=10u8 {
+            let mut key = vec![keys::TOUCH];
+            key.extend_from_slice(id(n).as_bytes());
+            tree.insert(key, &records::encode_last_use(&used(n.into()))[..])
+                .expect("key");
+        }
+        assert_eq!(migrate_in_chunks(&tree, 3).expect("migrate"), 10);
+        assert_eq!(
+            tree.scan_prefix([keys::TOUCH]).count(),
+            0,
+            "no format 3 key left"
+        );
+        let first_new = tree
+            .scan_prefix([keys::TOUCH_LOG])
+            .nth(1)
+            .map(|e| keys::touch_round_of(&e.expect("entry").0));
+        assert_eq!(first_new, Some(Some(6)));
+        let log = open_log(&tree);
+        for n in 1..=10u8 {
+            assert_eq!(at(&log, &tree, n), Some(n.into()), "session {n}");
+        }
+        assert_eq!(at(&log, &tree, 200), Some(7));
+        assert_eq!(migrate_in_chunks(&tree, 3).expect("again"), 0);
     }
 
     #[test]
