@@ -271,3 +271,68 @@ async fn a_session_touched_in_the_background_is_filed_anew_once_and_ends_at_its_
     }
     assert!(s.store().due(clock.now(), 100).expect("due").is_empty());
 }
+
+/// Touches go into rounds of a log of last uses (`store::touch_log`). Once the rounds hold many
+/// more entries than there are touched sessions, cleaning carries each session's newest entry
+/// forward and drops the rest. A session used once, long before (its round cleaned since), keeps
+/// that last use; one revoked since stays revoked; and so after a reopen, which reads the log back.
+#[tokio::test]
+async fn cleaning_the_last_use_log_keeps_every_sessions_last_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(START));
+    let s = open_with(dir.path(), 8 << 20, clock.clone());
+    // 10 sessions used once; 150 used every minute for 28 minutes (within the idle timeout of
+    // the first use), one of them revoked on the way.
+    let (created, first_use) = used_two_minutes_later(&s, &clock, 160).await;
+    touches_written(&s).await;
+    let (cold, hot) = created.split_at(10);
+    let mut written = created.len();
+    for minute in 0..28 {
+        clock.advance(Duration::from_secs(61));
+        if minute == 10 {
+            s.revoke(
+                RevokeTarget::Sessions {
+                    ids: vec![hot[0].1],
+                    tenant: None,
+                },
+                RevokeReason::Admin,
+            )
+            .await
+            .expect("revoke");
+        }
+        for (token, _) in &hot[1..] {
+            s.validate(token, true, None, None).await.expect("valid");
+        }
+        written += hot.len() - 1;
+        touches_written(&s).await;
+    }
+    let last_use = clock.now();
+    let (indexed, entries) = s.store().last_use_log();
+    assert_eq!(indexed, 159, "every live session used, and only those");
+    assert!(
+        entries + 1000 < written,
+        "cleaned: {entries} of {written} entries left"
+    );
+    s.store().close().await.expect("close");
+    drop(s);
+
+    let s = open_with(dir.path(), 8 << 20, clock.clone());
+    for (_, id) in cold {
+        let session = s.store().get(id).expect("get").expect("stored");
+        assert_eq!(session.last_seen_at, first_use, "session {id}, used once");
+    }
+    for (_, id) in &hot[1..] {
+        let session = s.store().get(id).expect("get").expect("stored");
+        assert_eq!(
+            session.last_seen_at, last_use,
+            "session {id}, used each minute"
+        );
+    }
+    for (token, _) in cold.iter().chain(&hot[1..]) {
+        s.validate(token, false, None, None).await.expect("valid");
+    }
+    assert!(
+        s.validate(&hot[0].0, false, None, None).await.is_err(),
+        "the revoked session stays revoked"
+    );
+}

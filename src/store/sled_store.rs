@@ -284,6 +284,12 @@ impl SledStore {
         queued(&self.shared.queued_touches).len()
     }
 
+    /// The log of last uses (`store::touch_log`): sessions in its index, and entries in its rounds
+    /// (superseded and stale ones included, until cleaning drops them).
+    pub fn last_use_log(&self) -> (usize, usize) {
+        (self.shared.log.len(), self.shared.log.entries())
+    }
+
     /// Opens (or creates) the store in `dir`. Refuses a directory that holds anything but a
     /// session-authority store, so it never starts empty over someone's data.
     pub fn open(

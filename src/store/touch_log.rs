@@ -43,8 +43,8 @@ use super::{
 
 /// One entry: the session id, then its `LastUse` (16 bytes).
 const ENTRY: usize = SessionId::LEN + 16;
-/// Rounds hold fewer entries than this before cleaning is worth a pass.
-const CLEAN_FLOOR: usize = 1 << 16;
+/// Rounds hold fewer entries than this before cleaning is worth a pass (128 KiB).
+const CLEAN_FLOOR: usize = 4096;
 /// Most entries one pass of cleaning reads: passes follow drains until the log is small enough,
 /// so that none holds the writer for long (a store of millions would otherwise read half its log
 /// at once).
@@ -104,6 +104,11 @@ impl TouchLog {
     /// Sessions with an entry in the index (stale ones included until cleaned).
     pub(super) fn len(&self) -> usize {
         self.index().len()
+    }
+
+    /// Entries in the stored rounds, stale and superseded ones included.
+    pub(super) fn entries(&self) -> usize {
+        self.rounds().entries
     }
 
     /// The session's last entry, stale or not: the caller compares it with the record.
