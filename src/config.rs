@@ -287,7 +287,7 @@ impl Default for Config {
             audit_retention: Duration::from_secs(365 * 86_400),
             heartbeat_interval: Duration::from_secs(15),
             event_buffer: 4096,
-            cache_mib: 256,
+            cache_mib: 192,
             session_cache_mib: 384,
             log_format: LogFormat::Text,
             metrics_listen: None,
@@ -702,7 +702,7 @@ struct CliSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     etcd_read_fence: Option<bool>,
-    /// sled's page cache in MiB, for the store's writes [default: 256]
+    /// sled's page cache in MiB, for the store's writes [default: 192]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     cache_mib: Option<u64>,
