@@ -194,6 +194,25 @@ async fn used_two_minutes_later(
     (created, clock.now())
 }
 
+/// A store on a manual clock in a new directory, with `n` sessions used two minutes after their
+/// creation and those touches written: the sessions, and when they were used.
+async fn used_and_written(
+    n: usize,
+) -> (
+    tempfile::TempDir,
+    Arc<ManualClock>,
+    Arc<Sessions<SledStore>>,
+    Vec<(String, session_authority::token::SessionId)>,
+    Timestamp,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(START));
+    let s = open_with(dir.path(), 8 << 20, clock.clone());
+    let (created, used_at) = used_two_minutes_later(&s, &clock, n).await;
+    touches_written(&s).await;
+    (dir, clock, s, created, used_at)
+}
+
 /// Waits for the writer to have written every queued touch.
 async fn touches_written(s: &Sessions<SledStore>) {
     for _ in 0..200 {
@@ -203,6 +222,19 @@ async fn touches_written(s: &Sessions<SledStore>) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("{} touches still queued", s.store().queued_touches());
+}
+
+/// Asserts that each of `sessions`, read from the store (not from the queue of touches), was last
+/// used at `at`.
+fn assert_last_used(
+    s: &Sessions<SledStore>,
+    sessions: &[(String, session_authority::token::SessionId)],
+    at: Timestamp,
+) {
+    for (_, id) in sessions {
+        let session = s.store().get(id).expect("get").expect("stored");
+        assert_eq!(session.last_seen_at, at, "session {id}");
+    }
 }
 
 /// Touches wait a moment to be written together (one wake-up of the writer for many); a store
@@ -216,25 +248,15 @@ async fn touches_not_yet_written_are_kept_by_a_clean_close() {
     s.store().close().await.expect("close");
     drop(s);
     let s = open_with(dir.path(), 8 << 20, clock.clone());
-    for (_, id) in &created {
-        let session = s.store().get(id).expect("get").expect("stored");
-        assert_eq!(session.last_seen_at, used_at, "session {id}");
-    }
+    assert_last_used(&s, &created, used_at);
 }
 
 /// Many validates' touches are written in the background without a close, and a session read
 /// back from the store (not from the queue of touches) carries its last use.
 #[tokio::test]
 async fn touches_are_written_in_the_background() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(START));
-    let s = open_with(dir.path(), 8 << 20, clock.clone());
-    let (created, used_at) = used_two_minutes_later(&s, &clock, 300).await;
-    touches_written(&s).await;
-    for (_, id) in &created {
-        let session = s.store().get(id).expect("get").expect("stored");
-        assert_eq!(session.last_seen_at, used_at, "session {id}");
-    }
+    let (_dir, _clock, s, created, used_at) = used_and_written(300).await;
+    assert_last_used(&s, &created, used_at);
 }
 
 /// A touch written in the background writes the last use only and leaves the deadline entry where
@@ -244,11 +266,7 @@ async fn touches_are_written_in_the_background() {
 /// position the entry left behind was never moved: the session stayed due at every sweep.)
 #[tokio::test]
 async fn a_session_touched_in_the_background_is_filed_anew_once_and_ends_at_its_last_use() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(START));
-    let s = open_with(dir.path(), 8 << 20, clock.clone());
-    let (created, used_at) = used_two_minutes_later(&s, &clock, 50).await;
-    touches_written(&s).await;
+    let (_dir, clock, s, created, used_at) = used_and_written(50).await;
     let idle = Config::default().idle_timeout;
     let retention = a_day_of_retention();
     // Past the idle deadline of the creation, before that of the use.
@@ -278,13 +296,9 @@ async fn a_session_touched_in_the_background_is_filed_anew_once_and_ends_at_its_
 /// that last use; one revoked since stays revoked; and so after a reopen, which reads the log back.
 #[tokio::test]
 async fn cleaning_the_last_use_log_keeps_every_sessions_last_use() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock = Arc::new(ManualClock::new(START));
-    let s = open_with(dir.path(), 8 << 20, clock.clone());
     // 10 sessions used once; 150 used every minute for 28 minutes (within the idle timeout of
     // the first use), one of them revoked on the way.
-    let (created, first_use) = used_two_minutes_later(&s, &clock, 160).await;
-    touches_written(&s).await;
+    let (dir, clock, s, created, first_use) = used_and_written(160).await;
     let (cold, hot) = created.split_at(10);
     let mut written = created.len();
     for minute in 0..28 {
@@ -317,17 +331,8 @@ async fn cleaning_the_last_use_log_keeps_every_sessions_last_use() {
     drop(s);
 
     let s = open_with(dir.path(), 8 << 20, clock.clone());
-    for (_, id) in cold {
-        let session = s.store().get(id).expect("get").expect("stored");
-        assert_eq!(session.last_seen_at, first_use, "session {id}, used once");
-    }
-    for (_, id) in &hot[1..] {
-        let session = s.store().get(id).expect("get").expect("stored");
-        assert_eq!(
-            session.last_seen_at, last_use,
-            "session {id}, used each minute"
-        );
-    }
+    assert_last_used(&s, cold, first_use);
+    assert_last_used(&s, &hot[1..], last_use);
     for (token, _) in cold.iter().chain(&hot[1..]) {
         s.validate(token, false, None, None).await.expect("valid");
     }
