@@ -17,12 +17,12 @@
 //! index when it writes it in full, so that cleaning does not carry the entry forward.
 //!
 //! **Cleaning.** Every round stays until cleaned. Once the rounds hold more than twice as many
-//! entries as the index (and at least `CLEAN_FLOOR`), the oldest half is read back, a bounded
-//! pass after each round of touches: entries the
-//! index still points at and that are not stale are appended again in a new round, the index moves
-//! to it, and the old rounds are deleted by the writer's next write. Deleting them one write
-//! later lets a reader that took the old round from the index just before it moved still find it;
-//! one that comes later still finds the index changed and looks again (`TouchLog::lookup`).
+//! entries as the index (and at least `CLEAN_FLOOR`), the oldest half is read back, in bounded
+//! passes after the drains of touches. Entries the index still points at and that are not stale
+//! are appended again in a new round, and the index moves to it; the old rounds are deleted by the
+//! writer's next write. Deleting them one write later lets a reader that took the old round from
+//! the index just before it moved still find it; one that comes later finds the index changed and
+//! looks again (`TouchLog::lookup`).
 
 use std::{
     collections::{HashMap, VecDeque},
