@@ -1108,7 +1108,7 @@ fn with_last_use(
     let Some(last_use) = last_use else {
         return Ok((session, None, record));
     };
-    if !session.is_active() || last_use.at <= session.last_seen_at {
+    if !counts(&session, &last_use) {
         return Ok((session, None, record));
     }
     session.last_seen_at = last_use.at;
@@ -1116,14 +1116,17 @@ fn with_last_use(
     Ok((session, Some(last_use.filed), merged))
 }
 
+/// Whether a logged last use still counts for the session as its record stands: not once a full
+/// write took it in (the record's last use is as late), nor for an ended session.
+fn counts(session: &Session, last_use: &records::LastUse) -> bool {
+    session.is_active() && last_use.at > session.last_seen_at
+}
+
 /// Whether a logged last use is stale against the session's stored record (or its absence).
 fn is_stale(tree: &sled::Tree, id: &SessionId, last_use: &records::LastUse) -> Result<bool> {
     Ok(match tree.get(keys::session(id))? {
         None => true,
-        Some(record) => {
-            let session = records::decode_session(*id, &record)?;
-            !session.is_active() || last_use.at <= session.last_seen_at
-        }
+        Some(record) => !counts(&records::decode_session(*id, &record)?, last_use),
     })
 }
 
