@@ -1596,10 +1596,7 @@ impl<'a> Tx<'a> {
             let applied = if self.dirty {
                 let mut batch = self.batch;
                 if let Some(round) = &round {
-                    batch.insert(&round.key[..], round.value.as_slice());
-                    for doomed in &round.doomed {
-                        batch.remove(&keys::touch_round(*doomed)[..]);
-                    }
+                    touch_log::add_to(&mut batch, round);
                 }
                 self.tree.apply_batch(batch)
             } else {

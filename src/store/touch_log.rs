@@ -275,6 +275,14 @@ pub(super) fn apply(tree: &sled::Tree, round: &Round) -> sled::Result<()> {
     Ok(())
 }
 
+/// `apply` within a batch of other writes.
+pub(super) fn add_to(batch: &mut sled::Batch, round: &Round) {
+    batch.insert(&round.key[..], round.value.as_slice());
+    for doomed in &round.doomed {
+        batch.remove(&keys::touch_round(*doomed)[..]);
+    }
+}
+
 /// A round to write: its key and value, then the keys of cleaned rounds to delete with it.
 pub(super) struct Round {
     number: u64,
