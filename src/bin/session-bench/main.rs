@@ -814,6 +814,16 @@ impl OwnServer {
 
     /// Resident memory of the server process, in MiB.
     fn rss_mib(&self) -> f64 {
+        self.status_mib("VmRSS:")
+    }
+
+    /// The most resident memory the server process has had since it started, in MiB: what a
+    /// memory limit must allow.
+    fn peak_rss_mib(&self) -> f64 {
+        self.status_mib("VmHWM:")
+    }
+
+    fn status_mib(&self, field: &str) -> f64 {
         let Some(pid) = self.child.id() else {
             return 0.0;
         };
@@ -821,7 +831,7 @@ impl OwnServer {
             .ok()
             .and_then(|s| {
                 s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .find_map(|l| l.strip_prefix(field))
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             })
             .map_or(0.0, |kib| kib / 1024.0)
