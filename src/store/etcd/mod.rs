@@ -84,6 +84,8 @@ const ATTEMPTS: usize = 32;
 const CATCH_UP: Duration = Duration::from_secs(5);
 /// How long a starting replica waits for etcd to answer.
 const START_WAIT: Duration = Duration::from_secs(60);
+/// Pages (of up to 10,000 keys) that a load reads ahead of applying.
+const READ_AHEAD: usize = 2;
 /// Fence rounds in flight at once.
 const FENCE_ROUNDS: usize = 4;
 /// Longest wait of a validate for its read fence.
@@ -373,14 +375,20 @@ async fn create_if_absent(client: &EtcdClient, prefix: &[u8]) -> Result<()> {
         .map(drop)
 }
 
-/// Everything under `prefix`, read page by page at one revision.
-/// A copy of everything under `prefix`, read at one revision.
+/// A copy of everything under `prefix`, read page by page at one revision. Reading and applying
+/// overlap: etcd serves the next pages while this one is decoded and indexed, so a start takes
+/// about the longer of the two rather than their sum.
 async fn load(client: &EtcdClient, prefix: &[u8]) -> Result<State> {
-    let mut state = State::default();
-    let revision = scan::scan(client, prefix.to_vec(), prefix_end(prefix), 0, |kvs| {
-        state.load_page(prefix, &kvs)
-    })
-    .await?;
+    let (pages, mut received) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let read = scan::scan(client, prefix.to_vec(), prefix_end(prefix), 0, pages);
+    let apply = async move {
+        let mut state = State::default();
+        while let Some(kvs) = received.recv().await {
+            state.load_page(prefix, &kvs)?;
+        }
+        Ok(state)
+    };
+    let (revision, mut state) = tokio::try_join!(read, apply)?;
     state.revision = revision;
     Ok(state)
 }
@@ -1884,7 +1892,7 @@ impl SessionStore for EtcdStore {
 }
 
 #[cfg(test)]
-mod at_size {
+mod loading {
     use std::collections::BTreeMap;
 
     use super::*;
@@ -1907,24 +1915,15 @@ mod at_size {
             .map_or(0.0, |kib| kib / 1024.0)
     }
 
-    /// How long a replica takes to open a store of `SIZE_SESSIONS` sessions (each with its
-    /// created event), and the memory its copy takes. A measurement, not a check:
-    /// `SIZE_SESSIONS=1000000 cargo test --release --lib open_at_size -- --ignored --nocapture`.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a measurement: minutes at a million sessions"]
-    async fn open_at_size() {
-        let n: u64 = std::env::var("SIZE_SESSIONS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(100_000);
-        let etcd = local::find_etcd().expect("an etcd binary");
-        let cluster = local::LocalCluster::start(&etcd, 3, Some(8 << 30)).expect("etcd");
-        let options = EtcdOptions {
-            endpoints: cluster.endpoints(),
-            ..EtcdOptions::default()
-        };
+    /// Keys and values, as a restore takes them.
+    type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+    /// `n` sessions of one user each, with their created events unless `events` is false; and
+    /// the sessions' ids.
+    fn store_of(n: u64, events: bool) -> (Entries, Vec<SessionId>) {
         let g = TokenGenerator::from_seed([7; 32]);
         let mut entries = Vec::new();
+        let mut ids = Vec::new();
         for i in 0..n {
             let id = g.session_id();
             let now = Timestamp::from_millis(1_800_000_000_000 + i);
@@ -1965,11 +1964,68 @@ mod at_size {
                 },
             };
             entries.push((keys::session(&id).to_vec(), records::encode_session(&s)));
-            if std::env::var_os("SIZE_NO_EVENTS").is_none() {
+            if events {
                 entries.push((keys::event(i + 1).to_vec(), records::encode_event(&e)));
             }
+            ids.push(id);
         }
         entries.push((keys::META_SECRET.to_vec(), vec![9; 32]));
+        (entries, ids)
+    }
+
+    fn options(cluster: &local::LocalCluster) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: cluster.endpoints(),
+            ..EtcdOptions::default()
+        }
+    }
+
+    /// A replica's copy is read in pages of at most 10,000 keys, read ahead of applying them: a
+    /// store of several pages opens with every session and every event, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_of_many_read_pages_opens_whole() {
+        let n = 12_000;
+        let etcd = local::find_etcd().expect("an etcd binary");
+        let cluster = local::LocalCluster::start(&etcd, 1, None).expect("etcd");
+        let (entries, ids) = store_of(n, true);
+        EtcdStore::restore_entries(options(&cluster), "/pages/", &entries)
+            .await
+            .expect("restore");
+        let store = EtcdStore::open(
+            options(&cluster),
+            "/pages/",
+            4096,
+            Duration::from_secs(86_400),
+        )
+        .await
+        .expect("open");
+        for id in &ids {
+            assert!(store.get(id).expect("get").is_some(), "session {id:?} lost");
+        }
+        let sequences: Vec<u64> = store
+            .events_after(0, 2 * n as usize)
+            .expect("events")
+            .iter()
+            .map(|e| e.sequence)
+            .collect();
+        assert_eq!(sequences, (1..=n).collect::<Vec<_>>());
+        store.close().await.expect("close");
+    }
+
+    /// How long a replica takes to open a store of `SIZE_SESSIONS` sessions (each with its
+    /// created event), and the memory its copy takes. A measurement, not a check:
+    /// `SIZE_SESSIONS=1000000 cargo test --release --lib open_at_size -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement: minutes at a million sessions"]
+    async fn open_at_size() {
+        let n: u64 = std::env::var("SIZE_SESSIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let etcd = local::find_etcd().expect("an etcd binary");
+        let cluster = local::LocalCluster::start(&etcd, 3, Some(8 << 30)).expect("etcd");
+        let options = options(&cluster);
+        let (entries, _) = store_of(n, std::env::var_os("SIZE_NO_EVENTS").is_none());
         let started = std::time::Instant::now();
         EtcdStore::restore_entries(options.clone(), "/size/", &entries)
             .await

@@ -6,20 +6,24 @@
 //! keys. Here each read covers a window, the span of keys the previous page covered, so etcd
 //! counts about one page per read. Windows follow each other, so every key is read exactly once.
 
+use tokio::sync::mpsc;
+
 use super::client::{pb::mvccpb::KeyValue, EtcdClient, RangeRequest};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Keys per read.
 const PAGE: i64 = 10_000;
 
-/// Calls `take` with every key-value in `[start, end)` at one revision, in key order; returns
-/// that revision (the newest when called, if `revision` is 0).
+/// Sends every key-value in `[start, end)` at one revision into `pages`, a page at a time in key
+/// order; returns that revision (the newest when called, if `revision` is 0). The next read is
+/// sent as soon as a page is queued, so etcd reads while the receiver applies (the channel's
+/// bound is how far ahead).
 pub async fn scan(
     client: &EtcdClient,
     start: Vec<u8>,
     end: Vec<u8>,
     mut revision: i64,
-    mut take: impl FnMut(Vec<KeyValue>) -> Result<()>,
+    pages: mpsc::Sender<Vec<KeyValue>>,
 ) -> Result<i64> {
     let mut from = start;
     // The window's width as a number over `LEN` bytes, first one value of the third byte
@@ -45,7 +49,10 @@ pub async fn scan(
         let more = page.more;
         let read = page.kvs.len() as i64;
         let last = page.kvs.last().map(|kv| kv.key.clone());
-        take(page.kvs)?;
+        pages
+            .send(page.kvs)
+            .await
+            .map_err(|_| Error::Storage("the etcd scan's receiver stopped".into()))?;
         match (more, last) {
             (true, Some(last)) => {
                 // Too wide: the next window spans what this page covered.
