@@ -3,9 +3,9 @@
 //! session loaded, the server's RSS (and its peak) and disk use, and the time a crashed server
 //! (SIGKILL) takes to answer again: once after the load (`restart_secs`, held to the target), and
 //! once more right after that restart (`restart_again_secs`), when little has been written since
-//! the server started. With `--scale-store etcd` the server is a replica over a local 3-member etcd:
-//! "disk" is etcd's backend, a restart reloads the replica's copy from etcd, and the RSS after it
-//! is what a replica costs to hold that many sessions.
+//! the server started. With `--scale-store etcd` the server is a replica over a local 3-member
+//! etcd: "disk" is etcd's backend, a restart reloads the replica's copy from etcd, and the RSS
+//! after it is what a replica costs to hold that many sessions.
 //!
 //! Every size after the first is held to the targets of the "fast at a real company's size" issue,
 //! each printed beside its figure: at up to 1 million sessions validate at least 0.8x the smallest
@@ -167,7 +167,8 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         // A second crash right after that start: sled writes its snapshot only when it opens a
         // store, so the first restart replays every write since the server started (here, the
         // whole load) and this one almost none. What a restart costs lies between the two,
-        // by how much was written since the last start.
+        // by how much was written since the last start. (An etcd replica reads its whole copy
+        // both times.)
         let restart_again = server.crash_and_restart().await?;
         channels = connect(server.addr, args.connections.max(1)).await?;
         let p99 = validate.p99;
