@@ -83,8 +83,7 @@ impl TouchLog {
         let mut rounds = Rounds::default();
         for item in tree.scan_prefix([keys::TOUCH_LOG]) {
             let (key, value) = item?;
-            let round = keys::touch_round_of(&key)
-                .ok_or_else(|| Error::Storage("corrupt last-use round key".into()))?;
+            let round = round_of(&key)?;
             let mut count = 0;
             for entry in entries(&value) {
                 index.insert(entry?.0, round);
@@ -275,7 +274,7 @@ pub(super) fn apply(tree: &sled::Tree, round: &Round) -> sled::Result<()> {
     Ok(())
 }
 
-/// `apply` within a batch of other writes.
+/// `apply` within a batch of other writes (the batch is being applied anyway).
 pub(super) fn add_to(batch: &mut sled::Batch, round: &Round) {
     batch.insert(&round.key[..], round.value.as_slice());
     for doomed in &round.doomed {
@@ -340,6 +339,11 @@ fn find(value: &[u8], id: &SessionId) -> Result<Option<LastUse>> {
     Ok(None)
 }
 
+/// A stored round's number, from its key.
+fn round_of(key: &[u8]) -> Result<u64> {
+    keys::touch_round_of(key).ok_or_else(|| Error::Storage("corrupt last-use round key".into()))
+}
+
 fn corrupt() -> Error {
     Error::Storage("corrupt last-use round".into())
 }
@@ -354,12 +358,7 @@ pub(super) fn migrate_format_3(tree: &sled::Tree) -> Result<usize> {
 
 fn migrate_in_chunks(tree: &sled::Tree, chunk: usize) -> Result<usize> {
     let mut next = match tree.scan_prefix([keys::TOUCH_LOG]).last() {
-        Some(item) => {
-            let (key, _) = item?;
-            keys::touch_round_of(&key)
-                .ok_or_else(|| Error::Storage("corrupt last-use round key".into()))?
-                + 1
-        }
+        Some(item) => round_of(&item?.0)? + 1,
         None => 0,
     };
     let mut migrated = 0;
