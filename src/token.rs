@@ -18,15 +18,20 @@ use rand_core::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::clock::Timestamp;
+
 /// What every token starts with.
 pub const TOKEN_PREFIX: &str = "sat_";
 const ID_LEN: usize = 16;
+/// The leading bytes of a session id that hold its creation's millisecond.
+const TIME_LEN: usize = 6;
 const SECRET_LEN: usize = 32;
 const RAW_LEN: usize = ID_LEN + SECRET_LEN + 4;
 /// Length of a well-formed token string.
 pub const TOKEN_LEN: usize = TOKEN_PREFIX.len() + (RAW_LEN * 4).div_ceil(3);
 
-/// The public, random handle of a session. Safe to show and log; useless for authenticating.
+/// The public handle of a session: its creation's millisecond and 80 random bits. Safe to show
+/// and log; useless for authenticating.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId([u8; ID_LEN]);
 
@@ -220,10 +225,17 @@ impl TokenGenerator {
         rng.fill_bytes(out);
     }
 
-    /// A new random session id.
-    pub fn session_id(&self) -> SessionId {
+    /// A new session id: the creation's millisecond (48 bits, big-endian), then 80 random bits.
+    ///
+    /// The id is the store's key for the session's record, so ids made in time order are appended
+    /// at the right edge of sled's tree, whose leaves then fill up and stay cold, instead of
+    /// landing in every leaf of a million (a random key costs a page-in on each write and keeps
+    /// its leaf's fragments in memory and in the log). The id is public and never authenticates
+    /// (the 256-bit secret does); its random part still makes an existing id unguessable.
+    pub fn session_id(&self, now: Timestamp) -> SessionId {
         let mut id = [0u8; ID_LEN];
-        self.fill(&mut id);
+        id[..TIME_LEN].copy_from_slice(&now.as_millis().to_be_bytes()[8 - TIME_LEN..]);
+        self.fill(&mut id[TIME_LEN..]);
         SessionId(id)
     }
 
@@ -251,10 +263,12 @@ impl TokenGenerator {
 mod tests {
     use super::*;
 
+    const AT: Timestamp = Timestamp::from_millis(1_700_000_000_000);
+
     #[test]
     fn issued_token_parses_back_to_its_session_and_hash() {
         let generator = TokenGenerator::from_seed([7; 32]);
-        let id = generator.session_id();
+        let id = generator.session_id(AT);
         let issued = generator.issue(&id);
         assert_eq!(issued.token.expose().len(), TOKEN_LEN);
         assert!(issued.token.expose().starts_with(TOKEN_PREFIX));
@@ -266,7 +280,7 @@ mod tests {
     #[test]
     fn any_single_character_change_is_rejected_by_the_checksum() {
         let generator = TokenGenerator::from_seed([1; 32]);
-        let token = generator.issue(&generator.session_id()).token;
+        let token = generator.issue(&generator.session_id(AT)).token;
         let text = token.expose();
         for i in TOKEN_PREFIX.len()..text.len() {
             let mut bytes = text.as_bytes().to_vec();
@@ -292,15 +306,42 @@ mod tests {
     #[test]
     fn debug_never_prints_the_token() {
         let generator = TokenGenerator::from_seed([2; 32]);
-        let token = generator.issue(&generator.session_id()).token;
+        let token = generator.issue(&generator.session_id(AT)).token;
         assert!(!format!("{token:?}").contains(&token.expose()[4..]));
+    }
+
+    #[test]
+    fn ids_sort_by_their_creation_and_differ_within_a_millisecond() {
+        let generator = TokenGenerator::from_seed([5; 32]);
+        let ids: Vec<SessionId> = (0..1_000u64)
+            .map(|i| generator.session_id(Timestamp::from_millis(1_700_000_000_000 + i / 10)))
+            .collect();
+        for pair in ids.windows(2) {
+            let (a, b) = (pair[0].as_bytes(), pair[1].as_bytes());
+            assert_ne!(a, b);
+            assert!(a[..TIME_LEN] <= b[..TIME_LEN], "{a:?} then {b:?}");
+        }
+        assert!(ids[9] < ids[10], "a later millisecond sorts after");
+        // The random part: no two of the same millisecond share it, and its bytes vary.
+        let tails: std::collections::HashSet<_> = ids
+            .iter()
+            .map(|id| id.as_bytes()[TIME_LEN..].to_vec())
+            .collect();
+        assert_eq!(tails.len(), ids.len());
+        let last_bytes: std::collections::HashSet<u8> =
+            ids.iter().map(|id| id.as_bytes()[ID_LEN - 1]).collect();
+        assert!(
+            last_bytes.len() > 200,
+            "{} distinct last bytes",
+            last_bytes.len()
+        );
     }
 
     #[test]
     fn os_seeded_generators_differ() {
         let a = TokenGenerator::from_os().expect("seed");
         let b = TokenGenerator::from_os().expect("seed");
-        assert_ne!(a.session_id(), b.session_id());
+        assert_ne!(a.session_id(AT), b.session_id(AT));
     }
 
     proptest::proptest! {
@@ -317,7 +358,7 @@ mod tests {
         #[test]
         fn mutated_tokens_are_rejected(seed in proptest::array::uniform32(0u8..), pos in 0usize..TOKEN_LEN, byte in 0x21u8..0x7f) {
             let generator = TokenGenerator::from_seed(seed);
-            let token = generator.issue(&generator.session_id()).token;
+            let token = generator.issue(&generator.session_id(AT)).token;
             let mut bytes = token.expose().as_bytes().to_vec();
             proptest::prop_assume!(bytes[pos] != byte);
             bytes[pos] = byte;
@@ -333,7 +374,7 @@ mod tests {
 
     #[test]
     fn session_id_round_trips_through_text() {
-        let id = TokenGenerator::from_seed([3; 32]).session_id();
+        let id = TokenGenerator::from_seed([3; 32]).session_id(AT);
         assert_eq!(id.to_string().parse::<SessionId>().ok(), Some(id));
         assert!("ABCDEF0123456789abcdef0123456789"
             .parse::<SessionId>()

@@ -196,7 +196,7 @@ async fn a_revoke_naming_an_unknown_or_foreign_session_changes_nothing<B: Backen
     let h = harness(&b, policy(|_| {})).await;
     let s = &h.sessions;
     let mine = s.create(new_session("t", "u")).await.expect("create");
-    let unknown = TokenGenerator::from_os().expect("seed").session_id();
+    let unknown = TokenGenerator::from_os().expect("seed").session_id(START);
     let err = s
         .revoke(
             RevokeTarget::Sessions {

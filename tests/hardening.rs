@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use session_authority::{
+    clock::{Clock, SystemClock},
     config::{Config, Role},
     proto::v1::{
         self as pb, event_service_client::EventServiceClient,
@@ -300,7 +301,7 @@ async fn a_garbage_storm_from_one_caller_never_refuses_its_valid_tokens() {
     let generator = session_authority::token::TokenGenerator::from_os().expect("seed");
     let garbage = || {
         generator
-            .issue(&generator.session_id())
+            .issue(&generator.session_id(SystemClock.now()))
             .token
             .expose()
             .to_string()

@@ -8,6 +8,7 @@ use common::*;
 use http::uri::PathAndQuery;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use session_authority::{
+    clock::{Clock, SystemClock},
     config::{ClientIdentityConfig, Config, Role},
     proto::v1::{
         self as pb, audit_service_client::AuditServiceClient,
@@ -464,7 +465,9 @@ async fn a_hundred_thousand_guesses_find_nothing_and_are_throttled() {
                 let generator = TokenGenerator::from_os().expect("seed");
                 let (mut validated, mut throttled, mut refused) = (0u32, 0u32, 0u32);
                 for i in 0..6250 {
-                    let token = generator.issue(&generator.session_id()).token;
+                    let token = generator
+                        .issue(&generator.session_id(SystemClock.now()))
+                        .token;
                     let ip = format!("203.0.113.{}", (t * 16 + i) % 250);
                     let r = c
                         .validate_session(pb::ValidateSessionRequest {

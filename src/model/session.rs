@@ -276,7 +276,7 @@ mod tests {
     use crate::token::TokenGenerator;
 
     fn session(generator: &TokenGenerator, created: u64, seen: u64) -> Session {
-        let id = generator.session_id();
+        let id = generator.session_id(Timestamp::from_millis(created));
         Session {
             id,
             tenant_id: "t".into(),

@@ -287,7 +287,7 @@ impl<S: SessionStore> Sessions<S> {
             ));
         }
         let (idle, absolute) = policy.timeouts(new.remember_me);
-        let id = self.tokens.session_id();
+        let id = self.tokens.session_id(now);
         let issued = self.tokens.issue(&id);
         let mut session = Session {
             id,

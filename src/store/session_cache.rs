@@ -148,7 +148,8 @@ impl SessionCache {
     }
 
     fn shard(&self, id: &SessionId) -> MutexGuard<'_, Shard> {
-        let i = id.as_bytes()[0] as usize % SHARDS;
+        // The last byte: ids begin with their creation time, and end with random bits.
+        let i = id.as_bytes()[SessionId::LEN - 1] as usize % SHARDS;
         // Plain values: a panic elsewhere cannot leave a map half-updated.
         self.shards[i]
             .lock()
@@ -324,13 +325,26 @@ mod tests {
     #[test]
     fn warming_stops_when_full_and_never_evicts() {
         let cache = SessionCache::new(SHARDS * (ENTRY_OVERHEAD + 100));
-        // All in one shard (same first byte): room for exactly one.
+        // All in one shard (same last byte): room for exactly one.
         let a = SessionId::from_bytes([7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         let b = SessionId::from_bytes([7, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert!(cache.warm(a, &[1; 100]));
         assert!(!cache.warm(b, &[2; 100]), "full: warming stops");
         assert!(get(&cache, &a).is_some(), "and keeps what it had");
         assert!(get(&cache, &b).is_none());
+    }
+
+    #[test]
+    fn ids_of_one_millisecond_spread_over_the_shards() {
+        // Room for one record a shard: what gets in counts the shards the ids reached.
+        let cache = SessionCache::new(SHARDS * (ENTRY_OVERHEAD + 100));
+        let generator = crate::token::TokenGenerator::from_seed([9; 32]);
+        let now = crate::clock::Timestamp::from_millis(1_800_000_000_000);
+        for _ in 0..SHARDS * 8 {
+            cache.warm(generator.session_id(now), &[1; 100]);
+        }
+        let (entries, _) = cache.held();
+        assert!(entries > SHARDS / 2, "{entries} of {SHARDS} shards reached");
     }
 
     #[test]

@@ -1925,8 +1925,8 @@ mod loading {
         let mut entries = Vec::new();
         let mut ids = Vec::new();
         for i in 0..n {
-            let id = g.session_id();
             let now = Timestamp::from_millis(1_800_000_000_000 + i);
+            let id = g.session_id(now);
             let s = Session {
                 id,
                 tenant_id: "t".into(),
