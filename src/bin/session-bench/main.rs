@@ -118,6 +118,10 @@ struct Args {
     /// Session counts for `scale`, comma-separated: the first is the baseline.
     #[arg(long, value_delimiter = ',', default_value = "10000,10000000")]
     sessions: Vec<usize>,
+    /// `scale`'s users get ids spread over the whole key space (as random UUIDs are), rather than
+    /// `user-0`, `user-1`... in the order they log in, whose per-user keys land side by side.
+    #[arg(long)]
+    random_users: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -19,7 +19,9 @@
 //! targets leave.
 //!
 //! Sessions carry what a browser login gives them (an IP, a real User-Agent, a device label), so
-//! the bytes per session are a real deployment's, not an empty record's.
+//! the bytes per session are a real deployment's, not an empty record's. Each has its own user:
+//! `user-0`, `user-1`... in order, or with `--random-users` ids spread over the key space, as
+//! random UUIDs are (the user's index entry and logins then land at random places in the store).
 
 use std::{
     sync::{
@@ -93,7 +95,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     let mut baseline: Option<Baseline> = None;
     for n in sizes {
         let started = Instant::now();
-        load(&channels, loaded, n, stride, &sample).await?;
+        load(&channels, loaded, n, stride, &sample, args.random_users).await?;
         let load_rate = (n - loaded) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         eprintln!("scale: loaded {n} sessions ({load_rate:.0} creates/s)");
         loaded = n;
@@ -136,11 +138,15 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         // Durable creates at this size, measured apart from the load (which shares its time with
         // the growing store's first writes); their sessions stay.
         let mut created = Vec::with_capacity(runs);
+        let random_users = args.random_users;
         for run in 0..runs {
             created.push(
                 closed_loop(args, &channels, move |ch, i| async move {
                     SessionServiceClient::new(ch)
-                        .create_session(request(&format!("at-{n}-{run}-{i}"), i))
+                        .create_session(request(
+                            &user_id(&format!("at-{n}-{run}"), i, random_users),
+                            i,
+                        ))
                         .await
                         .map(drop)
                 })
@@ -346,6 +352,17 @@ enum Bound {
     AtMost(f64),
 }
 
+/// The `i`th user of a series: `prefix-i`, or with `random` the series' name and `i` hashed into
+/// 16 hex characters, so successive users' keys land far apart, as random UUIDs' do.
+fn user_id(prefix: &str, i: usize, random: bool) -> String {
+    if !random {
+        return format!("{prefix}-{i}");
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&(prefix, i), &mut h);
+    format!("{:016x}", std::hash::Hasher::finish(&h))
+}
+
 /// A browser login: what a web backend passes on CreateSession.
 fn request(user: &str, i: usize) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
@@ -371,6 +388,7 @@ async fn load(
     to: usize,
     stride: usize,
     sample: &Arc<Mutex<Vec<String>>>,
+    random_users: bool,
 ) -> Result<(), Error> {
     let next = Arc::new(AtomicUsize::new(from));
     let mut tasks = Vec::new();
@@ -383,7 +401,7 @@ async fn load(
                 if i >= to {
                     return Ok::<_, tonic::Status>(());
                 }
-                let r = create_retrying(&mut client, i).await?;
+                let r = create_retrying(&mut client, i, random_users).await?;
                 if i % stride == 0 {
                     sample
                         .lock()
@@ -406,10 +424,11 @@ async fn load(
 async fn create_retrying(
     client: &mut SessionServiceClient<Channel>,
     i: usize,
+    random_users: bool,
 ) -> Result<pb::CreateSessionResponse, tonic::Status> {
     loop {
         let r = client
-            .create_session(request(&format!("user-{i}"), i))
+            .create_session(request(&user_id("user", i, random_users), i))
             .await;
         match r {
             Ok(r) => return Ok(r.into_inner()),
