@@ -46,6 +46,12 @@ impl SessionId {
         &self.0
     }
 
+    /// A byte of the id's random part, to spread ids over shards (its first bytes are the
+    /// creation time, the same for every id of a while).
+    pub fn spread_byte(&self) -> u8 {
+        self.0[ID_LEN - 1]
+    }
+
     /// Reads an id from a store key or record; `None` if the slice has the wrong length.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
         bytes.try_into().ok().map(Self)

@@ -148,8 +148,7 @@ impl SessionCache {
     }
 
     fn shard(&self, id: &SessionId) -> MutexGuard<'_, Shard> {
-        // The last byte: ids begin with their creation time, and end with random bits.
-        let i = id.as_bytes()[SessionId::LEN - 1] as usize % SHARDS;
+        let i = id.spread_byte() as usize % SHARDS;
         // Plain values: a panic elsewhere cannot leave a map half-updated.
         self.shards[i]
             .lock()
