@@ -16,6 +16,31 @@ use session_authority::{
 };
 use tonic::Code;
 
+/// A login from `country` at `(lat, lon)` with `user_agent`: it leaves the user's last place and
+/// a login in the store.
+fn login(
+    user: &str,
+    user_agent: &str,
+    country: &str,
+    (lat, lon): (f64, f64),
+) -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        device: Some(pb::Device {
+            user_agent: user_agent.into(),
+            location: Some(pb::Location {
+                country: country.into(),
+                latitude: Some(lat),
+                longitude: Some(lon),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..create_request("acme", user)
+    }
+}
+const FIREFOX: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0";
+const CHROME: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/120.0.0.0 Safari/537.36";
+
 /// The first heartbeat of a stream that starts at the head: the log's epoch and head.
 async fn epoch_and_head(server: &TestServer) -> (u64, u64) {
     let mut stream = watch_from(EventServiceClient::new(server.channel().await), None, true).await;
@@ -124,6 +149,10 @@ async fn a_backup_restores_into_a_server_with_everything_acknowledged() {
         })
         .await
         .expect("set");
+    client
+        .create_session(login("erin", FIREFOX, "TH", (13.75, 100.5)))
+        .await
+        .expect("erin in Bangkok");
     let head = create(&mut client, "acme", "carol").await.sequence;
 
     // Online: the server keeps serving while the backup is taken.
@@ -166,6 +195,21 @@ async fn a_backup_restores_into_a_server_with_everything_acknowledged() {
     assert!(records
         .iter()
         .all(|(k, _)| k[0] != b'u' && k[0] != b'd' && k.as_slice() != b"mlogepoch"));
+    // Per-user records in their maps, whatever the backend keeps them in: erin's last place and
+    // logins came along, so her login from elsewhere is new and impossible.
+    for map in [b'l', b'o'] {
+        let key = [&[map][..], b"acme\0erin\0"].concat();
+        assert!(records.iter().any(|(k, _)| *k == key), "{}", map as char);
+    }
+    let elsewhere = c
+        .create_session(login("erin", CHROME, "GB", (51.5, -0.12)))
+        .await
+        .expect("erin in London")
+        .into_inner()
+        .session
+        .expect("session");
+    assert!(elsewhere.new_device && elsewhere.new_place);
+    assert_eq!(elsewhere.flags.len(), 1, "impossible travel");
     let alice = list_all(&mut c, "acme", "alice", 10).await;
     assert_eq!(alice.len(), 1);
     copy.advance(std::time::Duration::from_secs(601));

@@ -147,6 +147,23 @@ fn at(lat: f64, lon: f64) -> NewSession {
     }
 }
 
+/// A login that leaves every per-user record behind: a last place (coordinates), a login (a
+/// platform and a country), and with a quota, a creation.
+fn from_bangkok(tenant: &str, user: &str) -> NewSession {
+    NewSession {
+        device: Device {
+            user_agent: CHROME_WINDOWS.into(),
+            location: Some(Location {
+                country: "TH".into(),
+                coordinates: Some((13.75, 100.5)),
+                ..Location::default()
+            }),
+            ..Device::default()
+        },
+        ..new_session(tenant, user)
+    }
+}
+
 /// Every event in the log, in order.
 fn events<S: SessionStore>(h: &Harness<S>) -> Vec<Event> {
     h.sessions.store().events_after(0, 100_000).expect("events")
@@ -930,20 +947,21 @@ async fn policies_audit_and_sessions_survive_a_reopen<B: Backend>(b: B) {
     assert_eq!(session.id, id);
 }
 
+/// Also with every user's per-user records stored (which sled keeps beside the user's sessions).
 async fn listing_pages_cover_every_live_session_once<B: Backend>(b: B) {
-    let h = harness(&b, policy(|_| {})).await;
+    let h = harness(&b, policy(|p| p.max_creations_per_day = 100)).await;
     let s = &h.sessions;
     let mut created = Vec::new();
     for i in 0..25 {
         created.push(
-            s.create(new_session("t", &format!("user-{}", i % 3)))
+            s.create(from_bangkok("t", &format!("user-{}", i % 3)))
                 .await
                 .expect("create")
                 .session
                 .id,
         );
     }
-    s.create(new_session("other", "x")).await.expect("other");
+    s.create(from_bangkok("other", "x")).await.expect("other");
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
@@ -973,6 +991,76 @@ async fn listing_pages_cover_every_live_session_once<B: Backend>(b: B) {
     ids.sort();
     created.sort();
     assert_eq!(ids, created);
+}
+
+/// Stale per-user records go, in short calls that together cover every user, also users whose
+/// sessions are live; fresh ones stay. A forgotten quota and history show in the next login.
+async fn stale_per_user_records_are_purged_in_short_calls<B: Backend>(b: B) {
+    let h = harness(&b, policy(|p| p.max_creations_per_day = 2)).await;
+    let s = &h.sessions;
+    let store = s.store();
+    for i in 0..5 {
+        for _ in 0..2 {
+            s.create(from_bangkok("t", &format!("u{i}")))
+                .await
+                .expect("create");
+        }
+    }
+    let purge = |older_than: Timestamp, now: Timestamp| async move {
+        let (mut purged, mut cursor, mut calls) = (0, None, 0);
+        loop {
+            let (n, next) = store
+                .purge_user_state(older_than, now, cursor.take(), 3)
+                .await
+                .expect("purge");
+            purged += n;
+            calls += 1;
+            assert!(calls < 100, "the walk ends");
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return (purged, calls),
+            }
+        }
+    };
+    let (purged, calls) = purge(START, START).await;
+    assert_eq!(purged, 0, "nothing stale yet");
+    assert!(calls > 1, "{calls} calls of at most 3 keys each");
+    assert!(store.last_seen("t", "u0").expect("read").is_some());
+    assert!(matches!(
+        s.create(from_bangkok("t", "u0")).await,
+        Err(Error::ResourceExhausted(_))
+    ));
+
+    let later = START.saturating_add(Duration::from_secs(2 * 86_400));
+    let (purged, _) = purge(START.saturating_add(Duration::from_secs(1)), later).await;
+    assert_eq!(purged, 15, "5 users' places, logins and quotas");
+    for i in 0..5 {
+        assert_eq!(store.last_seen("t", &format!("u{i}")).expect("read"), None);
+    }
+    let after = s
+        .create(NewSession {
+            device: device(FIREFOX_LINUX, "GB"),
+            ..new_session("t", "u0")
+        })
+        .await
+        .expect("the quota was forgotten");
+    assert!(!after.session.new_device, "no history to compare with");
+    assert_eq!(
+        s.list(&ListQuery {
+            scope: ListScope {
+                tenant_id: "t".into(),
+                user_id: None,
+            },
+            page_size: 100,
+            cursor: None,
+            filter: SessionFilter::default(),
+        })
+        .expect("list")
+        .sessions
+        .len(),
+        11,
+        "sessions untouched"
+    );
 }
 
 async fn pruning_keeps_the_newest_events_and_the_head<B: Backend>(b: B) {
@@ -1083,6 +1171,7 @@ macro_rules! conformance {
                 impossible_travel_with_revoke_ends_every_session_of_the_user,
                 policies_audit_and_sessions_survive_a_reopen,
                 listing_pages_cover_every_live_session_once,
+                stale_per_user_records_are_purged_in_short_calls,
                 pruning_keeps_the_newest_events_and_the_head,
                 a_tightened_policy_ends_open_sessions_with_their_events,
                 a_policy_write_is_marked_until_its_enforcement_finishes,

@@ -7,7 +7,12 @@
 //!   rounds at open. Its fixture, `tests/fixtures/store-format-3/`, was written by the release
 //!   before format 4 (commit 0e91a6f), and holds a session whose last use is in such a key.
 //!
-//! Both were written with `make_fixture` below.
+//! - Format 5 keeps a user's per-user records (last place, recent logins, login quota) at the end
+//!   of the user's range of the user index instead of in maps of their own; format 4's are moved
+//!   at open. Its fixture, `tests/fixtures/store-format-4/`, was written by the release before
+//!   format 5 (commit 6e581af), with a place, a platform and a quota for every login.
+//!
+//! All were written with `make_fixture` below.
 
 mod common;
 
@@ -18,6 +23,7 @@ use session_authority::{clock::ManualClock, clock::Timestamp, proto::v1 as pb};
 
 const FORMAT_2: &str = "tests/fixtures/store-format-2";
 const FORMAT_3: &str = "tests/fixtures/store-format-3";
+const FORMAT_4: &str = "tests/fixtures/store-format-4";
 /// What the fixture's server ran with (the test's server runs the same, on a manual clock set to
 /// when the fixture was written, so its sessions never expire with the calendar).
 const SETTINGS: [&str; 6] = [
@@ -28,6 +34,18 @@ const SETTINGS: [&str; 6] = [
     "--touch-interval",
     "10s",
 ];
+/// What the fixtures since format 4 were written with besides `SETTINGS`, so that every user has
+/// a login quota record.
+const QUOTA: [&str; 2] = ["--max-creations-per-day", "3"];
+/// Where the fixtures since format 4 logged in from, so that every user has a last place.
+fn bangkok() -> pb::Location {
+    pb::Location {
+        country: "TH".into(),
+        city: "Bangkok".into(),
+        latitude: Some(13.75),
+        longitude: Some(100.5),
+    }
+}
 
 /// One line of the fixture's `sessions.txt` (after its first line, the time it was written):
 /// token, session id, state, last use (millis).
@@ -148,6 +166,64 @@ async fn a_format_3_store_opens_with_every_session_and_last_use() {
     opens_with_every_session_and_last_use(FORMAT_3).await;
 }
 
+/// The fixture's users keep their last place, recent logins and login quota: a store that lost
+/// them would see nothing new in a login from another platform and country, no impossible
+/// travel, and no quota reached.
+#[tokio::test]
+async fn a_format_4_store_keeps_every_users_records() {
+    opens_with_every_session_and_last_use(FORMAT_4).await;
+
+    let (written_at, _) = written(FORMAT_4);
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    copy_dir(&Path::new(FORMAT_4).join("data"), &dir.path().join("data"));
+    let clock = Arc::new(ManualClock::new(written_at));
+    let config = session_authority::config::Config {
+        idle_timeout: Duration::from_secs(600),
+        absolute_timeout: Duration::from_secs(3600),
+        touch_interval: Duration::from_secs(10),
+        max_creations_per_day: 3,
+        ..test_config()
+    };
+    let server = TestServer::start_in(dir, clock, config).await;
+    let mut client = server.client().await;
+    let london = pb::Device {
+        ip: "198.51.100.9".into(),
+        user_agent: "Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/126.0 Safari/537.36".into(),
+        location: Some(pb::Location {
+            country: "GB".into(),
+            city: "London".into(),
+            latitude: Some(51.5),
+            longitude: Some(-0.12),
+        }),
+        ..Default::default()
+    };
+    let create = |user: &str| pb::CreateSessionRequest {
+        tenant_id: "acme".into(),
+        user_id: user.into(),
+        device: Some(london.clone()),
+        ..Default::default()
+    };
+    let created = client
+        .create_session(create("user-0"))
+        .await
+        .expect("the third login of the day")
+        .into_inner()
+        .session
+        .expect("session");
+    assert!(created.new_device, "the user's logins were kept");
+    assert!(created.new_place, "the user's logins were kept");
+    assert_eq!(created.flags.len(), 1, "the user's last place was kept");
+    let refused = client
+        .create_session(create("user-0"))
+        .await
+        .expect_err("the fourth login of the day");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("max_creations_per_day"),
+        "{refused:?}"
+    );
+}
+
 /// Writes a fixture with the server binary in `FORMAT_FIXTURE_SERVER` (a release that writes the
 /// format to keep opening) into `FORMAT_FIXTURE_DIR`. Run by hand:
 /// `FORMAT_FIXTURE_SERVER=... FORMAT_FIXTURE_DIR=tests/fixtures/store-format-N cargo test --test
@@ -166,6 +242,7 @@ async fn make_fixture() {
         .args(["--listen", &addr, "--data-dir"])
         .arg(&data)
         .args(SETTINGS)
+        .args(QUOTA)
         .kill_on_drop(true)
         .spawn()
         .expect("spawn");
@@ -181,6 +258,7 @@ async fn make_fixture() {
                 device: Some(pb::Device {
                     ip: "203.0.113.7".into(),
                     user_agent: "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0".into(),
+                    location: Some(bangkok()),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -7,18 +7,27 @@
 //! |--------|-------------------------|---------------------------------------------------|----------------|
 //! | `s`    | sessionid_session       | session id (16)                                   | SessionRecord  |
 //! | `u`    | user_sessionid          | tenant, 0, user, 0, created_at (8), id (16)       | empty          |
+//! | `u`    | user_records (sled)     | tenant, 0, user, 0, kind (`l`, `o` or `q`)        | as below       |
 //! | `d`    | deadline_sessionid      | next deadline (8), id (16)                        | empty          |
 //! | `e`    | sequence_event          | sequence (8)                                      | EventRecord    |
 //! | `m`    | meta                    | name                                              | varies         |
 //! | `p`    | tenant_policy           | tenant                                            | policy (JSON)  |
-//! | `l`    | user_lastseen           | tenant, 0, user, 0                                | LastSeenRecord |
-//! | `q`    | user_creations          | tenant, 0, user, 0                                | timestamps     |
+//! | `l`    | user_lastseen (etcd)    | tenant, 0, user, 0                                | LastSeenRecord |
+//! | `o`    | user_logins (etcd)      | tenant, 0, user, 0                                | logins         |
+//! | `q`    | user_creations (etcd)   | tenant, 0, user, 0                                | timestamps     |
 //! | `a`    | auditid_record          | id (8)                                            | entry (JSON)   |
 //! | `T`    | round_lastuses          | round (8)                                         | entries        |
 //!
 //! `user_sessionid` holds active sessions only, so counting a user's sessions for the limit is a
 //! short prefix scan. `deadline_sessionid` holds every session under the instant the sweeper must
 //! look at it again (idle deadline while active, absolute deadline for a tombstone).
+//!
+//! `user_records` (sled only, since format 5) holds a user's per-user records at the end of the
+//! user's own range of `user_sessionid`, after its session entries (whose first byte, a
+//! timestamp's top byte, is 0). A create reads and writes the user's entries and records
+//! together: one leaf of sled's tree instead of one per map, which with user ids spread at
+//! random (UUIDs) was a leaf that no cache held. Backups and etcd keep the per-user maps (`l`,
+//! `o`, `q`); format 4's were moved on open.
 //!
 //! `round_lastuses` (sled only, since format 4) holds sessions' last uses when they are newer
 //! than their records': a touch writes its session's last use there instead of rewriting the
@@ -40,7 +49,7 @@ pub const POLICY: u8 = b'p';
 pub const LAST_SEEN: u8 = b'l';
 pub const CREATIONS: u8 = b'q';
 /// A user's recent logins (new-device signals). Sorts between `LAST_SEEN` and `CREATIONS`, so
-/// the purge of per-user records walks all three in one range.
+/// etcd's purge of per-user records walks all three in one range.
 pub const LOGINS: u8 = b'o';
 pub const AUDIT: u8 = b'a';
 /// sled only: see `round_lastuses` above.
@@ -63,13 +72,14 @@ pub fn audit(id: u64) -> [u8; 9] {
 
 /// Marks a directory as ours, with the layout version. Checked at open.
 pub const META_FORMAT: &[u8] = b"mformat";
-/// sled's layout: format 4 keeps last uses in rounds (`round_lastuses`).
-pub const FORMAT_VALUE: &[u8] = b"session-authority/4";
-/// sled's format with one last-use key per session (`t`): migrated on open, and marked 4 (so
-/// releases that know only 3 refuse it instead of missing last uses).
+/// sled's layout: format 5 keeps per-user records in their user's range (`user_records`).
+pub const FORMAT_VALUE: &[u8] = b"session-authority/5";
+/// sled's format with per-user records in maps of their own (`l`, `o`, `q`): moved on open, and
+/// marked 5 first (so releases that know only 4 refuse a store they would half read).
+pub const FORMAT_VALUE_4: &[u8] = b"session-authority/4";
+/// sled's format with one last-use key per session (`t`): migrated on open, then as format 4.
 pub const FORMAT_VALUE_3: &[u8] = b"session-authority/3";
-/// The format before any last-use keys: the same keys without them, so it opens as it is and is
-/// marked 4.
+/// The format before any last-use keys: format 4's keys without them, so it opens as format 4.
 pub const FORMAT_VALUE_2: &[u8] = b"session-authority/2";
 /// etcd's layout, which has no last-use keys (a touch is a record write there) and so stayed at
 /// the number sled had when etcd came.
@@ -102,11 +112,90 @@ pub fn per_tenant(prefix: u8, tenant: &str) -> Vec<u8> {
     k
 }
 
-/// A per-user key in the map named by `prefix` (`LAST_SEEN`, `CREATIONS`).
+/// A per-user key in the map named by `prefix` (`LAST_SEEN`, `LOGINS`, `CREATIONS`, `GUARD`):
+/// etcd's layout, and a backup's.
 pub fn per_user(prefix: u8, tenant: &str, user: &str) -> Vec<u8> {
     let mut k = user_prefix(tenant, Some(user));
     k[0] = prefix;
     k
+}
+
+/// The kinds of per-user record, in the order they sort in a user's range.
+pub const USER_RECORD_KINDS: [u8; 3] = [LAST_SEEN, LOGINS, CREATIONS];
+
+/// The byte after a user's prefix from which its records sort: above its session entries'
+/// (0, a timestamp's top byte), below every kind, and never a key's byte there itself.
+pub const USER_RECORDS_FROM: u8 = 1;
+
+/// sled's key of a per-user record of `kind` (one of [`USER_RECORD_KINDS`]), in `user_records`.
+pub fn user_record(kind: u8, tenant: &str, user: &str) -> Vec<u8> {
+    let mut k = user_prefix(tenant, Some(user));
+    k.push(kind);
+    k
+}
+
+/// sled's `user_records` key of a `per_user` key (format 4's, a backup's); `None` unless `key` is
+/// one of a per-user record.
+pub fn fold_user_record(key: &[u8]) -> Option<Vec<u8>> {
+    let (&kind, rest) = key.split_first()?;
+    let well_formed = USER_RECORD_KINDS.contains(&kind)
+        && rest.last() == Some(&0)
+        && rest.iter().filter(|&&b| b == 0).count() == 2;
+    if !well_formed {
+        return None;
+    }
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(USER);
+    k.extend_from_slice(rest);
+    k.push(kind);
+    Some(k)
+}
+
+/// The `per_user` key of a `user_records` key: what a backup holds.
+pub fn unfold_user_record(key: &[u8]) -> Option<Vec<u8>> {
+    match parse_user_entry(key)? {
+        UserEntry::Record { kind, .. } => {
+            let mut k = Vec::with_capacity(key.len() - 1);
+            k.push(kind);
+            k.extend_from_slice(&key[1..key.len() - 1]);
+            Some(k)
+        }
+        UserEntry::Session { .. } => None,
+    }
+}
+
+/// What a key in the `u` range holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserEntry {
+    /// A session entry of `user_sessionid`.
+    Session {
+        /// Length of the key's tenant-and-user prefix.
+        user_end: usize,
+        id: SessionId,
+    },
+    /// A per-user record of `user_records`.
+    Record { user_end: usize, kind: u8 },
+}
+
+/// Parses a key of the `u` range; `None` for any other key, or a damaged one.
+pub fn parse_user_entry(key: &[u8]) -> Option<UserEntry> {
+    let (&USER, rest) = key.split_first()? else {
+        return None;
+    };
+    let tenant = rest.iter().position(|&b| b == 0)?;
+    let user = rest[tenant + 1..].iter().position(|&b| b == 0)?;
+    let user_end = 1 + tenant + 1 + user + 1;
+    match &key[user_end..] {
+        [kind] if USER_RECORD_KINDS.contains(kind) => Some(UserEntry::Record {
+            user_end,
+            kind: *kind,
+        }),
+        tail if tail.len() == 8 + SessionId::LEN => Some(UserEntry::Session {
+            user_end,
+            id: SessionId::from_slice(&tail[8..])?,
+        }),
+        _ => None,
+    }
 }
 
 pub fn session(id: &SessionId) -> [u8; 17] {
@@ -237,6 +326,46 @@ mod tests {
         assert_eq!(parse_event(&event(7)), Some(7));
         let u = user_session("t", "u", Timestamp::from_millis(5), &id);
         assert_eq!(session_id_of_user_key(&u), Some(id));
+    }
+
+    #[test]
+    fn a_users_records_close_its_range_and_fold_both_ways() {
+        let id = SessionId::from_bytes([0xff; 16]);
+        let t = Timestamp::from_millis(u64::MAX >> 8);
+        let entry = user_session("t", "u", t, &id);
+        for kind in USER_RECORD_KINDS {
+            let record = user_record(kind, "t", "u");
+            assert!(record > entry, "after the user's latest session entry");
+            assert!(record < user_session("t", "u0", Timestamp::from_millis(0), &id));
+            assert!(record.starts_with(&user_prefix("t", Some("u"))));
+            let mut from = user_prefix("t", Some("u"));
+            from.push(USER_RECORDS_FROM);
+            assert!(entry < from && from < record);
+            assert_eq!(
+                parse_user_entry(&record),
+                Some(UserEntry::Record { user_end: 5, kind })
+            );
+            let backup = unfold_user_record(&record).expect("a record");
+            assert_eq!(backup, per_user(kind, "t", "u"));
+            assert_eq!(fold_user_record(&backup), Some(record));
+        }
+        assert_eq!(
+            parse_user_entry(&entry),
+            Some(UserEntry::Session { user_end: 5, id })
+        );
+        assert_eq!(unfold_user_record(&entry), None);
+    }
+
+    #[test]
+    fn damaged_user_keys_are_told_apart() {
+        assert_eq!(parse_user_entry(b"ut\0u\0"), None);
+        assert_eq!(parse_user_entry(b"ut\0u\0x"), None);
+        assert_eq!(parse_user_entry(b"ut\0u"), None);
+        assert_eq!(parse_user_entry(b"st\0u\0o"), None);
+        assert_eq!(fold_user_record(b"ot\0u"), None);
+        assert_eq!(fold_user_record(b"ot\0u\0x\0"), None);
+        assert_eq!(fold_user_record(b"pt\0u\0"), None);
+        assert_eq!(fold_user_record(b"ot\0u\0"), Some(b"ut\0u\0o".to_vec()));
     }
 
     #[test]

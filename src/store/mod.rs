@@ -285,10 +285,12 @@ pub trait SessionStore: Send + Sync + 'static {
         keep: u64,
     ) -> impl Future<Output = Result<usize>> + Send;
 
-    /// Deletes per-user records nobody needs any more, looking at no more than `limit` of them
-    /// after `cursor` (so each call is short): last known places seen before `older_than`, and
-    /// login-quota records with no creation in the day before `now`. Returns how many it deleted
-    /// and where to go on from (`None` at the end: start again from the beginning).
+    /// Deletes per-user records nobody needs any more, reading no more than `limit` keys after
+    /// `cursor` (so each call is short; on sled these include a key of each user's sessions,
+    /// beside which its records are kept): last known places seen before `older_than`, login
+    /// histories with no login since then, and login-quota records with no creation in the day
+    /// before `now`. Returns how many it deleted and where to go on from (`None` at the end:
+    /// start again from the beginning).
     fn purge_user_state(
         &self,
         older_than: Timestamp,

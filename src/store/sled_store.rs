@@ -41,7 +41,8 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    keys, records,
+    keys::{self, UserEntry},
+    records,
     session_cache::{Change, SessionCache},
     touch_log::{self, TouchLog},
     CreateOutcome, CreateRules, Defence, Defended, ListPage, ListScope, LogBounds, PolicyOf,
@@ -378,10 +379,16 @@ impl SledStore {
         for chunk in entries.chunks(10_000) {
             let mut batch = sled::Batch::default();
             for (k, v) in chunk {
-                batch.insert(k.as_slice(), v.as_slice());
-                if version == super::snapshot::Version::Records {
-                    index_restored(&mut batch, k, v)?;
+                if version == super::snapshot::Version::Keyspace {
+                    // Its format marker is among the entries: opening the store migrates it.
+                    batch.insert(k.as_slice(), v.as_slice());
+                    continue;
                 }
+                match keys::fold_user_record(k) {
+                    Some(folded) => batch.insert(folded, v.as_slice()),
+                    None => batch.insert(k.as_slice(), v.as_slice()),
+                }
+                index_restored(&mut batch, k, v)?;
             }
             tree.apply_batch(batch)?;
         }
@@ -454,12 +461,16 @@ impl SessionStore for SledStore {
             if !key.starts_with(&prefix) {
                 break;
             }
+            let id = match keys::parse_user_entry(&key) {
+                Some(UserEntry::Session { id, .. }) => id,
+                // Per-user records end each user's range: not sessions, and never a cursor.
+                Some(UserEntry::Record { .. }) => continue,
+                None => return Err(Error::Storage("corrupt user index key".into())),
+            };
             if sessions.len() == limit {
                 more = true;
                 break;
             }
-            let id = keys::session_id_of_user_key(&key)
-                .ok_or_else(|| Error::Storage("corrupt user index key".into()))?;
             if let Some(s) = self.read_session(&id)? {
                 sessions.push(s);
             }
@@ -838,37 +849,39 @@ fn check_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Checks the format marker; writes it into a brand-new store.
+/// Checks the format marker; writes it into a brand-new store, and brings an earlier format's
+/// store up to this one.
 fn check_format(db: &sled::Db, tree: &sled::Tree, dir: &Path, marked: bool) -> Result<()> {
-    match tree.get(keys::META_FORMAT)? {
-        Some(v) if v.as_ref() == keys::FORMAT_VALUE => Ok(()),
-        Some(v) if v.as_ref() == keys::FORMAT_VALUE_2 => {
-            // Format 2 is format 4 without last uses: nothing to convert, only the mark.
-            tree.insert(keys::META_FORMAT, keys::FORMAT_VALUE)?;
-            db.flush()?;
-            tracing::info!(dir = %dir.display(), "store format 2 upgraded to 4");
-            Ok(())
-        }
+    let upgraded_from = match tree.get(keys::META_FORMAT)? {
+        // A move of per-user records cut short by a crash goes on (see `fold_user_records`).
+        Some(v) if v.as_ref() == keys::FORMAT_VALUE => None,
+        Some(v) if v.as_ref() == keys::FORMAT_VALUE_4 => Some(4),
+        // Format 2 is format 4 without last uses.
+        Some(v) if v.as_ref() == keys::FORMAT_VALUE_2 => Some(2),
         Some(v) if v.as_ref() == keys::FORMAT_VALUE_3 => {
-            // Marked 4 only once every last use is moved (see `migrate_format_3`).
+            // Marked anew only once every last use is moved (see `migrate_format_3`).
             let migrated = touch_log::migrate_format_3(tree)?;
-            tree.insert(keys::META_FORMAT, keys::FORMAT_VALUE)?;
-            db.flush()?;
-            tracing::info!(dir = %dir.display(), last_uses = migrated, "store format 3 upgraded to 4");
-            Ok(())
+            tracing::info!(dir = %dir.display(), last_uses = migrated, "store format 3: last uses moved into rounds");
+            Some(3)
         }
-        Some(v) => Err(Error::DataDir(format!(
-            "{} holds an incompatible store format {:?}",
-            dir.display(),
-            String::from_utf8_lossy(&v)
-        ))),
+        Some(v) => {
+            return Err(Error::DataDir(format!(
+                "{} holds an incompatible store format {:?}: written by a later release? Back \
+                 it up with that release (`session-authority backup`), restore the file with this \
+                 one (`session-authority restore`)",
+                dir.display(),
+                String::from_utf8_lossy(&v)
+            )))
+        }
         // sled treats damage as a torn write and may recover an empty database: the marker file
         // outside sled says there was a store here, so this is corruption, not a new store.
-        None if marked => Err(Error::DataDir(format!(
-            "{} has a {STORE_ID_FILE} but its store is empty or unreadable: the data is corrupt; \
-             restore it from a backup (the service will not start empty over it)",
-            dir.display()
-        ))),
+        None if marked => {
+            return Err(Error::DataDir(format!(
+                "{} has a {STORE_ID_FILE} but its store is empty or unreadable: the data is \
+                 corrupt; restore it from a backup (the service will not start empty over it)",
+                dir.display()
+            )))
+        }
         None => {
             let foreign_trees = db
                 .tree_names()
@@ -882,10 +895,58 @@ fn check_format(db: &sled::Db, tree: &sled::Tree, dir: &Path, marked: bool) -> R
             }
             tree.insert(keys::META_FORMAT, keys::FORMAT_VALUE)?;
             db.flush()?;
-            Ok(())
+            return Ok(());
         }
+    };
+    if upgraded_from.is_some() {
+        // Marked first: a release that knows only format 4 must refuse a half-moved store.
+        tree.insert(keys::META_FORMAT, keys::FORMAT_VALUE)?;
+        db.flush()?;
     }
+    let moved = fold_user_records(tree)?;
+    if moved > 0 {
+        db.flush()?;
+    }
+    if let Some(from) = upgraded_from {
+        tracing::info!(dir = %dir.display(), from, per_user_records = moved, "store format upgraded to 5");
+    } else if moved > 0 {
+        tracing::info!(dir = %dir.display(), per_user_records = moved, "store format 5: finished moving per-user records");
+    }
+    Ok(())
 }
+
+/// Moves per-user records from their own maps (format 4) to the end of their user's range
+/// (`keys::user_records`), a bounded chunk to each atomic batch. A crash between chunks leaves
+/// some moved and the rest where they were; the next open goes on. A key too damaged to name
+/// its user stays where it is, unread, as it was. Returns the count moved.
+fn fold_user_records(tree: &sled::Tree) -> Result<usize> {
+    let mut moved = 0;
+    for kind in keys::USER_RECORD_KINDS {
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        for entry in tree.scan_prefix([kind]) {
+            let (key, value) = entry?;
+            let Some(folded) = keys::fold_user_record(&key) else {
+                tracing::warn!("a damaged per-user record key was left where it was");
+                continue;
+            };
+            batch.insert(folded, value);
+            batch.remove(key);
+            in_batch += 1;
+            if in_batch == FOLD_CHUNK {
+                tree.apply_batch(std::mem::take(&mut batch))?;
+                moved += in_batch;
+                in_batch = 0;
+            }
+        }
+        tree.apply_batch(batch)?;
+        moved += in_batch;
+    }
+    Ok(moved)
+}
+
+/// Per-user records moved by one batch of `fold_user_records`.
+const FOLD_CHUNK: usize = 10_000;
 
 /// A file beside sled's own, naming the store. It outlives damage to sled's log, so an empty
 /// recovery cannot pass for a new store, and it catches directories mixed up between stores.
@@ -1037,7 +1098,7 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64> {
 }
 
 fn read_last_seen(tree: &sled::Tree, tenant: &str, user: &str) -> Result<Option<LastSeen>> {
-    match tree.get(keys::per_user(keys::LAST_SEEN, tenant, user))? {
+    match tree.get(keys::user_record(keys::LAST_SEEN, tenant, user))? {
         None => Ok(None),
         Some(bytes) => records::decode_last_seen(&bytes).map(Some),
     }
@@ -1743,21 +1804,21 @@ impl<'a> Tx<'a> {
         }
         for (tenant, user, seen) in &plan.last_seen {
             self.batch.insert(
-                keys::per_user(keys::LAST_SEEN, tenant, user),
+                keys::user_record(keys::LAST_SEEN, tenant, user),
                 records::encode_last_seen(seen),
             );
             self.dirty = true;
         }
         for (tenant, user, creations) in &plan.creations {
             self.batch.insert(
-                keys::per_user(keys::CREATIONS, tenant, user),
+                keys::user_record(keys::CREATIONS, tenant, user),
                 records::encode_creations(creations),
             );
             self.dirty = true;
         }
         for (tenant, user, logins) in &plan.logins {
             self.batch.insert(
-                keys::per_user(keys::LOGINS, tenant, user),
+                keys::user_record(keys::LOGINS, tenant, user),
                 records::encode_logins(logins),
             );
             self.dirty = true;
@@ -1872,11 +1933,15 @@ impl<'a> Tx<'a> {
         let mut out = super::snapshot::SnapshotWriter::create(path)?;
         let io = |e: std::io::Error| Error::Storage(format!("writing {}: {e}", path.display()));
         for entry in self.tree.iter() {
-            let (key, mut value) = entry?;
+            let (mut key, mut value) = entry?;
             if key.first() == Some(&keys::SESSION) {
                 let id = SessionId::from_slice(&key[1..])
                     .ok_or_else(|| Error::Storage("corrupt session key".into()))?;
                 value = stored(self.tree, self.log, id, value)?.2;
+            }
+            // A backup holds per-user records in their maps, as etcd does.
+            if let Some(record) = keys::unfold_user_record(&key) {
+                key = record.into();
             }
             if super::snapshot::is_record(&key) {
                 out.entry(&key, &value).map_err(io)?;
@@ -1947,40 +2012,61 @@ impl<'a> Tx<'a> {
         cursor: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<(usize, Option<Vec<u8>>)> {
-        // Last places ('l'), logins ('o') and quota records ('q') sort together, with only the
-        // few meta and policy keys between them.
-        let start = cursor.unwrap_or_else(|| vec![keys::LAST_SEEN]);
-        let end = [keys::CREATIONS + 1];
+        // Per-user records end their user's range (`keys::user_records`): walk the range,
+        // stepping over each user's session entries with one seek. `limit` bounds the keys read.
         let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
-        let mut purged = 0;
-        let mut last = None;
-        for entry in self
-            .tree
-            .range::<&[u8], _>((
-                std::ops::Bound::Excluded(start.as_slice()),
-                std::ops::Bound::Excluded(&end[..]),
-            ))
-            .take(limit)
-        {
-            let (key, value) = entry?;
-            let stale = match key.first() {
-                Some(&keys::LAST_SEEN) => records::decode_last_seen(&value)?.at < older_than,
-                Some(&keys::LOGINS) => records::decode_logins(&value)?
-                    .iter()
-                    .all(|l| l.at < older_than),
-                Some(&keys::CREATIONS) => records::decode_creations(&value)
-                    .iter()
-                    .all(|t| *t <= day_ago),
-                _ => false,
-            };
-            if stale {
-                self.batch.remove(key.clone());
-                self.dirty = true;
-                purged += 1;
+        let end = Bound::Excluded(vec![keys::USER + 1]);
+        let mut from = cursor.map_or(Bound::Included(vec![keys::USER]), Bound::Excluded);
+        let (mut read, mut purged) = (0, 0);
+        while read < limit {
+            let mut next = None;
+            for entry in self.tree.range::<Vec<u8>, _>((from.clone(), end.clone())) {
+                let (key, value) = entry?;
+                read += 1;
+                match keys::parse_user_entry(&key) {
+                    Some(UserEntry::Record { kind, .. }) => {
+                        let stale = match kind {
+                            keys::LAST_SEEN => records::decode_last_seen(&value)?.at < older_than,
+                            keys::LOGINS => records::decode_logins(&value)?
+                                .iter()
+                                .all(|l| l.at < older_than),
+                            _ => records::decode_creations(&value)
+                                .iter()
+                                .all(|t| *t <= day_ago),
+                        };
+                        if stale {
+                            self.batch.remove(key.clone());
+                            self.dirty = true;
+                            purged += 1;
+                        }
+                    }
+                    Some(UserEntry::Session { user_end, .. })
+                        if key[user_end] < keys::USER_RECORDS_FROM =>
+                    {
+                        let mut records = key[..user_end].to_vec();
+                        records.push(keys::USER_RECORDS_FROM);
+                        next = Some(Bound::Included(records));
+                        break;
+                    }
+                    _ => {}
+                }
+                if read == limit {
+                    next = Some(Bound::Excluded(key.to_vec()));
+                    break;
+                }
             }
-            last = Some(key.to_vec());
+            match next {
+                Some(n) => from = n,
+                // The range ended: the next call starts a new pass.
+                None => return Ok((purged, None)),
+            }
         }
-        Ok((purged, last))
+        // No key is a user's prefix and `USER_RECORDS_FROM`, so a seek's target is a cursor too.
+        let cursor = match from {
+            Bound::Included(k) | Bound::Excluded(k) => Some(k),
+            Bound::Unbounded => None,
+        };
+        Ok((purged, cursor))
     }
 
     fn prune_audit(&mut self, older_than: Timestamp, limit: usize) -> Result<usize> {
@@ -2045,10 +2131,15 @@ impl View for Tx<'_> {
         let mut out = Vec::new();
         for entry in self.tree.scan_prefix(keys::user_prefix(tenant, Some(user))) {
             let (key, _) = entry?;
-            let id = keys::session_id_of_user_key(&key)
-                .ok_or_else(|| Error::Storage("corrupt user index key".into()))?;
-            if let Some(s) = self.session(&id)? {
-                out.push(s);
+            match keys::parse_user_entry(&key) {
+                Some(UserEntry::Session { id, .. }) => {
+                    if let Some(s) = self.session(&id)? {
+                        out.push(s);
+                    }
+                }
+                // The user's per-user records, after its sessions.
+                Some(UserEntry::Record { .. }) => continue,
+                None => return Err(Error::Storage("corrupt user index key".into())),
             }
         }
         Ok(out)
@@ -2061,14 +2152,14 @@ impl View for Tx<'_> {
     fn creations(&self, tenant: &str, user: &str) -> Result<Vec<Timestamp>> {
         Ok(self
             .tree
-            .get(keys::per_user(keys::CREATIONS, tenant, user))?
+            .get(keys::user_record(keys::CREATIONS, tenant, user))?
             .map(|v| records::decode_creations(&v))
             .unwrap_or_default())
     }
 
     fn logins(&self, tenant: &str, user: &str) -> Result<Vec<Login>> {
         self.tree
-            .get(keys::per_user(keys::LOGINS, tenant, user))?
+            .get(keys::user_record(keys::LOGINS, tenant, user))?
             .map(|v| records::decode_logins(&v))
             .transpose()
             .map(Option::unwrap_or_default)
@@ -2086,6 +2177,49 @@ fn audit_id(key: &[u8]) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn last_seen_at(millis: u64) -> LastSeen {
+        LastSeen {
+            location: Location::default(),
+            at: Timestamp::from_millis(millis),
+            session_id: SessionId::from_bytes([7; 16]),
+        }
+    }
+
+    /// A move of per-user records into their users' ranges that a crash cut short (the store
+    /// marked 5, one record moved, one not) finishes at the next open; a key too damaged to
+    /// name its user is left as it was, and does not stop the open.
+    #[test]
+    fn an_interrupted_move_of_per_user_records_finishes_at_the_next_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        {
+            let db = sled::Config::new().path(&data).open().expect("sled");
+            let tree = db.open_tree("authority").expect("tree");
+            tree.insert(keys::META_FORMAT, keys::FORMAT_VALUE)
+                .expect("mark");
+            let moved = records::encode_last_seen(&last_seen_at(1));
+            let unmoved = records::encode_last_seen(&last_seen_at(2));
+            tree.insert(keys::user_record(keys::LAST_SEEN, "t", "a"), moved)
+                .expect("moved");
+            tree.insert(keys::per_user(keys::LAST_SEEN, "t", "b"), unmoved)
+                .expect("not yet");
+            tree.insert(b"lno-zero-bytes", &b"?"[..]).expect("damaged");
+            db.flush().expect("flush");
+        }
+        let store =
+            SledStore::open(&data, 1 << 20, 1 << 20, 16, std::time::Duration::ZERO).expect("opens");
+        let seen = |user: &str| store.last_seen("t", user).expect("read").map(|l| l.at);
+        assert_eq!(seen("a"), Some(Timestamp::from_millis(1)));
+        assert_eq!(seen("b"), Some(Timestamp::from_millis(2)));
+        let tree = &store.shared.tree;
+        let left: Vec<_> = tree
+            .scan_prefix([keys::LAST_SEEN])
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .expect("scan");
+        assert_eq!(left, vec![sled::IVec::from(&b"lno-zero-bytes"[..])]);
+    }
 
     /// The writer and flusher hold this guard: a panic in either must turn health to NOT_SERVING,
     /// while a thread that ends normally (a clean close) leaves health alone.

@@ -8,7 +8,8 @@
 //! The entries are records, not a backend's keyspace, so a backup restores into any backend:
 //! a kind byte and the record's natural key, then its encoding (`store::records`, the same on
 //! every backend). `s` + session id: a session; `e` + big-endian sequence: an event; `p` +
-//! tenant: a policy (JSON); `l` / `q` + tenant, 0, user: a user's last place / login quota;
+//! tenant: a policy (JSON); `l` / `o` / `q` + tenant, 0, user, 0: a user's last place / recent
+//! logins / login quota (sled keeps them elsewhere, see `store::keys`);
 //! `a` + big-endian id: an audit record (JSON); `n` + tenant: a policy change whose enforcement
 //! is unfinished (resumed at start); `m` + name: the store's id, installation secret, event head
 //! and audit head. Indexes, the format marker and the log epoch are not in it: each
