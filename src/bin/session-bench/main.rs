@@ -120,6 +120,7 @@ struct Args {
     sessions: Vec<usize>,
     /// `scale`'s users get ids spread over the whole key space (as random UUIDs are), rather than
     /// `user-0`, `user-1`... in the order they log in, whose per-user keys land side by side.
+    /// `create`'s too, each a browser login as in `scale` (without it: no device).
     #[arg(long)]
     random_users: bool,
 }
@@ -250,15 +251,26 @@ async fn run_once(
                 }
             }
             Scenario::Create => {
-                let r = closed_loop(args, channels, |ch, i| async move {
-                    SessionServiceClient::new(ch)
-                        .create_session(pb::CreateSessionRequest {
-                            tenant_id: "bench".into(),
-                            user_id: format!("create-{i}"),
-                            ..Default::default()
-                        })
-                        .await
-                        .map(drop)
+                let random_users = args.random_users;
+                // Users new to the store, also when an earlier run wrote to it.
+                let prefix = format!("create-{}", std::process::id());
+                let r = closed_loop(args, channels, move |ch, i| {
+                    let user = scale::user_id(&prefix, i, true);
+                    async move {
+                        let request = if random_users {
+                            scale::request(&user, i)
+                        } else {
+                            pb::CreateSessionRequest {
+                                tenant_id: "bench".into(),
+                                user_id: format!("create-{i}"),
+                                ..Default::default()
+                            }
+                        };
+                        SessionServiceClient::new(ch)
+                            .create_session(request)
+                            .await
+                            .map(drop)
+                    }
                 })
                 .await;
                 r.print("create", health_rate);

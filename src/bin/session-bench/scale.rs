@@ -354,7 +354,7 @@ enum Bound {
 
 /// The `i`th user of a series: `prefix-i`, or with `random` the series' name and `i` hashed into
 /// 16 hex characters, so successive users' keys land far apart, as random UUIDs' do.
-fn user_id(prefix: &str, i: usize, random: bool) -> String {
+pub fn user_id(prefix: &str, i: usize, random: bool) -> String {
     if !random {
         return format!("{prefix}-{i}");
     }
@@ -364,7 +364,7 @@ fn user_id(prefix: &str, i: usize, random: bool) -> String {
 }
 
 /// A browser login: what a web backend passes on CreateSession.
-fn request(user: &str, i: usize) -> pb::CreateSessionRequest {
+pub fn request(user: &str, i: usize) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
         tenant_id: "scale".into(),
         user_id: user.to_owned(),
