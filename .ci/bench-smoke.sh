@@ -20,6 +20,7 @@ run() { echo "+ session-bench $*"; "$bench" --server-bin "$server" "$@" | tee -a
 run health validate create mixed batch cache fanout \
   --seconds 1 --callers 8 --connections 2 --pool 200 --batch-size 50 \
   --subscribers 1,10 --revokes 10 --redis
+run create --seconds 1 --callers 8 --connections 2 --random-users
 run health bound --seconds 1 --callers 8 --connections 2 --pool 50
 run overload --seconds 2 --callers 64 --pool 100
 run soak --minutes 0.1 --rate 50
