@@ -111,11 +111,10 @@ async fn check(server: &TestServer, sessions: &[Written]) {
     }
 }
 
-/// Opens a copy of `fixture` and checks every session, touches one, and checks again after a
-/// restart.
-async fn opens_with_every_session_and_last_use(fixture: &str) {
-    let (written_at, sessions) = written(fixture);
-    assert!(sessions.iter().any(|s| s.live) && sessions.iter().any(|s| !s.live));
+/// A server on a copy of `fixture`, run as the fixture's was (`SETTINGS`, and `quota`), on a
+/// manual clock at the time it was written.
+async fn serve_copy(fixture: &str, quota: u32) -> TestServer {
+    let (written_at, _) = written(fixture);
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     copy_dir(&Path::new(fixture).join("data"), &dir.path().join("data"));
     let clock = Arc::new(ManualClock::new(written_at));
@@ -123,10 +122,18 @@ async fn opens_with_every_session_and_last_use(fixture: &str) {
         idle_timeout: Duration::from_secs(600),
         absolute_timeout: Duration::from_secs(3600),
         touch_interval: Duration::from_secs(10),
+        max_creations_per_day: quota,
         ..test_config()
     };
+    TestServer::start_in(dir, clock, config).await
+}
 
-    let server = TestServer::start_in(dir, clock, config).await;
+/// Opens a copy of `fixture` and checks every session, touches one, and checks again after a
+/// restart.
+async fn opens_with_every_session_and_last_use(fixture: &str) {
+    let (_, sessions) = written(fixture);
+    assert!(sessions.iter().any(|s| s.live) && sessions.iter().any(|s| !s.live));
+    let server = serve_copy(fixture, 0).await;
     check(&server, &sessions).await;
     // A touch in today's format is kept across a restart.
     server.advance(Duration::from_secs(60));
@@ -173,18 +180,7 @@ async fn a_format_3_store_opens_with_every_session_and_last_use() {
 async fn a_format_4_store_keeps_every_users_records() {
     opens_with_every_session_and_last_use(FORMAT_4).await;
 
-    let (written_at, _) = written(FORMAT_4);
-    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    copy_dir(&Path::new(FORMAT_4).join("data"), &dir.path().join("data"));
-    let clock = Arc::new(ManualClock::new(written_at));
-    let config = session_authority::config::Config {
-        idle_timeout: Duration::from_secs(600),
-        absolute_timeout: Duration::from_secs(3600),
-        touch_interval: Duration::from_secs(10),
-        max_creations_per_day: 3,
-        ..test_config()
-    };
-    let server = TestServer::start_in(dir, clock, config).await;
+    let server = serve_copy(FORMAT_4, 3).await;
     let mut client = server.client().await;
     let london = pb::Device {
         ip: "198.51.100.9".into(),
