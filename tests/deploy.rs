@@ -26,13 +26,18 @@ fn kubernetes_manifests_parse_and_hold_what_operators_need() {
         of_kind(&docs, kind);
     }
     let container = &of_kind(&docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0];
-    for probe in ["readinessProbe", "livenessProbe"] {
+    for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
         assert_eq!(
             container[probe]["grpc"]["port"].as_i64(),
             Some(8081),
             "{probe}"
         );
     }
+    // Time to start before liveness counts: a format upgrade of a large store takes minutes.
+    let startup = &container["startupProbe"];
+    let budget = startup["periodSeconds"].as_i64().unwrap_or(10)
+        * startup["failureThreshold"].as_i64().unwrap_or(3);
+    assert!(budget >= 300, "startupProbe allows {budget} s");
     assert!(container["resources"]["requests"]["memory"]
         .as_str()
         .is_some());
