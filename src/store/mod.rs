@@ -96,6 +96,29 @@ fn list_start(
     Ok((prefix, start))
 }
 
+/// Whether a per-user record of `kind` (one of `keys::USER_RECORD_KINDS`; any other is kept) is
+/// no longer needed: a last place seen before `older_than`, a login history with no login since
+/// then, a login quota with no creation in the day before `now`. The rule of every backend's
+/// `purge_user_state`.
+fn user_record_is_stale(
+    kind: u8,
+    value: &[u8],
+    older_than: Timestamp,
+    now: Timestamp,
+) -> Result<bool> {
+    let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
+    Ok(match kind {
+        keys::LAST_SEEN => records::decode_last_seen(value)?.at < older_than,
+        keys::LOGINS => records::decode_logins(value)?
+            .iter()
+            .all(|l| l.at < older_than),
+        keys::CREATIONS => records::decode_creations(value)
+            .iter()
+            .all(|t| *t <= day_ago),
+        _ => false,
+    })
+}
+
 /// The deadline-index keys of every session due at `now`.
 fn due_range(now: Timestamp) -> std::ops::RangeInclusive<[u8; 25]> {
     let first = keys::deadline(Timestamp::from_millis(0), &SessionId::from_bytes([0; 16]));

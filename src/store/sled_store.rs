@@ -2014,7 +2014,6 @@ impl<'a> Tx<'a> {
     ) -> Result<(usize, Option<Vec<u8>>)> {
         // Per-user records end their user's range (`keys::user_records`): walk the range,
         // stepping over each user's session entries with one seek. `limit` bounds the keys read.
-        let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
         let end = Bound::Excluded(vec![keys::USER + 1]);
         let mut from = cursor.map_or(Bound::Included(vec![keys::USER]), Bound::Excluded);
         let (mut read, mut purged) = (0, 0);
@@ -2024,21 +2023,12 @@ impl<'a> Tx<'a> {
                 let (key, value) = entry?;
                 read += 1;
                 match keys::parse_user_entry(&key) {
-                    Some(UserEntry::Record { kind, .. }) => {
-                        let stale = match kind {
-                            keys::LAST_SEEN => records::decode_last_seen(&value)?.at < older_than,
-                            keys::LOGINS => records::decode_logins(&value)?
-                                .iter()
-                                .all(|l| l.at < older_than),
-                            _ => records::decode_creations(&value)
-                                .iter()
-                                .all(|t| *t <= day_ago),
-                        };
-                        if stale {
-                            self.batch.remove(key.clone());
-                            self.dirty = true;
-                            purged += 1;
-                        }
+                    Some(UserEntry::Record { kind, .. })
+                        if super::user_record_is_stale(kind, &value, older_than, now)? =>
+                    {
+                        self.batch.remove(key.clone());
+                        self.dirty = true;
+                        purged += 1;
                     }
                     Some(UserEntry::Session { user_end, .. })
                         if key[user_end] < keys::USER_RECORDS_FROM =>

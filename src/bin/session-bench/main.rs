@@ -255,17 +255,16 @@ async fn run_once(
                 // Users new to the store, also when an earlier run wrote to it.
                 let prefix = format!("create-{}", std::process::id());
                 let r = closed_loop(args, channels, move |ch, i| {
-                    let user = scale::user_id(&prefix, i, true);
+                    let request = if random_users {
+                        scale::request(&scale::user_id(&prefix, i, true), i)
+                    } else {
+                        pb::CreateSessionRequest {
+                            tenant_id: "bench".into(),
+                            user_id: format!("create-{i}"),
+                            ..Default::default()
+                        }
+                    };
                     async move {
-                        let request = if random_users {
-                            scale::request(&user, i)
-                        } else {
-                            pb::CreateSessionRequest {
-                                tenant_id: "bench".into(),
-                                user_id: format!("create-{i}"),
-                                ..Default::default()
-                            }
-                        };
                         SessionServiceClient::new(ch)
                             .create_session(request)
                             .await

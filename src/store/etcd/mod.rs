@@ -1761,7 +1761,6 @@ impl SessionStore for EtcdStore {
         cursor: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<(usize, Option<Vec<u8>>)> {
-        let day_ago = now.saturating_sub(Duration::from_secs(86_400));
         let start = cursor.unwrap_or_else(|| vec![keys::LAST_SEEN]);
         let (stale, last) = {
             let state = self.inner.mirror.read();
@@ -1775,17 +1774,8 @@ impl SessionStore for EtcdStore {
                 ))
                 .take(limit)
             {
-                let old = match key.first() {
-                    Some(&keys::LAST_SEEN) => records::decode_last_seen(&v.value)?.at < older_than,
-                    Some(&keys::LOGINS) => records::decode_logins(&v.value)?
-                        .iter()
-                        .all(|l| l.at < older_than),
-                    Some(&keys::CREATIONS) => records::decode_creations(&v.value)
-                        .iter()
-                        .all(|t| *t <= day_ago),
-                    _ => false,
-                };
-                if old {
+                let kind = key.first().copied().unwrap_or_default();
+                if super::user_record_is_stale(kind, &v.value, older_than, now)? {
                     stale.push((key.clone(), v.revision));
                 }
                 last = Some(key.clone());
