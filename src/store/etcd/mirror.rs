@@ -37,7 +37,10 @@ pub struct Versioned {
 pub struct State {
     /// Every change up to this etcd revision is applied.
     pub revision: i64,
-    sessions: HashMap<SessionId, (Arc<Session>, i64)>,
+    /// Each session as etcd holds it (encoded), and its revision. Decoded when read: a decoded
+    /// session takes about three times the memory (its strings, map and vectors each an
+    /// allocation), and a replica holds every session.
+    sessions: HashMap<SessionId, (Box<[u8]>, i64)>,
     /// `keys::user_session` of each active session: a user's sessions, listings.
     pub users: BTreeSet<Vec<u8>>,
     /// `keys::deadline` of each session: what the sweeper looks at next.
@@ -61,12 +64,23 @@ impl State {
         Ok(())
     }
 
-    pub fn session(&self, id: &SessionId) -> Option<&(Arc<Session>, i64)> {
-        self.sessions.get(id)
+    /// The session `id`, decoded.
+    pub fn session(&self, id: &SessionId) -> Result<Option<Session>> {
+        self.sessions
+            .get(id)
+            .map(|(value, _)| records::decode_session(*id, value))
+            .transpose()
     }
 
-    pub fn sessions(&self) -> impl Iterator<Item = &Arc<Session>> {
-        self.sessions.values().map(|(s, _)| s)
+    pub fn has_session(&self, id: &SessionId) -> bool {
+        self.sessions.contains_key(id)
+    }
+
+    /// Every session, encoded as etcd holds it.
+    pub fn encoded_sessions(&self) -> impl Iterator<Item = (&SessionId, &[u8])> {
+        self.sessions
+            .iter()
+            .map(|(id, (value, _))| (id, &value[..]))
     }
 
     /// The revision of `key` (0: absent), for a commit's compare.
@@ -100,13 +114,21 @@ impl State {
     }
 
     /// A user's active sessions, by creation time.
-    pub fn user_sessions(&self, tenant: &str, user: &str) -> Vec<Arc<Session>> {
+    pub fn user_sessions(&self, tenant: &str, user: &str) -> Result<Vec<Session>> {
+        self.user_session_ids(tenant, user)
+            .iter()
+            .filter_map(|id| self.session(id).transpose())
+            .collect()
+    }
+
+    /// The ids of a user's active sessions, by creation time.
+    pub fn user_session_ids(&self, tenant: &str, user: &str) -> Vec<SessionId> {
         let prefix = keys::user_prefix(tenant, Some(user));
         self.users
             .range(prefix.clone()..)
             .take_while(|k| k.starts_with(&prefix))
             .filter_map(|k| keys::session_id_of_user_key(k))
-            .filter_map(|id| self.sessions.get(&id).map(|(s, _)| s.clone()))
+            .filter(|id| self.sessions.contains_key(id))
             .collect()
     }
 
@@ -159,12 +181,11 @@ impl State {
                 let id = SessionId::from_slice(&key[1..])
                     .ok_or_else(|| Error::Storage("corrupt session key in etcd".into()))?;
                 if let Some((old, _)) = self.sessions.remove(&id) {
-                    self.unindex(&old);
+                    self.unindex(&records::decode_session(id, &old)?);
                 }
                 if let Some(value) = value {
-                    let s = records::decode_session(id, value)?;
-                    self.index(&s);
-                    self.sessions.insert(id, (Arc::new(s), revision));
+                    self.index(&records::decode_session(id, value)?);
+                    self.sessions.insert(id, (value.into(), revision));
                 }
                 Ok(None)
             }
@@ -337,8 +358,7 @@ impl<'a> Recording<'a> {
         }
     }
 
-    fn with_touch(&self, s: &Session) -> Session {
-        let mut s = s.clone();
+    fn with_touch(&self, mut s: Session) -> Session {
         if s.is_active() {
             if let Some(at) = self.pending.touched(&s.id) {
                 s.last_seen_at = s.last_seen_at.max(at);
@@ -356,8 +376,8 @@ impl<'a> Recording<'a> {
 impl View for Recording<'_> {
     fn session(&self, id: &SessionId) -> Result<Option<Session>> {
         self.note(&keys::session(id));
-        Ok(match self.state.session(id) {
-            Some((s, _)) => Some(self.with_touch(s)),
+        Ok(match self.state.session(id)? {
+            Some(s) => Some(self.with_touch(s)),
             None => self.pending.unlogged(id),
         })
     }
@@ -365,11 +385,11 @@ impl View for Recording<'_> {
     fn user_sessions(&self, tenant: &str, user: &str) -> Result<Vec<Session>> {
         // The guard changes with the set; each member's own key with the member.
         self.note(&keys::per_user(keys::GUARD, tenant, user));
-        let sessions = self.state.user_sessions(tenant, user);
+        let sessions = self.state.user_sessions(tenant, user)?;
         for s in &sessions {
             self.note(&keys::session(&s.id));
         }
-        Ok(sessions.iter().map(|s| self.with_touch(s)).collect())
+        Ok(sessions.into_iter().map(|s| self.with_touch(s)).collect())
     }
 
     fn last_seen(&self, tenant: &str, user: &str) -> Result<Option<LastSeen>> {

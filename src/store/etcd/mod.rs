@@ -1193,9 +1193,9 @@ impl Inner {
                 {
                     let state = self.mirror.read();
                     for id in ids {
-                        let found = state.session(id).is_some_and(|(s, _)| {
-                            tenant.as_ref().is_none_or(|t| *t == s.tenant_id)
-                        });
+                        let found = state
+                            .session(id)?
+                            .is_some_and(|s| tenant.as_ref().is_none_or(|t| *t == s.tenant_id));
                         if !found {
                             return Err(Error::SessionNotFound(*id));
                         }
@@ -1217,9 +1217,8 @@ impl Inner {
                 let ids: Vec<SessionId> = self
                     .mirror
                     .read()
-                    .user_sessions(tenant_id, user_id)
-                    .iter()
-                    .map(|s| s.id)
+                    .user_session_ids(tenant_id, user_id)
+                    .into_iter()
                     .filter(|id| Some(*id) != *except)
                     .collect();
                 if ids.len() > CHUNK {
@@ -1345,7 +1344,7 @@ impl Inner {
                 .sessions
                 .iter()
                 .filter_map(|(old, new)| old.as_ref().or(new.as_ref()).map(|s| s.id))
-                .filter(|id| state.session(id).is_none())
+                .filter(|id| !state.has_session(id))
                 .collect();
             plan.sessions.retain(|(old, new)| {
                 old.as_ref()
@@ -1415,10 +1414,8 @@ impl SessionStore for EtcdStore {
         // The queued touch before the record: the flusher drops a touch only once the copy has
         // applied it, so one of the two always has it (see `SledStore`'s read for the race).
         let queued = lock(&self.inner.touches).get(id).copied();
-        let mut session = match self.inner.mirror.read().session(id) {
-            Some((s, _)) => Some(Session::clone(s)),
-            None => self.inner.unlogged(id),
-        };
+        let stored = self.inner.mirror.read().session(id)?;
+        let mut session = stored.or_else(|| self.inner.unlogged(id));
         if let (Some(s), Some(at)) = (session.as_mut().filter(|s| s.is_active()), queued) {
             s.last_seen_at = s.last_seen_at.max(at);
         }
@@ -1642,8 +1639,8 @@ impl SessionStore for EtcdStore {
                     out.push((k.clone(), v.value.clone()));
                 }
             }
-            for s in state.sessions() {
-                out.push((keys::session(&s.id).to_vec(), records::encode_session(s)));
+            for (id, value) in state.encoded_sessions() {
+                out.push((keys::session(id).to_vec(), value.to_vec()));
             }
             for (seq, value) in &state.events {
                 out.push((keys::event(*seq).to_vec(), value.to_vec()));
