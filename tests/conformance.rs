@@ -1089,6 +1089,78 @@ async fn pruning_keeps_the_newest_events_and_the_head<B: Backend>(b: B) {
     assert_eq!(next.sequence, head + 1, "no sequence reused");
 }
 
+/// One write that ends many sessions records their events together: the log reads from any
+/// sequence, with any limit, newest first by time, and prunes to an exact count, across a
+/// reopen.
+async fn the_log_reads_and_prunes_from_inside_one_writes_events<B: Backend>(b: B) {
+    let sequences = |events: Vec<Event>| events.iter().map(|e| e.sequence).collect::<Vec<_>>();
+    {
+        let h = harness(&b, policy(|_| {})).await;
+        let s = &h.sessions;
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            ids.push(
+                s.create(new_session("t", "u"))
+                    .await
+                    .expect("create")
+                    .session
+                    .id,
+            );
+        }
+        h.clock.advance(Duration::from_secs(60));
+        let revoked = s
+            .revoke(
+                RevokeTarget::Sessions { ids, tenant: None },
+                RevokeReason::Admin,
+            )
+            .await
+            .expect("revoke");
+        assert_eq!((revoked.revoked.len(), revoked.sequence), (6, 12));
+        let store = s.store();
+        for after in 0..=12 {
+            let all = store.events_after(after, 100).expect("events");
+            assert_eq!(
+                sequences(all),
+                (after + 1..=12).collect::<Vec<_>>(),
+                "after {after}"
+            );
+            let two = store.events_after(after, 2).expect("events");
+            assert_eq!(
+                sequences(two),
+                (after + 1..=12).take(2).collect::<Vec<_>>(),
+                "two after {after}"
+            );
+        }
+        let mut newest_first = Vec::new();
+        store
+            .visit_events_since(START.saturating_add(Duration::from_secs(60)), &mut |e| {
+                newest_first.push(e.sequence)
+            })
+            .expect("visit");
+        assert_eq!(
+            newest_first,
+            (7..=12).rev().collect::<Vec<_>>(),
+            "the revokes only"
+        );
+        while store.prune_events(START, 3).await.expect("prune") > 0 {}
+        let bounds = store.log_bounds().expect("bounds");
+        assert_eq!((bounds.first, bounds.head), (10, 12));
+        store.close().await.expect("close");
+    }
+    let h = harness(&b, policy(|_| {})).await;
+    let store = h.sessions.store();
+    let bounds = store.log_bounds().expect("bounds");
+    assert_eq!((bounds.first, bounds.head), (10, 12), "after a reopen");
+    let kept = store.events_after(0, 100).expect("events");
+    assert_eq!(sequences(kept.clone()), vec![10, 11, 12]);
+    assert!(kept.iter().all(|e| matches!(
+        e.kind,
+        EventKind::Revoked {
+            reason: RevokeReason::Admin
+        }
+    )));
+}
+
 async fn a_tightened_policy_ends_open_sessions_with_their_events<B: Backend>(b: B) {
     let h = harness(&b, policy(|_| {})).await;
     let s = &h.sessions;
@@ -1173,6 +1245,7 @@ macro_rules! conformance {
                 listing_pages_cover_every_live_session_once,
                 stale_per_user_records_are_purged_in_short_calls,
                 pruning_keeps_the_newest_events_and_the_head,
+                the_log_reads_and_prunes_from_inside_one_writes_events,
                 a_tightened_policy_ends_open_sessions_with_their_events,
                 a_policy_write_is_marked_until_its_enforcement_finishes,
             );
