@@ -48,7 +48,8 @@ pub struct State {
     /// The log, as stored (encoded): a third of the memory of decoded events, and a replica
     /// holds every event kept. Decoded when read.
     pub events: BTreeMap<u64, Box<[u8]>>,
-    /// Everything else (meta, policies, per-user records, audit, marks), by key.
+    /// Everything else (meta, policies, per-user records, audit, marks), by key; not users'
+    /// guards.
     pub other: BTreeMap<Vec<u8>, Versioned>,
     /// Bumped by every change of a tenant policy.
     pub policy_version: u64,
@@ -203,6 +204,8 @@ impl State {
                     }
                 }
             }
+            // Compared without their revisions (see `store::etcd`): one key per user ever seen.
+            Some(&keys::GUARD) => Ok(None),
             _ => {
                 if key.first() == Some(&keys::POLICY) {
                     self.policy_version += 1;

@@ -11,7 +11,9 @@
 //! the log head. If anything it read changed meanwhile (another replica wrote it), the compare
 //! fails, nothing is written, and the write runs again on a copy that has caught up (bounded).
 //! Keys the planner never read cannot be lost either: a user's set of active sessions has a guard
-//! key that every change of the set rewrites and every reader of the set compares.
+//! key that every change of the set rewrites and every reader of the set compares. Guards are
+//! never deleted, so a reader compares a guard as "not written after the copy's revision", and
+//! the copy does not keep them: they are one key for every user ever seen.
 //!
 //! A reply is sent once etcd committed (a quorum has it on disk) **and** this replica's copy has
 //! applied the commit, so a caller reads its own writes on the replica it wrote through.
@@ -49,8 +51,8 @@ use tokio::sync::watch;
 
 pub use client::EtcdOptions;
 use client::{
-    delete, delete_range, prefix_end, put, unchanged, Compare, EtcdClient, RangeRequest, RequestOp,
-    TxnRequest,
+    delete, delete_range, not_written_after, prefix_end, put, unchanged, Compare, EtcdClient,
+    RangeRequest, RequestOp, TxnRequest,
 };
 use mirror::{Mirror, Pending, Recording, State};
 
@@ -1044,6 +1046,18 @@ impl Inner {
         Ok(reply.succeeded)
     }
 
+    /// What a plan's commit compares: every key it read is as the copy had it. Guards are not in
+    /// the copy and are never deleted: "not written after the copy's revision".
+    fn unchanged_reads(&self, state: &State, reads: &BTreeMap<Vec<u8>, i64>) -> Vec<Compare> {
+        reads
+            .iter()
+            .map(|(k, rev)| match k.first() {
+                Some(&keys::GUARD) => not_written_after(self.key(k), state.revision),
+                _ => unchanged(self.key(k), *rev),
+            })
+            .collect()
+    }
+
     /// The operations of a plan: each session's final record, guards of users whose set of
     /// active sessions changed, per-user records, events and the head; compares on all reads.
     /// Several plans (a group of creations for distinct users) make one transaction: their reads
@@ -1054,10 +1068,7 @@ impl Inner {
         reads: &BTreeMap<Vec<u8>, i64>,
         plans: Vec<Plan>,
     ) -> Result<Txn> {
-        let mut compare: Vec<Compare> = reads
-            .iter()
-            .map(|(k, rev)| unchanged(self.key(k), *rev))
-            .collect();
+        let mut compare = self.unchanged_reads(state, reads);
         // etcd refuses a key twice in one transaction: keep each session's first and last state.
         let mut sessions: BTreeMap<SessionId, (Option<Session>, Option<Session>)> = BTreeMap::new();
         let mut last_seen = Vec::new();
@@ -1280,12 +1291,7 @@ impl Inner {
                     Planner::new(&view, Plan::new(state.head()?, self.tombstone_retention));
                 let outcome = planner.revoke(target.clone(), reason, now)?;
                 let plan = planner.plan;
-                let compare = view
-                    .reads
-                    .into_inner()
-                    .into_iter()
-                    .map(|(k, rev)| unchanged(self.key(&k), rev))
-                    .collect();
+                let compare = self.unchanged_reads(&state, &view.reads.into_inner());
                 let ids: BTreeSet<SessionId> = plan
                     .sessions
                     .iter()
@@ -2031,5 +2037,63 @@ mod loading {
             rss_mib()
         );
         drop(store);
+    }
+}
+
+#[cfg(test)]
+mod compares {
+    use super::*;
+
+    /// A user's guard is compared as "not written after the copy's revision" (the copy does not
+    /// keep guards): a write planned on a copy at revision R commits while the guard was last
+    /// written at or before R, or never, and fails once anyone wrote it after R.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_written_after_the_copys_revision_fails_the_compare() {
+        let etcd = local::find_etcd().expect("an etcd binary");
+        let cluster = local::LocalCluster::start(&etcd, 1, None).expect("etcd");
+        let client = EtcdClient::new(&EtcdOptions {
+            endpoints: cluster.endpoints(),
+            ..EtcdOptions::default()
+        })
+        .expect("client");
+        let guard = keys::per_user(keys::GUARD, "t", "u");
+        let commits = |copy_at: i64| {
+            let (client, guard) = (&client, guard.clone());
+            async move {
+                client
+                    .txn(TxnRequest {
+                        compare: vec![not_written_after(guard, copy_at)],
+                        success: vec![],
+                        failure: vec![],
+                    })
+                    .await
+                    .expect("txn")
+                    .succeeded
+            }
+        };
+        let write = || async {
+            let reply = client
+                .txn(TxnRequest {
+                    compare: vec![],
+                    success: vec![put(guard.clone(), Vec::new())],
+                    failure: vec![],
+                })
+                .await
+                .expect("put");
+            reply.header.map_or(0, |h| h.revision)
+        };
+        assert!(commits(1).await, "never written");
+        let first = write().await;
+        assert!(commits(first).await, "written at the copy's revision");
+        assert!(
+            !commits(first - 1).await,
+            "written after the copy's revision"
+        );
+        let second = write().await;
+        assert!(
+            !commits(first).await,
+            "written again after the copy's revision"
+        );
+        assert!(commits(second).await);
     }
 }
