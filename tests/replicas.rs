@@ -707,29 +707,26 @@ async fn a_full_etcd_refuses_creations_and_still_revokes() {
     // The audit trail has the admin's revocation made while full. A waits for space to write
     // it, after the revocation's events, and B sees it once its copy has the commit.
     let mut auditor = pb::audit_service_client::AuditServiceClient::new(b.channel().await);
-    let mut audit = None;
+    let audited = |audit: &pb::ListAuditRecordsResponse| {
+        audit
+            .records
+            .iter()
+            .any(|r| r.action == "RevokeUserSessions" && r.detail.contains("victim"))
+    };
+    let mut audit = pb::ListAuditRecordsResponse::default();
     for _ in 0..100 {
-        let listed = auditor
+        audit = auditor
             .list_audit_records(pb::ListAuditRecordsRequest::default())
             .await
             .expect("audit")
             .into_inner();
-        let found = listed
-            .records
-            .iter()
-            .any(|r| r.action == "RevokeUserSessions" && r.detail.contains("victim"));
-        audit = Some(listed);
-        if found {
+        if audited(&audit) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let audit = audit.expect("listed");
     assert!(
-        audit
-            .records
-            .iter()
-            .any(|r| r.action == "RevokeUserSessions" && r.detail.contains("victim")),
+        audited(&audit),
         "the revocation made while full is audited within 10 s: {audit:?}"
     );
     // And creations work again.
