@@ -229,7 +229,7 @@ async fn serve<S: SessionStore>(
             config.etcd_prefix
         ),
     };
-    tracing::info!(addr = ?local, store = %store_kind, tls = config.tls_cert.is_some(), mtls = config.tls_client_ca.is_some(), "serving");
+    tracing::info!(addr = local.map(tracing::field::display), store = %store_kind, tls = config.tls_cert.is_some(), mtls = config.tls_client_ca.is_some(), "serving");
 
     let on_shutdown = {
         let health = health.clone();

@@ -61,7 +61,7 @@ impl TestServer {
     /// Starts on an existing directory and clock, e.g. to test a restart.
     pub async fn start_in(dir: Arc<TempDir>, clock: Arc<ManualClock>, config: Config) -> Self {
         // 127.0.0.2 (still loopback): an in-process server never takes the 127.0.0.1 port that a
-        // concurrent test picked with `free_loopback_addr` for a child server.
+        // concurrent test picked with `free_loopback_addr` (a metrics or health listener).
         Self::start_at("127.0.0.2:0".parse().expect("addr"), dir, clock, config).await
     }
 
@@ -261,19 +261,62 @@ where
 
 // === the real binary as a child process ===
 
-/// The server binary on `dir`, on a free loopback port, with extra `args`.
+/// The server binary on `dir` with extra `args`, and its address once it serves. It binds port 0
+/// and says where in its "serving" log line: a port picked here and released could be taken by
+/// another test before the child bound it, and its client would then talk to that other server.
+/// The child's output goes to this test's stderr, shown when the test fails.
 pub async fn spawn_binary(dir: &Path, args: &[&str]) -> (Child, String) {
-    let addr = free_loopback_addr().to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_session-authority"))
-        .args(["--listen", &addr, "--data-dir"])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_session-authority"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
         .arg(dir)
         .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // The "serving" line is logged at info, whatever the developer's RUST_LOG.
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn server");
-    (child, addr)
+    let (serving, address) = oneshot::channel();
+    tokio::spawn(forward(child.stderr.take().expect("piped"), None));
+    tokio::spawn(forward(child.stdout.take().expect("piped"), Some(serving)));
+    match tokio::time::timeout(Duration::from_secs(60), address).await {
+        Ok(Ok(addr)) => (child, addr),
+        Ok(Err(_)) => panic!("the server exited before serving (its output is above)"),
+        Err(_) => panic!("the server did not serve within 60 s (its output is above)"),
+    }
+}
+
+/// Copies a child server's output to stderr, and sends the address of its "serving" line.
+async fn forward(
+    out: impl tokio::io::AsyncRead + Unpin,
+    mut serving: Option<oneshot::Sender<String>>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        eprintln!("[server] {line}");
+        if let Some(addr) = serving.as_ref().and_then(|_| serving_addr(&line)) {
+            if let Some(tx) = serving.take() {
+                let _ = tx.send(addr);
+            }
+        }
+    }
+}
+
+/// The address in a JSON "serving" log line.
+fn serving_addr(line: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = value.get("fields")?;
+    (fields.get("message")?.as_str()? == "serving")
+        .then(|| fields.get("addr")?.as_str().map(str::to_owned))
+        .flatten()
 }
 
 /// Connects to `addr`, waiting up to 20 s for the server to come up.
