@@ -61,8 +61,9 @@ pub const TOUCH: u8 = b't';
 pub const ENFORCE: u8 = b'n';
 /// etcd only: a per-user key rewritten whenever the user's set of active sessions changes, so a
 /// write that counted them conflicts with any other that changed them (see `store::etcd`).
-/// Never deleted: a reader compares it as "not written after" its copy's revision, which a
-/// delete would pass.
+/// Deleted when the set becomes empty, and then only by a write that compares it as not written
+/// after its copy: a reader compares it as "not written after" its copy's revision, which a
+/// delete passes.
 pub const GUARD: u8 = b'g';
 
 pub fn audit(id: u64) -> [u8; 9] {

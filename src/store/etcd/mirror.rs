@@ -204,7 +204,8 @@ impl State {
                     }
                 }
             }
-            // Compared without their revisions (see `store::etcd`): one key per user ever seen.
+            // Compared without their revisions (see `store::etcd`): one key per user with
+            // sessions.
             Some(&keys::GUARD) => Ok(None),
             _ => {
                 if key.first() == Some(&keys::POLICY) {

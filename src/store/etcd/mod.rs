@@ -11,9 +11,11 @@
 //! the log head. If anything it read changed meanwhile (another replica wrote it), the compare
 //! fails, nothing is written, and the write runs again on a copy that has caught up (bounded).
 //! Keys the planner never read cannot be lost either: a user's set of active sessions has a guard
-//! key that every change of the set rewrites and every reader of the set compares. Guards are
-//! never deleted, so a reader compares a guard as "not written after the copy's revision", and
-//! the copy does not keep them: they are one key for every user ever seen.
+//! key that every change of the set rewrites and every reader of the set compares, as "not
+//! written after the copy's revision", so the copy does not keep guards. The change that empties
+//! a set deletes its guard, which such a compare cannot see; so that change itself commits only
+//! if the guard was not written after its copy. A plan that passes a compare on a deleted guard
+//! then meets an empty set, and what it read of that set's former sessions is compared too.
 //!
 //! A reply is sent once etcd committed (a quorum has it on disk) **and** this replica's copy has
 //! applied the commit, so a caller reads its own writes on the replica it wrote through.
@@ -784,6 +786,25 @@ fn written_keys(plan: &Plan) -> HashSet<Vec<u8>> {
     out
 }
 
+/// Whether `user` has an active session once `sessions` (each changed session's first and last
+/// state) are written over the copy `state`.
+fn keeps_a_session(
+    state: &State,
+    sessions: &BTreeMap<SessionId, (Option<Session>, Option<Session>)>,
+    tenant: &str,
+    user: &str,
+) -> bool {
+    let unchanged = state
+        .user_session_ids(tenant, user)
+        .iter()
+        .any(|id| !sessions.contains_key(id));
+    unchanged
+        || sessions.values().any(|(_, new)| {
+            new.as_ref()
+                .is_some_and(|s| s.is_active() && s.tenant_id == tenant && s.user_id == user)
+        })
+}
+
 /// Done while etcd was full (it takes deletes only), to be written when space returns.
 #[derive(Clone)]
 enum Unlogged {
@@ -1095,15 +1116,13 @@ impl Inner {
             events.extend(plan.events);
         }
         let mut puts: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        let mut changed_sets = BTreeSet::new();
         for (id, (old, new)) in &sessions {
             let was = old.as_ref().filter(|s| s.is_active());
             let is = new.as_ref().filter(|s| s.is_active());
             if was.is_some() != is.is_some() {
                 let s = was.or(is).expect("one of them is active");
-                puts.insert(
-                    keys::per_user(keys::GUARD, &s.tenant_id, &s.user_id),
-                    Some(Vec::new()),
-                );
+                changed_sets.insert((s.tenant_id.as_str(), s.user_id.as_str()));
             }
             match new {
                 Some(s) => {
@@ -1111,6 +1130,21 @@ impl Inner {
                 }
                 None => puts.insert(keys::session(id).to_vec(), None),
             };
+        }
+        for (tenant, user) in changed_sets {
+            let guard = keys::per_user(keys::GUARD, tenant, user);
+            if keeps_a_session(state, &sessions, tenant, user) {
+                puts.insert(guard, Some(Vec::new()));
+            } else {
+                // An emptied set's guard goes, so etcd keeps one for each user with sessions
+                // rather than each user ever seen. A delete passes every later "not written
+                // after" compare, so it must not hide a change: it commits only if nobody
+                // changed the set since this copy, and the set it leaves is empty.
+                if !reads.contains_key(&guard) {
+                    compare.push(not_written_after(self.key(&guard), state.revision));
+                }
+                puts.insert(guard, None);
+            }
         }
         for (tenant, user, seen) in &last_seen {
             puts.insert(
@@ -2095,5 +2129,174 @@ mod compares {
             "written again after the copy's revision"
         );
         assert!(commits(second).await);
+    }
+}
+
+#[cfg(test)]
+mod guards {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        clock::{Clock, ManualClock},
+        config::Config,
+        model::{policy::Policy, session::RevokeReason},
+        sessions::{policies::Policies, NewSession, Sessions},
+        token::TokenGenerator,
+    };
+
+    const PREFIX: &str = "/guards/";
+
+    /// A replica on `cluster`, and the sessions service over it.
+    async fn replica(
+        cluster: &local::LocalCluster,
+        clock: Arc<ManualClock>,
+    ) -> (Arc<EtcdStore>, Sessions<EtcdStore>) {
+        let options = EtcdOptions {
+            endpoints: cluster.endpoints(),
+            ..EtcdOptions::default()
+        };
+        let store = Arc::new(
+            EtcdStore::open(options, PREFIX, 4096, Duration::from_secs(86_400))
+                .await
+                .expect("open"),
+        );
+        let mut policy = Policy::from(&Config::default());
+        policy.max_sessions_per_user = 2;
+        let policies = Arc::new(Policies::load(store.clone(), policy).expect("policies"));
+        let tokens = TokenGenerator::from_os().expect("seed");
+        let sessions = Sessions::new(
+            store.clone(),
+            clock,
+            tokens,
+            policies,
+            Duration::from_secs(10),
+        );
+        (store, sessions)
+    }
+
+    fn login(user: &str) -> NewSession {
+        NewSession {
+            tenant_id: "t".into(),
+            user_id: user.into(),
+            remember_me: false,
+            device: Default::default(),
+            attributes: Default::default(),
+            binding_key: None,
+        }
+    }
+
+    /// Whether etcd holds the guard of user `user` of tenant "t".
+    async fn guarded(store: &EtcdStore, user: &str) -> bool {
+        let key = store.inner.key(&keys::per_user(keys::GUARD, "t", user));
+        let read = RangeRequest {
+            key,
+            count_only: true,
+            ..Default::default()
+        };
+        store.inner.client.range(read).await.expect("range").count == 1
+    }
+
+    fn by_id(id: SessionId) -> RevokeTarget {
+        RevokeTarget::Sessions {
+            ids: vec![id],
+            tenant: None,
+        }
+    }
+
+    /// etcd keeps a guard for each user with sessions, not for each user ever seen: the write
+    /// that ends a user's last session deletes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guard_lives_while_its_user_has_sessions() {
+        let etcd = local::find_etcd().expect("an etcd binary");
+        let cluster = local::LocalCluster::start(&etcd, 1, None).expect("etcd");
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_767_225_600_000)));
+        let (store, sessions) = replica(&cluster, clock.clone()).await;
+        let first = sessions.create(login("u")).await.expect("create");
+        clock.advance(Duration::from_secs(1));
+        let second = sessions.create(login("u")).await.expect("create");
+        assert!(guarded(&store, "u").await);
+        // At the limit (2), a third login evicts the first (least recently used): the set
+        // changes, never empty.
+        clock.advance(Duration::from_secs(1));
+        let third = sessions.create(login("u")).await.expect("create");
+        assert!(!sessions.get(&first.session.id).is_ok_and(|s| s.is_active()));
+        assert!(guarded(&store, "u").await);
+        sessions
+            .revoke(by_id(second.session.id), RevokeReason::Admin)
+            .await
+            .expect("revoke");
+        assert!(guarded(&store, "u").await, "one session left");
+        sessions
+            .revoke(by_id(third.session.id), RevokeReason::Admin)
+            .await
+            .expect("revoke");
+        assert!(!guarded(&store, "u").await, "no session left");
+        // The next login guards the set again, and the limit still counts from it.
+        sessions.create(login("u")).await.expect("create");
+        assert!(guarded(&store, "u").await);
+        store.close().await.expect("close");
+    }
+
+    /// A replica whose copy has not seen a new session of a user ends the user's other session:
+    /// by its copy the set is then empty, but its delete of the guard must not commit, or a
+    /// later compare would pass without noticing the new session. (A write with events also
+    /// compares the log's head; this one has none, so the guard alone must hold.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lagging_copy_never_deletes_the_guard_of_a_set_that_grew() {
+        let etcd = local::find_etcd().expect("an etcd binary");
+        let cluster = local::LocalCluster::start(&etcd, 1, None).expect("etcd");
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_767_225_600_000)));
+        let (a_store, a) = replica(&cluster, clock.clone()).await;
+        let (b_store, _b) = replica(&cluster, clock.clone()).await;
+        let old = a.create(login("u")).await.expect("create");
+        for _ in 0..500 {
+            if b_store.get(&old.session.id).expect("get").is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        b_store.hold_watch(true);
+        let new = a.create(login("u")).await.expect("create");
+        let txn = {
+            let state = b_store.inner.mirror.read();
+            assert!(!state.has_session(&new.session.id), "b's copy lags");
+            let view = Recording::new(&state, &*b_store.inner);
+            let mut planner = Planner::new(
+                &view,
+                Plan::new(state.head().expect("head"), Duration::ZERO),
+            );
+            planner
+                .revoke(by_id(old.session.id), RevokeReason::Admin, clock.now())
+                .expect("plan");
+            let mut plan = planner.plan;
+            plan.events.clear();
+            plan.head = state.head().expect("head");
+            let reads = view.reads.into_inner();
+            b_store
+                .inner
+                .txn_for(&state, &reads, vec![plan])
+                .expect("txn")
+        };
+        let guard = b_store.inner.key(&keys::per_user(keys::GUARD, "t", "u"));
+        assert!(
+            txn.ops.iter().any(|op| matches!(
+                &op.request,
+                Some(client::request_op::Request::RequestDeleteRange(d)) if d.key == guard
+            )),
+            "by b's copy the set is empty, so the write deletes the guard"
+        );
+        b_store.hold_watch(false);
+        assert!(
+            !b_store.inner.commit(txn).await.expect("commit"),
+            "a copy without the new session deleted the guard"
+        );
+        assert!(guarded(&a_store, "u").await);
+        assert!(a
+            .validate(new.token.expose(), false, None, None)
+            .await
+            .is_ok());
+        a_store.close().await.expect("close");
+        b_store.close().await.expect("close");
     }
 }
