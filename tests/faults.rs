@@ -30,8 +30,7 @@ async fn store_with_data(dir: &Path) -> String {
 }
 
 async fn start_on(dir: &Path) -> session_authority::error::Result<()> {
-    // 127.0.0.2: this short-lived server must never take the 127.0.0.1 port that a concurrent
-    // test picked (free_loopback_addr) before its listener binds it.
+    // 127.0.0.2, as every in-process test server (see `TestServer::start_in`).
     let listener = tokio::net::TcpListener::bind("127.0.0.2:0")
         .await
         .expect("bind");

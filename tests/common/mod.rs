@@ -1,4 +1,4 @@
-//! A real server on 127.0.0.1:0 with a temporary data directory and a manual clock, started by
+//! A real server on a loopback port with a temporary data directory and a manual clock, started by
 //! the same `run` that `main` uses.
 
 #![allow(dead_code)]
@@ -60,8 +60,7 @@ impl TestServer {
 
     /// Starts on an existing directory and clock, e.g. to test a restart.
     pub async fn start_in(dir: Arc<TempDir>, clock: Arc<ManualClock>, config: Config) -> Self {
-        // 127.0.0.2 (still loopback): an in-process server never takes the 127.0.0.1 port that a
-        // concurrent test picked with `free_loopback_addr` (a metrics or health listener).
+        // 127.0.0.2 (still loopback), away from child servers and etcd members on 127.0.0.1.
         Self::start_at("127.0.0.2:0".parse().expect("addr"), dir, clock, config).await
     }
 
@@ -350,9 +349,12 @@ pub fn api_key(name: &str, secret: &str, role: Role, tenant: Option<&str>) -> Ap
     }
 }
 
-/// A loopback address with a port that was free a moment ago.
+/// A loopback address with a port that was free a moment ago, for a listener that cannot report
+/// the port it bound (metrics, health). On 127.0.0.3, where nothing else here listens (servers,
+/// child servers and etcd members are on 127.0.0.1 and 127.0.0.2), so none of them can take the
+/// port before its listener binds it.
 pub fn free_loopback_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    std::net::TcpListener::bind("127.0.0.3:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
