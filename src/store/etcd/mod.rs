@@ -794,11 +794,11 @@ fn keeps_a_session(
     tenant: &str,
     user: &str,
 ) -> bool {
-    let unchanged = state
+    let one_left_alone = state
         .user_session_ids(tenant, user)
         .iter()
         .any(|id| !sessions.contains_key(id));
-    unchanged
+    one_left_alone
         || sessions.values().any(|(_, new)| {
             new.as_ref()
                 .is_some_and(|s| s.is_active() && s.tenant_id == tenant && s.user_id == user)
@@ -2197,6 +2197,14 @@ mod guards {
         store.inner.client.range(read).await.expect("range").count == 1
     }
 
+    /// A one-member etcd, and the clock its replicas share.
+    fn cluster_and_clock() -> (local::LocalCluster, Arc<ManualClock>) {
+        let etcd = local::find_etcd().expect("an etcd binary");
+        let cluster = local::LocalCluster::start(&etcd, 1, None).expect("etcd");
+        let start = Timestamp::from_millis(1_767_225_600_000);
+        (cluster, Arc::new(ManualClock::new(start)))
+    }
+
     fn by_id(id: SessionId) -> RevokeTarget {
         RevokeTarget::Sessions {
             ids: vec![id],
@@ -2208,9 +2216,7 @@ mod guards {
     /// that ends a user's last session deletes it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_guard_lives_while_its_user_has_sessions() {
-        let etcd = local::find_etcd().expect("an etcd binary");
-        let cluster = local::LocalCluster::start(&etcd, 1, None).expect("etcd");
-        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_767_225_600_000)));
+        let (cluster, clock) = cluster_and_clock();
         let (store, sessions) = replica(&cluster, clock.clone()).await;
         let first = sessions.create(login("u")).await.expect("create");
         clock.advance(Duration::from_secs(1));
@@ -2232,7 +2238,7 @@ mod guards {
             .await
             .expect("revoke");
         assert!(!guarded(&store, "u").await, "no session left");
-        // The next login guards the set again, and the limit still counts from it.
+        // The next login guards the set again.
         sessions.create(login("u")).await.expect("create");
         assert!(guarded(&store, "u").await);
         store.close().await.expect("close");
@@ -2244,9 +2250,7 @@ mod guards {
     /// compares the log's head; this one has none, so the guard alone must hold.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lagging_copy_never_deletes_the_guard_of_a_set_that_grew() {
-        let etcd = local::find_etcd().expect("an etcd binary");
-        let cluster = local::LocalCluster::start(&etcd, 1, None).expect("etcd");
-        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_767_225_600_000)));
+        let (cluster, clock) = cluster_and_clock();
         let (a_store, a) = replica(&cluster, clock.clone()).await;
         let (b_store, _b) = replica(&cluster, clock.clone()).await;
         let old = a.create(login("u")).await.expect("create");
