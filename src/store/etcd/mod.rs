@@ -1945,9 +1945,9 @@ mod loading {
     /// Keys and values, as a restore takes them.
     type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
-    /// `n` sessions of one user each, with their created events unless `events` is false; and
-    /// the sessions' ids.
-    fn store_of(n: u64, events: bool) -> (Entries, Vec<SessionId>) {
+    /// `n` sessions of one user each on `device`, with their created events unless `events` is
+    /// false; and the sessions' ids.
+    fn store_of(n: u64, events: bool, device: &Device) -> (Entries, Vec<SessionId>) {
         let g = TokenGenerator::from_seed([7; 32]);
         let mut entries = Vec::new();
         let mut ids = Vec::new();
@@ -1964,7 +1964,7 @@ mod loading {
                 idle_timeout: Duration::from_secs(1800),
                 absolute_expires_at: now.saturating_add(Duration::from_secs(43_200)),
                 remember_me: false,
-                device: Device::default(),
+                device: device.clone(),
                 attributes: BTreeMap::new(),
                 state: SessionState::Active,
                 rotation_count: 0,
@@ -1983,7 +1983,7 @@ mod loading {
                 user_id: s.user_id.clone(),
                 session_id: id,
                 kind: EventKind::Created {
-                    device: Device::default(),
+                    device: device.clone(),
                     remember_me: false,
                     evicted: Vec::new(),
                     new_device: false,
@@ -2014,7 +2014,7 @@ mod loading {
         let n = 12_000;
         let etcd = local::find_etcd().expect("an etcd binary");
         let cluster = local::LocalCluster::start(&etcd, 1, None).expect("etcd");
-        let (entries, ids) = store_of(n, true);
+        let (entries, ids) = store_of(n, true, &Device::default());
         EtcdStore::restore_entries(options(&cluster), "/pages/", &entries)
             .await
             .expect("restore");
@@ -2040,8 +2040,9 @@ mod loading {
     }
 
     /// How long a replica takes to open a store of `SIZE_SESSIONS` sessions (each with its
-    /// created event), and the memory its copy takes. A measurement, not a check:
-    /// `SIZE_SESSIONS=1000000 cargo test --release --lib open_at_size -- --ignored --nocapture`.
+    /// created event, unless `SIZE_NO_EVENTS`), and the memory its copy takes. A measurement,
+    /// not a check: `SIZE_SESSIONS=1000000 cargo test --release --lib open_at_size -- --ignored
+    /// --nocapture`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "a measurement: minutes at a million sessions"]
     async fn open_at_size() {
@@ -2052,7 +2053,21 @@ mod loading {
         let etcd = local::find_etcd().expect("an etcd binary");
         let cluster = local::LocalCluster::start(&etcd, 3, Some(8 << 30)).expect("etcd");
         let options = options(&cluster);
-        let (entries, _) = store_of(n, std::env::var_os("SIZE_NO_EVENTS").is_none());
+        // SIZE_BROWSER: each session and event carries a browser's IP, User-Agent and label,
+        // as `session-bench scale` creates them.
+        let device = match std::env::var_os("SIZE_BROWSER") {
+            None => Device::default(),
+            Some(_) => Device {
+                ip: "203.0.113.7".parse().ok(),
+                user_agent: "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 \
+                    (KHTML, like Gecko) Version/17.4 Safari/605.1.15"
+                    .into(),
+                label: "MacBook Pro".into(),
+                location: None,
+            },
+        };
+        let events = std::env::var_os("SIZE_NO_EVENTS").is_none();
+        let (entries, _) = store_of(n, events, &device);
         let started = std::time::Instant::now();
         EtcdStore::restore_entries(options.clone(), "/size/", &entries)
             .await
