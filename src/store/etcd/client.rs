@@ -496,10 +496,9 @@ pub fn delete_range(key: Vec<u8>, range_end: Vec<u8>) -> RequestOp {
     }
 }
 
-/// The key's last modification is `revision` (0: the key does not exist).
-/// Holds while `key` was last written at or before `revision`, or does not exist. For a key
-/// that is never deleted, that is "unchanged since a copy at `revision`", without keeping the
-/// key's own revision.
+/// Holds while `key` was last written at or before `revision`, or does not exist: "unchanged
+/// since a copy at `revision`" without keeping the key's own revision, but blind to a delete
+/// after `revision` (see how `store::etcd` deletes guards).
 pub fn not_written_after(key: Vec<u8>, revision: i64) -> Compare {
     Compare {
         result: compare::CompareResult::Less as i32,
@@ -512,6 +511,7 @@ pub fn not_written_after(key: Vec<u8>, revision: i64) -> Compare {
     }
 }
 
+/// The key's last modification is `revision` (0: the key does not exist).
 pub fn unchanged(key: Vec<u8>, revision: i64) -> Compare {
     Compare {
         result: compare::CompareResult::Equal as i32,

@@ -1067,16 +1067,21 @@ impl Inner {
         Ok(reply.succeeded)
     }
 
-    /// What a plan's commit compares: every key it read is as the copy had it. Guards are not in
-    /// the copy and are never deleted: "not written after the copy's revision".
+    /// What a plan's commit compares: every key it read is as the copy had it.
     fn unchanged_reads(&self, state: &State, reads: &BTreeMap<Vec<u8>, i64>) -> Vec<Compare> {
         reads
             .iter()
             .map(|(k, rev)| match k.first() {
-                Some(&keys::GUARD) => not_written_after(self.key(k), state.revision),
+                Some(&keys::GUARD) => self.guard_unchanged(state, k),
                 _ => unchanged(self.key(k), *rev),
             })
             .collect()
+    }
+
+    /// A user's guard as the copy `state` would have it, had it kept guards: "not written after
+    /// the copy's revision" (see the module docs for why a delete it cannot see is safe).
+    fn guard_unchanged(&self, state: &State, guard: &[u8]) -> Compare {
+        not_written_after(self.key(guard), state.revision)
     }
 
     /// The operations of a plan: each session's final record, guards of users whose set of
@@ -1141,7 +1146,7 @@ impl Inner {
                 // after" compare, so it must not hide a change: it commits only if nobody
                 // changed the set since this copy, and the set it leaves is empty.
                 if !reads.contains_key(&guard) {
-                    compare.push(not_written_after(self.key(&guard), state.revision));
+                    compare.push(self.guard_unchanged(state, &guard));
                 }
                 puts.insert(guard, None);
             }
