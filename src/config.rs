@@ -17,6 +17,29 @@ use crate::model::policy::{
     DriftAction, LimitAction, NewDeviceAction, Policy, SameSite, TokenReuseAction, TravelAction,
 };
 
+/// A secret setting (a password): read like any string, never shown by `Debug`, so a logged or
+/// printed `Config` carries no secret.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// The service's settings. Durations are written like `30m`, `12h`, `7d`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -41,7 +64,8 @@ pub struct Config {
     pub etcd_key_file: Option<PathBuf>,
     /// etcd user, when the cluster has authentication on (`etcd_password` with it).
     pub etcd_username: Option<String>,
-    pub etcd_password: Option<String>,
+    /// Sent to etcd over https only (its Authenticate call carries it as it is).
+    pub etcd_password: Option<Secret>,
     /// Whether a validate first makes sure this replica has seen every write acknowledged
     /// anywhere before it (a linearizable read shared by the validates in flight). Off, a
     /// revocation made through another replica may validate here for the few milliseconds the
@@ -889,6 +913,31 @@ mod tests {
         assert_eq!(config.idle_timeout, Duration::from_secs(300));
         assert_eq!(config.max_sessions_per_user, 4);
         assert_eq!(config.listen.port(), 7000);
+    }
+
+    /// A `Config` reaches logs (`{:?}`): the etcd password read from a file never shows.
+    #[test]
+    fn a_loaded_etcd_password_is_read_but_never_shown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sa.toml");
+        std::fs::write(
+            &file,
+            "etcd_username = \"sa\"\netcd_password = \"hunter2\"\n",
+        )
+        .expect("write");
+        let config = Config::load([
+            "session-authority",
+            "--config",
+            file.to_str().expect("utf-8 path"),
+        ])
+        .expect("loads");
+        assert_eq!(
+            config.etcd_password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("etcd_password"), "{shown}");
     }
 
     #[test]

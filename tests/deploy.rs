@@ -99,6 +99,17 @@ fn the_replicas_manifests_run_stateless_replicas_on_etcd() {
     assert_eq!(config.store, session_authority::config::StoreKind::Etcd);
     assert_eq!(config.etcd_endpoints.len(), 3, "a list in TOML");
     assert!(config.tls_cert.is_some() && config.auth_enabled());
+    // The etcd password (from the environment) travels over https only, to members vouched for
+    // by the cluster's own CA.
+    assert!(config
+        .etcd_endpoints
+        .iter()
+        .all(|e| e.starts_with("https://")));
+    assert!(config.etcd_ca_file.is_some());
+    let env = container["env"].as_vec().expect("env");
+    assert!(env
+        .iter()
+        .any(|e| e["name"].as_str() == Some("SESSION_AUTHORITY_ETCD_PASSWORD")));
 }
 
 #[test]

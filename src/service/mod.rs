@@ -115,10 +115,12 @@ pub fn etcd_options(config: &Config) -> Result<EtcdOptions> {
         endpoints: config.etcd_endpoints.clone(),
         ca_pem: read("etcd_ca_file", &config.etcd_ca_file)?,
         identity_pem: identity,
-        credentials: config
-            .etcd_username
-            .clone()
-            .zip(config.etcd_password.clone()),
+        credentials: config.etcd_username.clone().zip(
+            config
+                .etcd_password
+                .as_ref()
+                .map(|p| p.expose().to_string()),
+        ),
         timeout: Duration::from_secs(5),
         no_read_fence: !config.etcd_read_fence,
     })

@@ -49,20 +49,46 @@ pub use pb::etcdserverpb::{
 };
 
 /// How to reach the cluster.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EtcdOptions {
     /// `http://host:port` or `https://host:port`, at least one.
     pub endpoints: Vec<String>,
-    /// PEM of the CA that signed the members' certificates (https endpoints).
+    /// PEM of the CA that signed the members' certificates: required with https endpoints, and
+    /// the only CA trusted (a private cluster's certificates come from its own CA; trusting the
+    /// system's roots too would let any public CA vouch for a member).
     pub ca_pem: Option<Vec<u8>>,
     /// PEM certificate and key for client-certificate authentication.
     pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
-    /// User and password, when the cluster has authentication on.
+    /// User and password, when the cluster has authentication on: https endpoints only, since
+    /// etcd's Authenticate call carries the password as it is.
     pub credentials: Option<(String, String)>,
     /// Longest wait for one call.
     pub timeout: Duration,
     /// Turns off validate's read fence (see `etcd_read_fence`).
     pub no_read_fence: bool,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    /// Never the password or the client key: options reach logs and panics.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<PEM>"))
+            .field(
+                "identity_pem",
+                &self.identity_pem.as_ref().map(|_| "<PEM, key redacted>"),
+            )
+            .field(
+                "credentials",
+                &self
+                    .credentials
+                    .as_ref()
+                    .map(|(user, _)| (user, "<redacted>")),
+            )
+            .field("timeout", &self.timeout)
+            .field("no_read_fence", &self.no_read_fence)
+            .finish()
+    }
 }
 
 impl Default for EtcdOptions {
@@ -127,6 +153,21 @@ impl EtcdClient {
                 "name at least one endpoint",
             ));
         }
+        if options.credentials.is_some() {
+            if let Some(url) = options
+                .endpoints
+                .iter()
+                .find(|u| !u.starts_with("https://"))
+            {
+                return Err(Error::invalid(
+                    "etcd_password",
+                    format!(
+                        "would be sent in cleartext to {url}: etcd credentials need https:// \
+                         endpoints (with etcd_ca_file)"
+                    ),
+                ));
+            }
+        }
         let mut channels = Vec::new();
         for url in &options.endpoints {
             let mut endpoint = Endpoint::from_shared(url.clone())
@@ -138,10 +179,14 @@ impl EtcdClient {
                 .keep_alive_timeout(Duration::from_secs(5))
                 .keep_alive_while_idle(true);
             if url.starts_with("https://") {
-                let mut tls = ClientTlsConfig::new().with_enabled_roots();
-                if let Some(ca) = &options.ca_pem {
-                    tls = tls.ca_certificate(Certificate::from_pem(ca));
-                }
+                let Some(ca) = &options.ca_pem else {
+                    return Err(Error::invalid(
+                        "etcd_ca_file",
+                        format!("{url}: https endpoints need the CA that signed the members' certificates"),
+                    ));
+                };
+                // This CA alone: no system roots.
+                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
                 if let Some((cert, key)) = &options.identity_pem {
                     tls = tls.identity(Identity::from_pem(cert, key));
                 }
@@ -519,5 +564,62 @@ pub fn unchanged(key: Vec<u8>, revision: i64) -> Compare {
         key,
         target_union: Some(compare::TargetUnion::ModRevision(revision)),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(endpoints: &[&str]) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            ..EtcdOptions::default()
+        }
+    }
+
+    fn refused_field(options: &EtcdOptions) -> Option<&'static str> {
+        match EtcdClient::new(options) {
+            Err(Error::InvalidArgument { field, .. }) => Some(field),
+            _ => None,
+        }
+    }
+
+    /// etcd's Authenticate call carries the password as it is: never over plain http.
+    #[tokio::test]
+    async fn credentials_over_http_are_refused() {
+        let mut plain = options(&["https://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+        let ca = rcgen::generate_simple_self_signed(vec!["etcd".into()]).expect("ca");
+        plain.ca_pem = Some(ca.cert.pem().into_bytes());
+        plain.credentials = Some(("root".into(), "hunter2".into()));
+        assert_eq!(refused_field(&plain), Some("etcd_password"));
+        plain.credentials = None;
+        assert_eq!(
+            refused_field(&plain),
+            None,
+            "http without credentials is allowed"
+        );
+    }
+
+    /// With https, the given CA is the only one trusted, so it must be given.
+    #[tokio::test]
+    async fn https_endpoints_need_their_ca() {
+        assert_eq!(
+            refused_field(&options(&["https://10.0.0.1:2379"])),
+            Some("etcd_ca_file")
+        );
+    }
+
+    /// Options reach logs: their `Debug` shows neither the password nor the client key.
+    #[test]
+    fn debug_shows_no_secret() {
+        let mut o = options(&["https://10.0.0.1:2379"]);
+        o.credentials = Some(("root".into(), "hunter2".into()));
+        o.identity_pem = Some((b"CERT".to_vec(), b"PRIVATE KEY BYTES".to_vec()));
+        let shown = format!("{o:?}");
+        assert!(shown.contains("root"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("PRIVATE"), "{shown}");
+        assert!(!shown.contains("80, 82, 73"), "{shown}");
     }
 }
