@@ -58,7 +58,7 @@ reuse=$(grpcurl -plaintext -d "{\"session_id\": \"$SHOP_ID\"}" $SA session_autho
 [ "$reuse" = "REVOKE_REASON_TOKEN_REUSE FLAG_KIND_TOKEN_REUSE 1" ] || { echo "FAIL: reuse not detected ($reuse)"; exit 1; }
 out=$(grpcurl -plaintext -d "{\"token\": \"$FRESH\"}" $SA session_authority.v1.SessionService/ValidateSession 2>&1) && {
   echo "FAIL: the rotated token outlived the reuse"; exit 1; }
-[ "${#CHALLENGE}" = 75 ] || { echo "FAIL: challenge '$CHALLENGE'"; exit 1; }
+[ "${#CHALLENGE}" = 80 ] || { echo "FAIL: challenge '$CHALLENGE'"; exit 1; }
 bound=$(grpcurl -plaintext -d "{\"session_id\": \"$BOUND_ID\"}" $SA session_authority.v1.SessionService/GetSession | jq -r .session.bound)
 [ "$bound" = "true" ] || { echo "FAIL: the session is not bound"; exit 1; }
 echo "README examples: all ran and checked"

@@ -142,6 +142,9 @@ pub struct Config {
     /// Audit records older than this are purged by the sweeper.
     #[serde(with = "humantime_serde")]
     pub audit_retention: Duration,
+    /// At most this many audit records are kept (the oldest go first): on etcd every replica
+    /// holds the trail in memory.
+    pub audit_retention_count: u64,
     /// An idle event stream receives a heartbeat this often.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -309,6 +312,7 @@ impl Default for Config {
             tombstone_retention: Duration::from_secs(86_400),
             user_state_retention: Duration::from_secs(30 * 86_400),
             audit_retention: Duration::from_secs(365 * 86_400),
+            audit_retention_count: 1_000_000,
             heartbeat_interval: Duration::from_secs(15),
             event_buffer: 4096,
             cache_mib: 192,
@@ -409,6 +413,11 @@ impl Config {
             "must be at least 1",
         )?;
         check(
+            self.audit_retention_count >= 1,
+            "audit_retention_count",
+            "must be at least 1",
+        )?;
+        check(
             self.heartbeat_interval >= Duration::from_millis(10),
             "heartbeat_interval",
             "must be at least 10ms",
@@ -432,11 +441,8 @@ impl Config {
                     "each must be an http:// or https:// URL",
                 )?;
             }
-            check(
-                !self.etcd_prefix.is_empty(),
-                "etcd_prefix",
-                "must not be empty",
-            )?;
+            crate::store::etcd::check_prefix(&self.etcd_prefix)
+                .map_err(|why| ConfigError::Invalid("etcd_prefix", why))?;
             check(
                 self.etcd_cert_file.is_some() == self.etcd_key_file.is_some(),
                 "etcd_cert_file",
@@ -686,6 +692,10 @@ struct CliSettings {
     #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     audit_retention: Option<String>,
+    /// Most audit records kept [default: 1000000]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_retention_count: Option<u64>,
     /// Heartbeat period of idle event streams [default: 15s]
     #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]

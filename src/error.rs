@@ -31,6 +31,11 @@ pub enum Error {
     #[error("{0}")]
     StoreFull(String),
 
+    /// One write would change more than the store can commit atomically (etcd's limit on a
+    /// transaction's operations and compares): refused whole, nothing written.
+    #[error("{0}")]
+    WriteTooLarge(String),
+
     /// The tenant's policy does not allow what was asked (e.g. "remember me").
     #[error("{0}")]
     FailedPrecondition(String),
@@ -102,7 +107,7 @@ impl From<Error> for Status {
             Error::SessionNotValid => Code::Unauthenticated,
             Error::SessionNotFound(_) => Code::NotFound,
             Error::ResourceExhausted(_) | Error::StoreFull(_) => Code::ResourceExhausted,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::FailedPrecondition(_) | Error::WriteTooLarge(_) => Code::FailedPrecondition,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Storage(_)
             | Error::StorageFailed(_)

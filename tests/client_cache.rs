@@ -117,6 +117,7 @@ async fn rotation_drops_the_old_token_and_the_new_one_validates() {
         .sessions()
         .rotate_session(pb::RotateSessionRequest {
             token: created.token.clone(),
+            ..Default::default()
         })
         .await
         .expect("rotate")

@@ -336,7 +336,7 @@ async fn one_of_many_racing_rotations_wins<B: Backend>(b: B) {
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let (s, token) = (h.sessions.clone(), token.clone());
-            tokio::spawn(async move { s.rotate(&token, None).await })
+            tokio::spawn(async move { s.rotate(&token, None, false).await })
         })
         .collect();
     let mut winners = Vec::new();
@@ -402,7 +402,7 @@ async fn a_reused_token_after_the_grace_period_revokes_the_session<B: Backend>(b
     let id = created.session.id;
     let first = created.token.expose().to_string();
     h.clock.advance(Duration::from_secs(1));
-    let rotated = s.rotate(&first, None).await.expect("rotate");
+    let rotated = s.rotate(&first, None, false).await.expect("rotate");
     let replaced_at = h.clock.now();
     let second = rotated.token.expose().to_string();
     h.clock.advance(Duration::from_secs(5));
@@ -410,10 +410,10 @@ async fn a_reused_token_after_the_grace_period_revokes_the_session<B: Backend>(b
         .await
         .expect("within the grace period the old token still validates");
     assert!(
-        is_not_valid(s.rotate(&first, None).await),
+        is_not_valid(s.rotate(&first, None, false).await),
         "but never rotates again"
     );
-    let third = s.rotate(&second, None).await.expect("rotate again");
+    let third = s.rotate(&second, None, false).await.expect("rotate again");
     let third = third.token.expose().to_string();
     assert_eq!(
         kinds_of(&h, &id).len(),
@@ -460,7 +460,7 @@ async fn a_reused_token_after_the_grace_period_revokes_the_session<B: Backend>(b
     assert!(ended.flags.contains(&Flag::TokenReuse(reuse)));
     // A second presentation finds an ended session: nothing more happens.
     assert!(is_not_valid(s.validate(&first, false, None, None).await));
-    assert!(is_not_valid(s.rotate(&second, None).await));
+    assert!(is_not_valid(s.rotate(&second, None, false).await));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(kinds_of(&h, &id).len(), 5);
 }
@@ -476,13 +476,13 @@ async fn token_reuse_flag_flags_once_and_ignore_ignores<B: Backend>(b: B) {
     let created = s.create(new_session("t", "u")).await.expect("create");
     let id = created.session.id;
     let first = created.token.expose().to_string();
-    let second = s.rotate(&first, None).await.expect("rotate");
+    let second = s.rotate(&first, None, false).await.expect("rotate");
     let second = second.token.expose().to_string();
     h.clock.advance(GRACE_AND_A_BIT);
     for _ in 0..3 {
         assert!(is_not_valid(s.validate(&first, false, None, None).await));
     }
-    assert!(is_not_valid(s.rotate(&first, None).await));
+    assert!(is_not_valid(s.rotate(&first, None, false).await));
     until_session(&h, &id, "flagged", |s| !s.flags.is_empty()).await;
     let is_flagged = |k: &EventKind| matches!(k, EventKind::Flagged { .. });
     for _ in 0..500 {
@@ -518,7 +518,7 @@ async fn token_reuse_flag_flags_once_and_ignore_ignores<B: Backend>(b: B) {
         .expect("policy");
     let created = s.create(new_session("quiet", "v")).await.expect("create");
     let first = created.token.expose().to_string();
-    let second = s.rotate(&first, None).await.expect("rotate");
+    let second = s.rotate(&first, None, false).await.expect("rotate");
     h.clock.advance(GRACE_AND_A_BIT);
     assert!(is_not_valid(s.validate(&first, false, None, None).await));
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -756,6 +756,52 @@ async fn a_bound_session_renews_only_against_a_fresh_challenge<B: Backend>(b: B)
     );
 }
 
+/// A device with a long token life may refresh as often as it likes (once, a session kept the
+/// challenges it consumed until they expired, at most 32: a device with a day-long token was
+/// refused at its 33rd refresh of the day), and every challenge still answers once: one made
+/// before a refresh, even unused, never answers after it.
+async fn a_device_refreshes_as_often_as_it_likes_and_each_challenge_answers_once<B: Backend>(b: B) {
+    let h = harness(
+        &b,
+        policy(|p| p.bound_token_ttl = Duration::from_secs(86_400)),
+    )
+    .await;
+    let s = &h.sessions;
+    let (key, jwk) = dbsc::key_pair(22);
+    let created = s
+        .create(NewSession {
+            binding_key: Some(BindingKey::from_jwk(&jwk).expect("jwk")),
+            ..new_session("t", "u")
+        })
+        .await
+        .expect("create");
+    let id = created.session.id;
+    let sign = |challenge: &str| {
+        let iat = (h.clock.now().as_millis() / 1000) as i64;
+        dbsc::proof(&key, challenge, &id.to_string(), iat)
+    };
+    let mut carried = created.next_challenge.expect("first challenge").challenge;
+    for i in 0..40 {
+        h.clock.advance(Duration::from_secs(1));
+        let fetched = s.binding_challenge(&id, None).expect("challenge").challenge;
+        let refreshed = s
+            .refresh_bound(&id, &sign(&carried), None)
+            .await
+            .unwrap_or_else(|e| panic!("refresh {}: {e}", i + 1));
+        assert!(
+            is_not_valid(s.refresh_bound(&id, &sign(&carried), None).await),
+            "a used challenge"
+        );
+        assert!(
+            is_not_valid(s.refresh_bound(&id, &sign(&fetched), None).await),
+            "an unused challenge made before the refresh"
+        );
+        carried = refreshed.next_challenge.challenge;
+    }
+    let session = s.get(&id).expect("get");
+    assert_eq!(session.rotation_count, 40);
+}
+
 /// A store writes touches in rounds (sled a moment after the first, etcd in the background), and
 /// keeps only a session's latest while one waits, so a busy writer can meet a use more than an
 /// idle timeout after the stored one. Each use was live when a validate answered for it, so the
@@ -875,6 +921,90 @@ async fn event_sequences_are_gapless_under_concurrent_writes<B: Backend>(b: B) {
             .count(),
         64
     );
+}
+
+/// A user may hold as many sessions as the tenant allows: on etcd each of them once cost the
+/// next login a compare, and etcd takes 128 per transaction.
+async fn a_user_holds_a_thousand_sessions_and_the_next_login_evicts_one<B: Backend>(b: B) {
+    let h = harness(&b, policy(|p| p.max_sessions_per_user = 1000)).await;
+    let s = &h.sessions;
+    let mut first = None;
+    for i in 0..1000 {
+        let created = s
+            .create(new_session("t", "u"))
+            .await
+            .unwrap_or_else(|e| panic!("login {}: {e}", i + 1));
+        assert!(
+            created.evicted.is_empty(),
+            "login {}: under the limit",
+            i + 1
+        );
+        first.get_or_insert(created.session.id);
+        h.clock.advance(Duration::from_millis(10));
+    }
+    let next = s.create(new_session("t", "u")).await.expect("login 1001");
+    assert_eq!(next.evicted, first.into_iter().collect::<Vec<_>>());
+    let scope = ListScope {
+        tenant_id: "t".into(),
+        user_id: Some("u".into()),
+    };
+    let listed = h.sessions.store().list(&scope, None, 2000).expect("list");
+    assert_eq!(listed.sessions.len(), 1000);
+}
+
+/// Revoking every session of a user with a thousand ends each once, with its event.
+async fn a_revoke_of_every_session_of_a_user_with_a_thousand_ends_them_all<B: Backend>(b: B) {
+    let h = harness(&b, policy(|p| p.max_sessions_per_user = 1000)).await;
+    let s = &h.sessions;
+    let mut tokens = Vec::new();
+    for _ in 0..1000 {
+        tokens.push(s.create(new_session("t", "u")).await.expect("create").token);
+    }
+    let target = RevokeTarget::User {
+        tenant_id: "t".into(),
+        user_id: "u".into(),
+        except: None,
+    };
+    let revoked = s.revoke(target, RevokeReason::Admin).await.expect("revoke");
+    assert_eq!(revoked.revoked.len(), 1000);
+    for token in [&tokens[0], &tokens[499], &tokens[999]] {
+        assert!(is_not_valid(
+            s.validate(token.expose(), false, None, None).await
+        ));
+    }
+    let revocations = events(&h)
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Revoked { .. }))
+        .count();
+    assert_eq!(revocations, 1000);
+}
+
+/// A login ends every session of its user found past a deadline, however many: a hundred idle
+/// sessions are more than one etcd transaction holds together.
+async fn a_login_ends_a_hundred_idle_sessions_of_its_user<B: Backend>(b: B) {
+    let h = harness(&b, policy(|p| p.max_sessions_per_user = 1000)).await;
+    let s = &h.sessions;
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids.push(
+            s.create(new_session("t", "u"))
+                .await
+                .expect("create")
+                .session
+                .id,
+        );
+    }
+    h.clock.advance(Duration::from_secs(601));
+    s.create(new_session("t", "u")).await.expect("login");
+    for id in [ids[0], ids[99]] {
+        let ended = s.get(&id).expect("tombstone");
+        assert!(matches!(ended.state, SessionState::Expired { .. }));
+    }
+    let expiries = events(&h)
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Expired { .. }))
+        .count();
+    assert_eq!(expiries, 100);
 }
 
 async fn impossible_travel_with_revoke_ends_every_session_of_the_user<B: Backend>(b: B) {
@@ -1063,6 +1193,37 @@ async fn stale_per_user_records_are_purged_in_short_calls<B: Backend>(b: B) {
     );
 }
 
+/// The audit trail is bounded by count as well as by age (every etcd replica holds it in
+/// memory): the sweeper keeps the newest `audit_count`, and ids go on after them.
+async fn the_audit_trail_keeps_the_newest_records_beyond_its_count<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {})).await;
+    let s = &h.sessions;
+    for i in 1..=10 {
+        s.audit("ops", "admin", "A", None, i.to_string())
+            .await
+            .expect("audit");
+    }
+    let mut retention = a_day_of_retention();
+    retention.audit_count = 3;
+    sweep_once(s, retention, &mut None).await.expect("sweep");
+    let kept = s.store().audit_after(0, 100).expect("audit");
+    assert_eq!(
+        kept.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![8, 9, 10]
+    );
+    let next = s
+        .audit("ops", "admin", "B", None, "11".into())
+        .await
+        .expect("audit");
+    assert_eq!(next, 11);
+    // And by age: a day later every record is past its retention.
+    h.clock.advance(Duration::from_secs(86_401));
+    sweep_once(s, a_day_of_retention(), &mut None)
+        .await
+        .expect("sweep");
+    assert!(s.store().audit_after(0, 100).expect("audit").is_empty());
+}
+
 async fn pruning_keeps_the_newest_events_and_the_head<B: Backend>(b: B) {
     let head = {
         let h = harness(&b, policy(|_| {})).await;
@@ -1235,16 +1396,21 @@ macro_rules! conformance {
                 token_reuse_flag_flags_once_and_ignore_ignores,
                 drift_flags_once_per_kind_and_revoke_revokes,
                 a_bound_session_renews_only_against_a_fresh_challenge,
+                a_device_refreshes_as_often_as_it_likes_and_each_challenge_answers_once,
                 a_login_from_a_new_device_or_place_is_marked_and_flagged,
                 an_expiry_is_recorded_once_however_many_notice_it,
                 a_used_session_outlives_its_first_idle_deadline_and_expires_at_its_last,
                 a_later_use_queued_over_an_earlier_one_is_still_written,
                 event_sequences_are_gapless_under_concurrent_writes,
                 impossible_travel_with_revoke_ends_every_session_of_the_user,
+                a_user_holds_a_thousand_sessions_and_the_next_login_evicts_one,
+                a_revoke_of_every_session_of_a_user_with_a_thousand_ends_them_all,
+                a_login_ends_a_hundred_idle_sessions_of_its_user,
                 policies_audit_and_sessions_survive_a_reopen,
                 listing_pages_cover_every_live_session_once,
                 stale_per_user_records_are_purged_in_short_calls,
                 pruning_keeps_the_newest_events_and_the_head,
+                the_audit_trail_keeps_the_newest_records_beyond_its_count,
                 the_log_reads_and_prunes_from_inside_one_writes_events,
                 a_tightened_policy_ends_open_sessions_with_their_events,
                 a_policy_write_is_marked_until_its_enforcement_finishes,

@@ -154,6 +154,7 @@ async fn worker(
             let r = client
                 .rotate_session(pb::RotateSessionRequest {
                     token: k.token.clone(),
+                    ..Default::default()
                 })
                 .await;
             let result = outcome(r.map(|r| r.into_inner().token));

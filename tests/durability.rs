@@ -34,6 +34,7 @@ async fn sessions_and_revocations_survive_a_restart() {
     let new_token = client
         .rotate_session(pb::RotateSessionRequest {
             token: rotated.token.clone(),
+            ..Default::default()
         })
         .await
         .expect("rotate")
@@ -66,7 +67,10 @@ async fn no_token_or_secret_reaches_the_data_directory() {
         tokens.push(c.token.clone());
         if i % 5 == 0 {
             let r = client
-                .rotate_session(pb::RotateSessionRequest { token: c.token })
+                .rotate_session(pb::RotateSessionRequest {
+                    token: c.token,
+                    ..Default::default()
+                })
                 .await
                 .expect("rotate");
             tokens.push(r.into_inner().token);

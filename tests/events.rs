@@ -113,6 +113,7 @@ async fn each_change_yields_exactly_one_event_of_its_type() {
     let rotated = sessions
         .rotate_session(pb::RotateSessionRequest {
             token: created.token.clone(),
+            ..Default::default()
         })
         .await
         .expect("rotate")

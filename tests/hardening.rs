@@ -417,6 +417,7 @@ async fn rotation_never_revives_a_session_the_current_policy_ended() {
     let err = client
         .rotate_session(pb::RotateSessionRequest {
             token: created.token.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("idle 20 minutes under a 10-minute policy");

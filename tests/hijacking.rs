@@ -57,6 +57,7 @@ async fn rotate(
     client
         .rotate_session(pb::RotateSessionRequest {
             token: token.into(),
+            ..Default::default()
         })
         .await
         .expect("rotate")
@@ -126,6 +127,37 @@ async fn a_reused_token_revokes_its_session_and_says_which_rotation_it_came_from
 /// the reuse is acted on after the answer.
 #[tokio::test]
 async fn a_reused_token_is_answered_like_an_unknown_one() {
+    reuse_is_no_oracle(|mut client, token| async move {
+        validate_with(&mut client, &token, Some(false))
+            .await
+            .map(drop)
+    })
+    .await
+}
+
+/// RotateSession too: it answers a reused token before acting on the reuse, so neither its
+/// status nor its time tells a prober the token was once good.
+#[tokio::test]
+async fn rotating_a_reused_token_is_answered_like_an_unknown_one() {
+    reuse_is_no_oracle(|mut client, token| async move {
+        client
+            .rotate_session(pb::RotateSessionRequest {
+                token,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    })
+    .await
+}
+
+/// Presents replaced tokens (past the grace period) and forged ones through `present`: the
+/// same status, message and (median) time for both.
+async fn reuse_is_no_oracle<F, Fut>(present: F)
+where
+    F: Fn(SessionServiceClientChannel, String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
     let server = TestServer::start().await;
     let mut client = server.client().await;
     const N: usize = 40;
@@ -140,13 +172,13 @@ async fn a_reused_token_is_answered_like_an_unknown_one() {
     server.advance(Duration::from_secs(11));
     // Warm the connection and the code paths.
     for token in reused.iter().chain(&unknown).take(4) {
-        let _ = validate_with(&mut client, token, Some(false)).await;
+        let _ = present(client.clone(), token.clone()).await;
     }
     let (mut reused_times, mut unknown_times) = (Vec::new(), Vec::new());
     for (r, u) in reused.iter().zip(&unknown).skip(2) {
         for (token, times) in [(r, &mut reused_times), (u, &mut unknown_times)] {
             let started = Instant::now();
-            let status = validate_with(&mut client, token, Some(false))
+            let status = present(client.clone(), token.clone())
                 .await
                 .expect_err("invalid");
             times.push(started.elapsed());
@@ -319,6 +351,7 @@ async fn a_bound_session_refreshes_with_a_valid_proof_and_its_token_lives_only_t
     let err = client
         .rotate_session(pb::RotateSessionRequest {
             token: created.token.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("rotation of a bound session");
@@ -409,6 +442,97 @@ async fn a_bound_session_refreshes_with_a_valid_proof_and_its_token_lives_only_t
     )
     .await
     .expect("a fetched challenge after the carried one expired");
+}
+
+/// A bound token that expired is dead for good: the device's next refresh does not give it the
+/// rotation grace period back (a thief holding the expired cookie got ten seconds of validity
+/// after each refresh, then counted as reuse and logged the victim out).
+#[tokio::test]
+async fn an_expired_bound_token_stays_dead_after_the_device_refreshes() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (key, jwk) = dbsc::key_pair(7);
+    let created = create_bound(&mut client, "u", &jwk).await;
+    let id = created.session.clone().expect("s").session_id;
+    // Used halfway (the test idle timeout is 600 s too), then expired at the token's end.
+    server.advance(Duration::from_secs(300));
+    validate(&mut client, &created.token).await.expect("in use");
+    server.advance(Duration::from_secs(301));
+    assert_not_valid(validate(&mut client, &created.token).await);
+    let proof = dbsc::proof(&key, &created.next_challenge, &id, now_secs(&server));
+    let refreshed = refresh(&mut client, &id, proof).await.expect("refresh");
+    assert_not_valid(validate(&mut client, &created.token).await);
+    server.advance(Duration::from_secs(11));
+    assert_not_valid(validate(&mut client, &created.token).await);
+    // Refused like any expired token, not taken for reuse: the session lives on.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let session = validate(&mut client, &refreshed.token)
+        .await
+        .expect("the device's new token");
+    assert!(session.security_flags.is_empty());
+
+    // A token refreshed before its end keeps the grace period, never past its own end.
+    let created = create_bound(&mut client, "v", &jwk).await;
+    let id = created.session.clone().expect("s").session_id;
+    server.advance(Duration::from_secs(595));
+    let proof = dbsc::proof(&key, &created.next_challenge, &id, now_secs(&server));
+    refresh(&mut client, &id, proof).await.expect("refresh");
+    validate(&mut client, &created.token)
+        .await
+        .expect("in its grace period and before its end");
+    server.advance(Duration::from_secs(5));
+    assert_not_valid(validate(&mut client, &created.token).await);
+}
+
+/// RotateSession answers UNAUTHENTICATED for every dead token: a bound session's expired current
+/// token is not told apart (it once got FAILED_PRECONDITION, "the session is device-bound").
+#[tokio::test]
+async fn rotating_an_expired_bound_token_is_unauthenticated() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (_, jwk) = dbsc::key_pair(7);
+    let created = create_bound(&mut client, "u", &jwk).await;
+    server.advance(Duration::from_secs(300));
+    validate(&mut client, &created.token).await.expect("in use");
+    server.advance(Duration::from_secs(301));
+    let err = client
+        .rotate_session(pb::RotateSessionRequest {
+            token: created.token.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(err.message(), "session not valid");
+}
+
+/// A rotation at login (`privilege_change`) kills the token the browser held before at once,
+/// whatever the grace period: a token planted by an attacker (session fixation) never counts as
+/// the logged-in session. A request still carrying it is refused, not taken for theft.
+#[tokio::test]
+async fn a_rotation_at_login_kills_the_old_token_at_once() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let planted = create(&mut client, "t", "u").await;
+    let id = planted.session.clone().expect("s").session_id;
+    let logged_in = client
+        .rotate_session(pb::RotateSessionRequest {
+            token: planted.token.clone(),
+            privilege_change: true,
+        })
+        .await
+        .expect("rotate at login")
+        .into_inner();
+    assert_not_valid(validate(&mut client, &planted.token).await);
+    server.advance(Duration::from_secs(11));
+    assert_not_valid(validate(&mut client, &planted.token).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let session = get(&mut client, &id).await.expect("get");
+    assert_eq!(session.state(), pb::SessionState::Active);
+    assert!(session.security_flags.is_empty(), "not reuse");
+    validate(&mut client, &logged_in.token)
+        .await
+        .expect("the logged-in token");
 }
 
 #[tokio::test]

@@ -748,6 +748,7 @@ async fn cookie_advice_follows_the_policy_for_both_session_kinds() {
     let rotated = sessions
         .rotate_session(pb::RotateSessionRequest {
             token: remembered.token,
+            ..Default::default()
         })
         .await
         .expect("rotate")

@@ -570,6 +570,51 @@ async fn audit_ids_are_unique_across_replicas() {
     assert_eq!(stored(), (1..=40).collect::<Vec<u64>>());
 }
 
+/// Fills a store through `client` with sessions of the largest attributes until etcd refuses one
+/// (NOSPACE); that refusal.
+async fn fill(
+    client: &mut pb::session_service_client::SessionServiceClient<tonic::transport::Channel>,
+) -> tonic::Status {
+    let big = |i: usize| pb::CreateSessionRequest {
+        attributes: (0..16)
+            .map(|k| {
+                (
+                    format!("{k:02}{}", "k".repeat(62)),
+                    format!("{i}{}", "v".repeat(250)),
+                )
+            })
+            .collect(),
+        ..create_request("t", &format!("filler{i}"))
+    };
+    for i in 0..5_000 {
+        if let Err(s) = client.create_session(big(i)).await {
+            return s;
+        }
+    }
+    panic!("etcd filled up within 5,000 creations");
+}
+
+/// While etcd is full, a session in use is not logged out as idle: its uses wait in the
+/// replica's memory, to be written when etcd has space (once, a failed write of them dropped
+/// them, and the session was refused as idle an idle timeout after its last written use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_use_outlives_its_idle_timeout_while_etcd_is_full() {
+    let cluster = EtcdCluster::start_with_quota(1, 2 * 1024 * 1024);
+    let server = TestServer::start_with(replica_config(&cluster, "/busy/")).await;
+    let mut client = server.client().await;
+    let user = create(&mut client, "t", "user").await;
+    assert_exhausted(&fill(&mut client).await);
+    // Used every half idle timeout (600 s), for two idle timeouts, each use's write failing
+    // (the replica tries every half second).
+    for i in 1..=4 {
+        server.advance(Duration::from_secs(300));
+        validate(&mut client, &user.token)
+            .await
+            .unwrap_or_else(|e| panic!("in use at {} s: {e}", i * 300));
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+}
+
 /// A full etcd (NOSPACE alarm: it takes reads and deletes only) refuses creations with a message
 /// that says so, and never stops a logout: revocations through either replica still end the
 /// sessions for both at once, and their events reach subscribers, in order and without holes,
@@ -591,29 +636,7 @@ async fn a_full_etcd_refuses_creations_and_still_revokes() {
     )
     .await;
 
-    // Fill it: sessions with every attribute at its largest.
-    let big = |i: usize| pb::CreateSessionRequest {
-        attributes: (0..16)
-            .map(|k| {
-                (
-                    format!("{k:02}{}", "k".repeat(62)),
-                    format!("{i}{}", "v".repeat(250)),
-                )
-            })
-            .collect(),
-        ..create_request("t", &format!("filler{i}"))
-    };
-    let mut refused = None;
-    for i in 0..5_000 {
-        match on_a.create_session(big(i)).await {
-            Ok(_) => {}
-            Err(s) => {
-                refused = Some(s);
-                break;
-            }
-        }
-    }
-    let refused = refused.expect("etcd filled up within 5,000 creations");
+    let refused = fill(&mut on_a).await;
     assert_exhausted(&refused);
     assert!(refused.message().contains("out of space"), "{refused:?}");
     let on_b_too = on_b

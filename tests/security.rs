@@ -373,6 +373,7 @@ async fn a_tenant_bound_caller_cannot_see_or_touch_another_tenant() {
     let err = acme
         .rotate_session(pb::RotateSessionRequest {
             token: globex.token.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("nor rotatable");
@@ -555,6 +556,26 @@ async fn administrative_actions_are_in_the_audit_trail() {
     })
     .await
     .expect("logout");
+    // So is one without a reason: from a service-role caller it is the user's logout.
+    let t = web
+        .create_session(create_request("acme", "u"))
+        .await
+        .expect("c")
+        .into_inner()
+        .session
+        .expect("s")
+        .session_id;
+    let ended = web
+        .revoke_session(pb::RevokeSessionRequest {
+            session_id: t,
+            ..Default::default()
+        })
+        .await
+        .expect("logout without a reason")
+        .into_inner()
+        .session
+        .expect("s");
+    assert_eq!(ended.revoke_reason(), pb::RevokeReason::UserLogout);
     ops.create_session(create_request("acme", "v"))
         .await
         .expect("c");

@@ -262,6 +262,7 @@ async fn show_prints_flags_and_binding() {
     client
         .rotate_session(pb::RotateSessionRequest {
             token: plain.token.clone(),
+            ..Default::default()
         })
         .await
         .expect("rotate");

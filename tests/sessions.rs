@@ -117,6 +117,7 @@ async fn rotation_keeps_the_session_and_the_old_token_lives_only_through_the_gra
     let rotated = client
         .rotate_session(pb::RotateSessionRequest {
             token: created.token.clone(),
+            ..Default::default()
         })
         .await
         .expect("rotate")
@@ -141,6 +142,7 @@ async fn rotation_keeps_the_session_and_the_old_token_lives_only_through_the_gra
     let err = client
         .rotate_session(pb::RotateSessionRequest {
             token: created.token.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("old token");
@@ -159,7 +161,11 @@ async fn concurrent_rotations_of_one_token_yield_exactly_one_new_token() {
         let mut c = client.clone();
         let token = created.token.clone();
         tasks.push(tokio::spawn(async move {
-            c.rotate_session(pb::RotateSessionRequest { token }).await
+            c.rotate_session(pb::RotateSessionRequest {
+                token,
+                ..Default::default()
+            })
+            .await
         }));
     }
     let mut winners = Vec::new();

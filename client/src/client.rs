@@ -255,7 +255,8 @@ mod tests {
             format!(
                 "{:?}",
                 pb::RotateSessionRequest {
-                    token: token.clone()
+                    token: token.clone(),
+                    ..Default::default()
                 }
             ),
             format!(

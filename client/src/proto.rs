@@ -47,6 +47,7 @@ impl fmt::Debug for v1::RotateSessionRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RotateSessionRequest")
             .field("token", &REDACTED)
+            .field("privilege_change", &self.privilege_change)
             .finish()
     }
 }

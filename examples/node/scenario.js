@@ -99,6 +99,17 @@ async function main() {
   check(!cache.byToken.has(b.token), 'the rotated token left the cache');
   check((await cache.validate(rotated.token)).session_id === b.session.session_id, 'the new token validates');
 
+  // At a login or privilege change, rotate with privilege_change: the token from before dies at
+  // once, with no grace period (against session fixation).
+  const loggedIn = await call(sessions, 'RotateSession', { token: rotated.token, privilege_change: true });
+  try {
+    await call(sessions, 'ValidateSession', { token: rotated.token });
+    check(false, 'the token from before the login is dead at once');
+  } catch (err) {
+    check(err.code === grpc.status.UNAUTHENTICATED, 'the pre-login token gets UNAUTHENTICATED');
+  }
+  check((await cache.validate(loggedIn.token)).session_id === b.session.session_id, 'the logged-in token validates');
+
   // The server restarts. While the sidecar is disconnected, carol's session is revoked; on
   // reconnecting it resumes from its last sequence and hears of it.
   check(cache.byToken.has(c.token), 'carol is cached before the restart');

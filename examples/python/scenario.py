@@ -137,9 +137,26 @@ def main() -> None:
         check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, "bad input gets INVALID_ARGUMENT")
         check(e.details().startswith("tenant_id"), "naming the field")
 
+    login_rotation(sessions)
     bound_session(sessions)
 
     print(f"python client: {passed} passed, 0 failed")
+
+
+def login_rotation(sessions) -> None:
+    """At a login or privilege change, rotate with privilege_change: the token the browser held
+    before (perhaps planted by an attacker: session fixation) dies at once, with no grace period."""
+    before = sessions.CreateSession(sessions_pb2.CreateSessionRequest(tenant_id="python-co", user_id="carol"))
+    logged_in = sessions.RotateSession(
+        sessions_pb2.RotateSessionRequest(token=before.token, privilege_change=True)
+    )
+    try:
+        sessions.ValidateSession(sessions_pb2.ValidateSessionRequest(token=before.token))
+        check(False, "the token from before the login is dead at once")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.UNAUTHENTICATED, "the pre-login token gets UNAUTHENTICATED")
+    valid = sessions.ValidateSession(sessions_pb2.ValidateSessionRequest(token=logged_in.token))
+    check(valid.session.session_id == before.session.session_id, "the logged-in token validates")
 
 
 def b64url(data: bytes) -> str:

@@ -9,11 +9,17 @@
 //! `p256` checks that a registered key is a point on the curve; `hmac` seals challenges. Nothing
 //! here is hand-written cryptography. Pure: no I/O, no clock.
 //!
-//! A challenge is sealed rather than stored: a random nonce and its expiry, with an HMAC over them
-//! and the session id under a key derived from the installation's secret. Handing one out writes
-//! nothing (any replica can, at the cost of a read), and one made for another session or altered
-//! is refused. Single use is the refresh's job: it records the nonces it consumed, in the same
-//! atomic write that renews the token, until they expire.
+//! A challenge is sealed rather than stored: a random nonce, its expiry and the session's refresh
+//! generation (its rotation count when the challenge was made), with an HMAC over them and the
+//! session id under a key derived from the installation's secret. Handing one out writes nothing
+//! (any replica can, at the cost of a read), and one made for another session or altered is
+//! refused. Single use follows from the generation: a refresh requires the session's current one
+//! and moves it on, in the same atomic write that renews the token, so every challenge made
+//! before is dead. No list of used challenges, no limit on how often a device refreshes, and no
+//! clock between replicas to agree on.
+//!
+//! Challenges sealed before the generation was (75 characters, no generation) still open until
+//! they expire; those alone are made single use by the list of consumed nonces the session keeps.
 
 use std::time::Duration;
 
@@ -30,10 +36,8 @@ use crate::clock::Timestamp;
 pub const CHALLENGE_TTL: Duration = Duration::from_secs(60);
 /// How far a proof's `iat` may be from the server's clock.
 pub const MAX_IAT_SKEW: Duration = Duration::from_secs(60);
-/// Used challenges remembered per session until they expire: more refreshes than this within
-/// a challenge's life (a minute when fetched, the token's life and a minute when carried by a
-/// refresh) are refused. A device refreshes once per token life; only the key's holder can
-/// refresh at all.
+/// Challenges without a generation (sealed by an earlier version) consumed and remembered per
+/// session until they expire: more refreshes with such challenges than this are refused.
 pub const MAX_USED_CHALLENGES: usize = 32;
 /// Longest JWK accepted, in bytes.
 pub const MAX_JWK_BYTES: usize = 1024;
@@ -51,11 +55,13 @@ pub struct Binding {
     pub used: Vec<Challenge>,
 }
 
-/// A challenge: its nonce, and when it stops being answerable.
+/// A challenge: its nonce, when it stops being answerable, and the session's refresh generation
+/// it answers for (`None`: sealed before generations, single use by the session's list).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Challenge {
     pub nonce: [u8; 16],
     pub expires_at: Timestamp,
+    pub generation: Option<u32>,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -77,25 +83,44 @@ impl ChallengeSeal {
         Self { key }
     }
 
-    fn mac(&self, session_id: &str, expires_at: Timestamp, nonce: &[u8; 16]) -> HmacSha256 {
+    fn mac(
+        &self,
+        session_id: &str,
+        expires_at: Timestamp,
+        generation: Option<u32>,
+        nonce: &[u8; 16],
+    ) -> HmacSha256 {
         // A 32-byte key is always a valid HMAC key.
         let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         mac.update(session_id.as_bytes());
         mac.update(&expires_at.as_millis().to_be_bytes());
+        if let Some(generation) = generation {
+            // After the fixed-length expiry, so no legacy input can equal this one.
+            mac.update(b"\0generation");
+            mac.update(&generation.to_be_bytes());
+        }
         mac.update(nonce);
         mac
     }
 
-    /// The text of `challenge` for `session_id`: base64url of expiry, nonce and MAC (75
-    /// characters).
+    /// The text of `challenge` for `session_id`: base64url of expiry, generation, nonce and MAC
+    /// (80 characters; 75 for one without a generation).
     pub fn seal(&self, session_id: &str, challenge: &Challenge) -> String {
         let tag = self
-            .mac(session_id, challenge.expires_at, &challenge.nonce)
+            .mac(
+                session_id,
+                challenge.expires_at,
+                challenge.generation,
+                &challenge.nonce,
+            )
             .finalize()
             .into_bytes();
-        let mut raw = Vec::with_capacity(56);
+        let mut raw = Vec::with_capacity(60);
         raw.extend_from_slice(&challenge.expires_at.as_millis().to_be_bytes());
+        if let Some(generation) = challenge.generation {
+            raw.extend_from_slice(&generation.to_be_bytes());
+        }
         raw.extend_from_slice(&challenge.nonce);
         raw.extend_from_slice(&tag);
         URL_SAFE_NO_PAD.encode(raw)
@@ -103,20 +128,29 @@ impl ChallengeSeal {
 
     /// The challenge `text` seals, if it was sealed here for `session_id` (expiry not checked).
     pub fn open(&self, session_id: &str, text: &str) -> Option<Challenge> {
-        if text.len() != 75 {
-            return None;
-        }
+        let with_generation = match text.len() {
+            80 => true,
+            75 => false,
+            _ => return None,
+        };
         let raw = URL_SAFE_NO_PAD.decode(text).ok()?;
-        let (expires, rest) = raw.split_first_chunk::<8>()?;
+        let (expires, mut rest) = raw.split_first_chunk::<8>()?;
+        let mut generation = None;
+        if with_generation {
+            let (g, after) = rest.split_first_chunk::<4>()?;
+            generation = Some(u32::from_be_bytes(*g));
+            rest = after;
+        }
         let (nonce, tag) = rest.split_first_chunk::<16>()?;
         let expires_at = Timestamp::from_millis(u64::from_be_bytes(*expires));
         // Constant-time comparison of the tag.
-        self.mac(session_id, expires_at, nonce)
+        self.mac(session_id, expires_at, generation, nonce)
             .verify_slice(tag)
             .ok()?;
         Some(Challenge {
             nonce: *nonce,
             expires_at,
+            generation,
         })
     }
 }
@@ -358,20 +392,24 @@ mod tests {
     #[test]
     fn a_sealed_challenge_opens_only_for_its_session_and_unaltered() {
         let seal = ChallengeSeal::new(&[1; 32]);
-        let c = Challenge {
-            nonce: [7; 16],
-            expires_at: Timestamp::from_millis(123_456),
-        };
-        let text = seal.seal("s1", &c);
-        assert_eq!(text.len(), 75);
-        assert_eq!(seal.open("s1", &text), Some(c));
-        assert_eq!(seal.open("s2", &text), None, "another session's");
-        assert_eq!(ChallengeSeal::new(&[2; 32]).open("s1", &text), None);
-        for i in 0..text.len() {
-            let mut bytes = text.clone().into_bytes();
-            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
-            let altered = String::from_utf8(bytes).expect("ascii");
-            assert_eq!(seal.open("s1", &altered), None, "{altered}");
+        // With a generation, and without (sealed by an earlier version).
+        for (generation, len) in [(Some(3), 80), (None, 75)] {
+            let c = Challenge {
+                nonce: [7; 16],
+                expires_at: Timestamp::from_millis(123_456),
+                generation,
+            };
+            let text = seal.seal("s1", &c);
+            assert_eq!(text.len(), len);
+            assert_eq!(seal.open("s1", &text), Some(c));
+            assert_eq!(seal.open("s2", &text), None, "another session's");
+            assert_eq!(ChallengeSeal::new(&[2; 32]).open("s1", &text), None);
+            for i in 0..text.len() {
+                let mut bytes = text.clone().into_bytes();
+                bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+                let altered = String::from_utf8(bytes).expect("ascii");
+                assert_eq!(seal.open("s1", &altered), None, "{altered}");
+            }
         }
     }
 

@@ -31,6 +31,17 @@ use crate::{
     token::{SessionId, TokenHash},
 };
 
+/// A rotation asked for: `current` must be the session's token hash now; `replacement` takes its
+/// place. At a privilege change (a login, say) the replaced token dies at once and is not kept:
+/// a token planted before the login must never count as the logged-in session, not even in the
+/// grace period, and a request still carrying it is refused without being taken for theft.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation {
+    pub current: TokenHash,
+    pub replacement: TokenHash,
+    pub privilege_change: bool,
+}
+
 /// The tenant's current policy, by tenant id, for writes that judge sessions of several tenants
 /// (the sweep): stored deadlines may predate a tightened policy.
 pub type PolicyOf = Arc<dyn Fn(&str) -> Arc<Policy> + Send + Sync>;
@@ -538,21 +549,23 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         Ok(s)
     }
 
-    /// Replaces a live session's token hash if `current` is its hash now. A token that an
-    /// earlier rotation replaced is refused; after the grace period it is also reuse.
+    /// Replaces a live session's token hash if `rotation.current` is its hash now. Any other
+    /// token is refused, changing nothing: a replaced one, even within the grace period, so one
+    /// token never forks into two live ones (reuse of one is the caller's to act on, after it
+    /// answered, so that the answer's timing says nothing).
     pub fn rotate(
         &mut self,
         id: SessionId,
-        current: TokenHash,
-        replacement: TokenHash,
+        rotation: Rotation,
         policy: &Policy,
         now: Timestamp,
     ) -> Result<RotateOutcome> {
         let s = self.live(id, policy, now)?;
-        if !s.token_hash.matches(&current) {
-            // Within the grace period a second tab rotating the same token is not theft; it is
-            // refused all the same, so one token never forks into two live ones.
-            self.reuse(&s, &current, policy, now);
+        if !s.token_hash.matches(&rotation.current) {
+            return Err(Error::SessionNotValid);
+        }
+        if s.bound_token_expires_at().is_some_and(|end| now >= end) {
+            // Expired: dead like any other, and saying more would tell its holder it was current.
             return Err(Error::SessionNotValid);
         }
         if s.binding.is_some() {
@@ -564,10 +577,12 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
             ));
         }
         let mut rotated = s.clone();
-        rotated.token_hash = replacement;
+        rotated.token_hash = rotation.replacement;
         rotated.last_seen_at = now.max(s.last_seen_at);
         rotated.rotation_count = s.rotation_count.saturating_add(1);
-        push_replaced(&mut rotated, current, now);
+        if !rotation.privilege_change {
+            push_replaced(&mut rotated, rotation.current, None, now);
+        }
         self.plan.put(Some(&s), Some(&rotated));
         let sequence = self.plan.emit(&s, now, EventKind::Rotated);
         Ok(RotateOutcome {
@@ -641,8 +656,10 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
 
     /// Consumes `challenge` (opened from its seal by the caller, so made for this session) and
     /// rotates bound session `s`'s token to `replacement`; the new token lives
-    /// `bound_token_ttl` from now. `SessionNotValid`, changing nothing, if the challenge expired
-    /// or was used already.
+    /// `bound_token_ttl` from now, and the session's refresh generation (its rotation count)
+    /// moves on, so no challenge made before answers again. `SessionNotValid`, changing
+    /// nothing, if the challenge expired or was made for another generation (or, without one,
+    /// was used already).
     fn refresh(
         &mut self,
         s: &Session,
@@ -658,18 +675,34 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
             .filter(|c| c.expires_at > now)
             .copied()
             .collect();
-        if challenge.expires_at <= now
-            || used.iter().any(|c| c.nonce == challenge.nonce)
-            || used.len() >= MAX_USED_CHALLENGES
-        {
+        if challenge.expires_at <= now {
             return Err(Error::SessionNotValid);
         }
-        used.push(challenge);
+        match challenge.generation {
+            Some(generation) if generation != s.rotation_count => {
+                return Err(Error::SessionNotValid)
+            }
+            Some(_) => {}
+            // Sealed by an earlier version: single use by the list, until the last expires.
+            None => {
+                if used.iter().any(|c| c.nonce == challenge.nonce)
+                    || used.len() >= MAX_USED_CHALLENGES
+                {
+                    return Err(Error::SessionNotValid);
+                }
+                used.push(challenge);
+            }
+        }
         let mut refreshed = s.clone();
         refreshed.token_hash = replacement;
         refreshed.last_seen_at = now.max(s.last_seen_at);
         refreshed.rotation_count = s.rotation_count.saturating_add(1);
-        push_replaced(&mut refreshed, s.token_hash, now);
+        push_replaced(
+            &mut refreshed,
+            s.token_hash,
+            s.bound_token_expires_at(),
+            now,
+        );
         if let Some(b) = refreshed.binding.as_mut() {
             b.used = used;
             b.token_issued_at = now;
@@ -815,12 +848,14 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
     }
 }
 
-/// Remembers `hash`, just replaced by rotation number `s.rotation_count`, for reuse detection.
-fn push_replaced(s: &mut Session, hash: TokenHash, now: Timestamp) {
+/// Remembers `hash`, just replaced by rotation number `s.rotation_count`, for reuse detection;
+/// a bound token with its own end, `expires_at`.
+fn push_replaced(s: &mut Session, hash: TokenHash, expires_at: Option<Timestamp>, now: Timestamp) {
     s.replaced.push(ReplacedToken {
         hash,
         rotation: s.rotation_count,
         replaced_at: now,
+        expires_at,
     });
     let excess = s.replaced.len().saturating_sub(MAX_REPLACED);
     s.replaced.drain(..excess);

@@ -98,12 +98,15 @@ pub struct Session {
 }
 
 /// A token that rotation replaced: by rotation number `rotation` (1 replaced the token that the
-/// create returned), at `replaced_at`.
+/// create returned), at `replaced_at`. A device-bound session's token also had an end of its own
+/// (`expires_at`): its grace never outlasts it, so a refresh cannot revive a stolen token that
+/// had already expired.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReplacedToken {
     pub hash: TokenHash,
     pub rotation: u32,
     pub replaced_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
 }
 
 /// What a presented token is to a session.
@@ -227,6 +230,9 @@ impl Session {
             return Standing::Current;
         }
         match self.replaced_token(hash) {
+            // Past its own end it is an expired token like any other: refused, and not reuse
+            // (a bound session's device presents its expired token before it refreshes).
+            Some(r) if r.expires_at.is_some_and(|end| now >= end) => Standing::Unknown,
             Some(r) if now.since(r.replaced_at) < grace => Standing::InGrace,
             Some(r) => Standing::Reused(r),
             None => Standing::Unknown,

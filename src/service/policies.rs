@@ -80,12 +80,13 @@ impl<S: SessionStore> PolicyService for PolicyApi<S> {
         } else {
             let tenant_id = id_field("policy.tenant_id", given.tenant_id.clone())?;
             check_tenant(&caller, &tenant_id)?;
+            let tenant = tenant_id.clone();
             let stored = policies
-                .update(tenant_id.clone(), |current| {
+                .update(tenant_id.clone(), move |current| {
                     // The tenant's own cookie name, or none (the generated one is not stored).
                     let own_cookie = current.cookie_name.clone().unwrap_or_default();
-                    let mut merged = policy_to_proto(&tenant_id, current, own_cookie);
-                    merge_policy_fields(&mut merged, given, &paths)?;
+                    let mut merged = policy_to_proto(&tenant, current, own_cookie);
+                    merge_policy_fields(&mut merged, given.clone(), &paths)?;
                     Ok(policy_from_proto(merged)?.1)
                 })
                 .await?;

@@ -46,6 +46,15 @@ pub(super) fn check_tenant(caller: &Caller, tenant_id: &str) -> Result<(), Statu
 impl<S: SessionStore> SessionApi<S> {
     /// Records a revocation in the audit trail if it is administrative: made by an admin, or for
     /// an admin reason.
+    /// The reason of a revoke asked for without one: a service-role caller (a backend) revokes
+    /// for its user, who logs out; an admin revokes for itself.
+    fn unspecified_reason(caller: &Caller) -> RevokeReason {
+        match caller.role {
+            crate::config::Role::Service => RevokeReason::UserLogout,
+            _ => RevokeReason::Admin,
+        }
+    }
+
     async fn audit_revoke(
         &self,
         caller: &Caller,
@@ -185,8 +194,15 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         request: Request<pb::RotateSessionRequest>,
     ) -> Result<Response<pb::RotateSessionResponse>, Status> {
         let caller = caller(&request)?;
-        let token = request.into_inner().token;
-        let rotated = match self.sessions.rotate(&token, caller.tenant.as_deref()).await {
+        let pb::RotateSessionRequest {
+            token,
+            privilege_change,
+        } = request.into_inner();
+        let rotated = match self
+            .sessions
+            .rotate(&token, caller.tenant.as_deref(), privilege_change)
+            .await
+        {
             Err(Error::SessionNotValid) => {
                 self.throttle.record_failure(&caller.name, None, &token);
                 return Err(Error::SessionNotValid.into());
@@ -282,7 +298,7 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let id = session_id_field("session_id", &r.session_id)?;
-        let reason = revoke_reason(r.reason, RevokeReason::Admin)?;
+        let reason = revoke_reason(r.reason, Self::unspecified_reason(&caller))?;
         let target = RevokeTarget::Sessions {
             ids: vec![id],
             tenant: caller.tenant.clone(),
@@ -317,7 +333,7 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let target = revoke_ids(r.session_ids, caller.tenant.clone())?;
-        let reason = revoke_reason(r.reason, RevokeReason::Admin)?;
+        let reason = revoke_reason(r.reason, Self::unspecified_reason(&caller))?;
         let outcome = self.sessions.revoke(target, reason).await?;
         let detail = format!("revoked={:?}", ids(outcome.revoked.clone()));
         self.audit_revoke(
@@ -351,7 +367,7 @@ impl<S: SessionStore> SessionService for SessionApi<S> {
         let default = if except.is_some() {
             RevokeReason::UserLogoutOthers
         } else {
-            RevokeReason::Admin
+            Self::unspecified_reason(&caller)
         };
         let reason = revoke_reason(r.reason, default)?;
         let detail = format!("user_id={user_id:?} except={except:?}");

@@ -6,7 +6,11 @@ pub mod policies;
 pub mod subscription;
 pub mod sweeper;
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 pub use sweeper::{run_sweeper, Retention};
 
@@ -22,11 +26,11 @@ use crate::{
         flag::{Drift, DriftKind, Flag},
         platform::{country_drift, platform_drift},
         policy::{CookieAdvice, DriftAction, Policy, TokenReuseAction, TravelAction},
-        session::{Device, Location, RevokeReason, Session, SessionState, Standing},
+        session::{Device, Location, ReplacedToken, RevokeReason, Session, SessionState, Standing},
         travel::distance_km,
     },
-    store::{self, CreateRules, Defence, ListScope, RevokeTarget, SessionStore},
-    token::{self, SessionId, SessionToken, TokenGenerator},
+    store::{self, CreateRules, Defence, ListScope, RevokeTarget, Rotation, SessionStore},
+    token::{self, SessionId, SessionToken, TokenGenerator, TokenHash},
 };
 
 /// Input limits, enforced by the gRPC layer's decoding and documented in the proto.
@@ -197,7 +201,15 @@ pub struct Sessions<S> {
     login_window: Duration,
     /// Seals the challenges of device-bound sessions.
     seal: ChallengeSeal,
+    /// Sessions with a defence on its way to the store (`defend_soon`): one at a time each, and
+    /// at most `MAX_DEFENCES` in all, however often a replaced token is presented.
+    defending: Arc<std::sync::Mutex<HashSet<SessionId>>>,
 }
+
+/// Most defences on their way to the store at once. Beyond this a presentation is refused as
+/// always but its defence waits for a later one: a flood of replaced tokens (from anywhere:
+/// ValidateSessions needs no IP) never queues unbounded work for the writer.
+const MAX_DEFENCES: usize = 1024;
 
 /// The default `login_window`: the default `user_state_retention`.
 const DEFAULT_LOGIN_WINDOW: Duration = Duration::from_secs(30 * 86_400);
@@ -219,6 +231,7 @@ impl<S: SessionStore> Sessions<S> {
             touch_interval,
             login_window: DEFAULT_LOGIN_WINDOW,
             seal,
+            defending: Arc::default(),
         }
     }
 
@@ -374,15 +387,10 @@ impl<S: SessionStore> Sessions<S> {
         let (mut session, policy) = self.current(stored, now);
         match session.standing(&parsed.hash, policy.rotation_grace_period, now) {
             Standing::Current | Standing::InGrace => {}
-            Standing::Reused(_) => {
+            Standing::Reused(replaced) => {
                 // Answered at once, like any invalid token, so neither the status nor the time
                 // tells a prober that this token was once good; the policy's action follows.
-                if session.is_active() && policy.token_reuse_action != TokenReuseAction::Ignore {
-                    let defence = Defence::Reuse {
-                        presented: parsed.hash,
-                    };
-                    self.defend_soon(session.id, defence, policy, now);
-                }
+                self.on_reuse(&session, replaced, parsed.hash, policy, now);
                 return Err(Error::SessionNotValid);
             }
             Standing::Unknown => return Err(Error::SessionNotValid),
@@ -462,9 +470,43 @@ impl<S: SessionStore> Sessions<S> {
         Ok(session)
     }
 
-    /// Applies a defence in the background: the caller's answer does not wait for it.
+    /// Acts on `presented`, the token that rotation `replaced` replaced, shown after its grace
+    /// period: the policy's reuse action, after the caller's answer. Nothing to do if the action
+    /// is IGNORE, if the session ended, or if it already carries this reuse's flag (FLAG).
+    fn on_reuse(
+        &self,
+        session: &Session,
+        replaced: ReplacedToken,
+        presented: TokenHash,
+        policy: Arc<Policy>,
+        now: Timestamp,
+    ) {
+        let flagged = session
+            .flags
+            .iter()
+            .any(|f| matches!(f, Flag::TokenReuse(r) if r.rotation == replaced.rotation));
+        let done = match policy.token_reuse_action {
+            TokenReuseAction::Ignore => true,
+            TokenReuseAction::Flag => flagged,
+            TokenReuseAction::Revoke => false,
+        };
+        if done || !session.is_active() {
+            return;
+        }
+        self.defend_soon(session.id, Defence::Reuse { presented }, policy, now);
+    }
+
+    /// Applies a defence in the background: the caller's answer does not wait for it. One per
+    /// session at a time (another presentation meanwhile would only repeat it), and at most
+    /// `MAX_DEFENCES` in all.
     fn defend_soon(&self, id: SessionId, defence: Defence, policy: Arc<Policy>, now: Timestamp) {
-        let store = self.store.clone();
+        {
+            let mut defending = self.defending.lock().unwrap_or_else(|p| p.into_inner());
+            if defending.len() >= MAX_DEFENCES || !defending.insert(id) {
+                return;
+            }
+        }
+        let (store, defending) = (self.store.clone(), self.defending.clone());
         tokio::spawn(async move {
             match store.defend(id, defence, policy, now).await {
                 Ok(_) | Err(Error::SessionNotValid) => {}
@@ -472,6 +514,10 @@ impl<S: SessionStore> Sessions<S> {
                     tracing::warn!(session_id = %id, error = %e, "a session defence failed")
                 }
             }
+            defending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
         });
     }
 
@@ -503,30 +549,58 @@ impl<S: SessionStore> Sessions<S> {
             && now.since(last.at) < self.touch_interval))
     }
 
-    /// Issues a new token for the session of `token`; the old token stops working. A caller
-    /// bound to `tenant` cannot rotate another tenant's session.
-    pub async fn rotate(&self, token: &str, tenant: Option<&str>) -> Result<Rotated> {
+    /// Issues a new token for the session of `token`; the old token stops working (at once at a
+    /// `privilege_change`, else after the tenant's grace period). A caller bound to `tenant`
+    /// cannot rotate another tenant's session.
+    ///
+    /// Every dead token gets the same `SessionNotValid`, answered before anything is written:
+    /// reuse of a replaced token is acted on after the answer, as validate does, so neither the
+    /// status nor the time says what the token once was.
+    pub async fn rotate(
+        &self,
+        token: &str,
+        tenant: Option<&str>,
+        privilege_change: bool,
+    ) -> Result<Rotated> {
         let parsed = token::parse(token).ok_or(Error::SessionNotValid)?;
-        // Its tenant: for the caller's binding, and for the policy it is judged by (a tightened
-        // policy must not let a rotation revive a session that validate already refuses).
-        let tenant_id = match self.store.get(&parsed.session_id)? {
-            Some(s) if tenant.is_none_or(|t| t == s.tenant_id) => s.tenant_id,
+        let now = self.clock.now();
+        // Judged by its tenant's policy in force: a tightened policy must not let a rotation
+        // revive a session that validate already refuses.
+        let (session, policy) = match self.store.get(&parsed.session_id)? {
+            Some(s) if s.is_active() && tenant.is_none_or(|t| t == s.tenant_id) => {
+                self.current(s, now)
+            }
             _ => return Err(Error::SessionNotValid),
         };
-        let policy = self.policies.for_tenant(&tenant_id);
+        match session.standing(&parsed.hash, policy.rotation_grace_period, now) {
+            Standing::Current => {}
+            Standing::Reused(replaced) => {
+                self.on_reuse(&session, replaced, parsed.hash, policy, now);
+                return Err(Error::SessionNotValid);
+            }
+            Standing::InGrace | Standing::Unknown => return Err(Error::SessionNotValid),
+        }
+        if !session.is_active() {
+            self.store.end_soon(session.id, policy, now);
+            return Err(Error::SessionNotValid);
+        }
+        if session
+            .bound_token_expires_at()
+            .is_some_and(|end| now >= end)
+        {
+            return Err(Error::SessionNotValid);
+        }
         let issued = self.tokens.issue(&parsed.session_id);
+        let rotation = Rotation {
+            current: parsed.hash,
+            replacement: issued.hash,
+            privilege_change,
+        };
         let outcome = self
             .store
-            .rotate(
-                parsed.session_id,
-                parsed.hash,
-                issued.hash,
-                policy,
-                self.clock.now(),
-            )
+            .rotate(parsed.session_id, rotation, policy, now)
             .await?;
-        tracing::info!(session_id = %parsed.session_id, "session rotated to a new secret");
-        let now = self.clock.now();
+        tracing::info!(session_id = %parsed.session_id, privilege_change, "session rotated to a new secret");
         let (session, policy) = self.current(outcome.session, now);
         let cookie = self.cookie_advice(&session, &policy, now);
         Ok(Rotated {
@@ -558,7 +632,7 @@ impl<S: SessionStore> Sessions<S> {
                 "session_id: the session is not device-bound".into(),
             ));
         }
-        Ok(self.challenge(&id.to_string(), now.saturating_add(CHALLENGE_TTL)))
+        Ok(self.challenge(&session, now.saturating_add(CHALLENGE_TTL)))
     }
 
     /// The challenge a bound session's creation or refresh hands its device for the next
@@ -566,18 +640,20 @@ impl<S: SessionStore> Sessions<S> {
     /// refresh.
     fn carried_challenge(&self, session: &Session, now: Timestamp) -> Challenged {
         let ends = session.bound_token_expires_at().unwrap_or(now);
-        self.challenge(&session.id.to_string(), ends.saturating_add(CHALLENGE_TTL))
+        self.challenge(session, ends.saturating_add(CHALLENGE_TTL))
     }
 
-    /// A new sealed challenge for the session whose id reads `id_text`, answerable until
-    /// `expires_at`.
-    fn challenge(&self, id_text: &str, expires_at: Timestamp) -> Challenged {
+    /// A new sealed challenge for `session`'s next refresh (its current refresh generation),
+    /// answerable until `expires_at`.
+    fn challenge(&self, session: &Session, expires_at: Timestamp) -> Challenged {
+        let id_text = session.id.to_string();
         let challenge = Challenge {
             nonce: self.tokens.nonce(),
             expires_at,
+            generation: Some(session.rotation_count),
         };
         Challenged {
-            challenge: self.seal.seal(id_text, &challenge),
+            challenge: self.seal.seal(&id_text, &challenge),
             expires_at: challenge.expires_at,
         }
     }

@@ -10,7 +10,7 @@ use std::{
 use crate::{
     error::Result,
     model::policy::{generated_cookie_name, Policy},
-    store::SessionStore,
+    store::{PolicyChange, SessionStore},
 };
 
 /// Every tenant's policy, cached over the store.
@@ -73,23 +73,29 @@ impl<S: SessionStore> Policies<S> {
 
     /// Stores a tenant's policy (durably) and puts it in force.
     pub async fn set(&self, tenant_id: String, policy: Policy) -> Result<Arc<Policy>> {
-        self.update(tenant_id, |_| Ok(policy)).await
+        self.update(tenant_id, move |_| Ok(policy.clone())).await
     }
 
-    /// Stores the policy `change` makes of the tenant's current one (its own or the default),
-    /// with no other policy write in between, and puts it in force.
+    /// Stores the policy `change` makes of the tenant's current one (its own or the default)
+    /// and puts it in force. `change` runs inside the store's write, on the stored policy that
+    /// write replaces (again if it is retried), so a partial update never undoes a change made
+    /// meanwhile through another replica.
     pub async fn update(
         &self,
         tenant_id: String,
-        change: impl FnOnce(&Policy) -> Result<Policy>,
+        change: impl Fn(&Policy) -> Result<Policy> + Send + Sync + 'static,
     ) -> Result<Arc<Policy>> {
+        let default = self.default.clone();
+        let change: PolicyChange = Arc::new(move |stored| {
+            let policy = change(stored.unwrap_or(&default))?;
+            policy.validate()?;
+            Ok(Some(policy))
+        });
         let _serial = self.writes.lock().await;
-        let policy = change(&self.for_tenant(&tenant_id))?;
-        policy.validate()?;
-        self.store
-            .put_policy(tenant_id.clone(), Some(policy.clone()))
-            .await?;
-        let policy = Arc::new(policy);
+        let (_, stored) = self.store.put_policy(tenant_id.clone(), change).await?;
+        let policy = Arc::new(stored.ok_or_else(|| {
+            crate::error::Error::Storage("internal: a policy write stored nothing".into())
+        })?);
         self.tenants
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -100,7 +106,10 @@ impl<S: SessionStore> Policies<S> {
     /// Deletes a tenant's policy; true if it had one.
     pub async fn delete(&self, tenant_id: &str) -> Result<bool> {
         let _serial = self.writes.lock().await;
-        let existed = self.store.put_policy(tenant_id.to_string(), None).await?;
+        let (existed, _) = self
+            .store
+            .put_policy(tenant_id.to_string(), Arc::new(|_| Ok(None)))
+            .await?;
         self.tenants
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -147,7 +156,7 @@ mod tests {
             CreateOutcome, CreateRules, ListPage, ListScope, LogBounds, PolicyOf, RevokeOutcome,
             RevokeTarget, RotateOutcome, SledStore,
         },
-        token::{SessionId, TokenHash},
+        token::SessionId,
     };
 
     /// A sled store whose first policy write replies late, after it is durable: the window in
@@ -219,13 +228,17 @@ mod tests {
         fn policies(&self) -> Result<Vec<(String, Policy)>> {
             self.inner.policies()
         }
-        async fn put_policy(&self, tenant_id: String, policy: Option<Policy>) -> Result<bool> {
+        async fn put_policy(
+            &self,
+            tenant_id: String,
+            change: PolicyChange,
+        ) -> Result<(bool, Option<Policy>)> {
             let slow = self.first.swap(false, std::sync::atomic::Ordering::SeqCst);
-            let existed = self.inner.put_policy(tenant_id, policy).await?;
+            let put = self.inner.put_policy(tenant_id, change).await?;
             if slow {
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
-            Ok(existed)
+            Ok(put)
         }
         fn pending_enforcements(&self) -> Result<Vec<String>> {
             self.inner.pending_enforcements()
@@ -258,12 +271,11 @@ mod tests {
         fn rotate(
             &self,
             id: SessionId,
-            current: TokenHash,
-            replacement: TokenHash,
+            rotation: crate::store::Rotation,
             policy: Arc<Policy>,
             now: Timestamp,
         ) -> impl Future<Output = Result<RotateOutcome>> + Send {
-            self.inner.rotate(id, current, replacement, policy, now)
+            self.inner.rotate(id, rotation, policy, now)
         }
         fn defend(
             &self,
@@ -309,9 +321,10 @@ mod tests {
         fn prune_audit(
             &self,
             older_than: Timestamp,
+            keep: u64,
             limit: usize,
         ) -> impl Future<Output = Result<usize>> + Send {
-            self.inner.prune_audit(older_than, limit)
+            self.inner.prune_audit(older_than, keep, limit)
         }
         fn touch(&self, id: SessionId, now: Timestamp) {
             self.inner.touch(id, now)

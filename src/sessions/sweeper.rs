@@ -26,8 +26,9 @@ pub struct Retention {
     pub count: u64,
     /// A user's last known place.
     pub user_state: Duration,
-    /// Audit records.
+    /// Audit records: the oldest kept, and the most kept.
     pub audit: Duration,
+    pub audit_count: u64,
 }
 
 /// Sweeps every `interval` until `shutdown` turns true. Errors are logged and retried next round:
@@ -86,7 +87,11 @@ pub async fn sweep_once<S: SessionStore>(
     let older_than = now.saturating_sub(retention.age);
     while store.prune_events(older_than, retention.count).await? > 0 {}
     let audit_older_than = now.saturating_sub(retention.audit);
-    while store.prune_audit(audit_older_than, AUDIT_CHUNK).await? == AUDIT_CHUNK {}
+    while store
+        .prune_audit(audit_older_than, retention.audit_count, AUDIT_CHUNK)
+        .await?
+        == AUDIT_CHUNK
+    {}
     let (purged, next) = store
         .purge_user_state(
             now.saturating_sub(retention.user_state),

@@ -73,6 +73,8 @@ pub fn audit(id: u64) -> [u8; 9] {
     k
 }
 
+/// The first byte of every meta record (`META_*`).
+pub const META: u8 = b'm';
 /// Marks a directory as ours, with the layout version. Checked at open.
 pub const META_FORMAT: &[u8] = b"mformat";
 /// sled's layout: format 5 keeps per-user records in their user's range (`user_records`).

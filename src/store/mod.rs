@@ -27,7 +27,7 @@ pub use sled_store::SledStore;
 // The plan types are the store's vocabulary too: what a write is asked to do and what it did.
 pub use crate::model::plan::{
     CreateOutcome, CreateRules, Defence, Defended, PolicyOf, RevokeOutcome, RevokeTarget,
-    RotateOutcome,
+    RotateOutcome, Rotation,
 };
 
 use crate::{
@@ -41,7 +41,7 @@ use crate::{
         session::{Location, RevokeReason, Session},
         travel::{LastSeen, TravelRules},
     },
-    token::{SessionId, TokenHash},
+    token::SessionId,
 };
 
 /// Bounds how many long store reads (replays, scans for stats, bulk work, audit listings) run at
@@ -67,6 +67,12 @@ where
         .await
         .map_err(|e| crate::error::Error::Storage(format!("a store scan failed: {e}")))?
 }
+
+/// What a policy write makes of a tenant's stored policy (`None`: none stored); `None` deletes
+/// it. The store runs it inside the write, on the very policy the write replaces, and again if
+/// the write is retried: so a partial update made through one replica never undoes one made
+/// through another meanwhile.
+pub type PolicyChange = Arc<dyn Fn(Option<&Policy>) -> Result<Option<Policy>> + Send + Sync>;
 
 /// Which sessions a list covers.
 #[derive(Debug, Clone)]
@@ -117,6 +123,14 @@ fn user_record_is_stale(
             .all(|t| *t <= day_ago),
         _ => false,
     })
+}
+
+/// Whether audit record `id`, made `at`, goes: it is older than `older_than`, or `keep` newer
+/// ones follow it up to the newest kept, `newest` (ids are given in order and never reused, so
+/// that is a count). The rule of every backend's `prune_audit`: every replica holds the trail
+/// in memory, so time alone must not bound it.
+fn audit_is_stale(id: u64, at: Timestamp, newest: u64, older_than: Timestamp, keep: u64) -> bool {
+    at < older_than || id.saturating_add(keep) <= newest
 }
 
 /// The deadline-index keys of every session due at `now`.
@@ -217,13 +231,14 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Every stored tenant policy.
     fn policies(&self) -> Result<Vec<(String, Policy)>>;
 
-    /// Stores (`Some`) or deletes (`None`) a tenant's policy, durably, with a mark that its open
-    /// sessions are yet to be enforced (see `pending_enforcements`). True if one existed.
+    /// Stores (`Some`) or deletes (`None`) the policy `change` makes of the tenant's stored one,
+    /// durably, with a mark that its open sessions are yet to be enforced (see
+    /// `pending_enforcements`). Returns whether one existed, and what was stored.
     fn put_policy(
         &self,
         tenant_id: String,
-        policy: Option<Policy>,
-    ) -> impl Future<Output = Result<bool>> + Send;
+        change: PolicyChange,
+    ) -> impl Future<Output = Result<(bool, Option<Policy>)>> + Send;
 
     /// Tenants whose policy changed (by `put_policy`) and whose open sessions have not all been
     /// enforced since: a restart resumes their enforcement.
@@ -265,8 +280,7 @@ pub trait SessionStore: Send + Sync + 'static {
     fn rotate(
         &self,
         id: SessionId,
-        current: TokenHash,
-        replacement: TokenHash,
+        rotation: Rotation,
         policy: Arc<Policy>,
         now: Timestamp,
     ) -> impl Future<Output = Result<RotateOutcome>> + Send;
@@ -322,11 +336,13 @@ pub trait SessionStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<(usize, Option<Vec<u8>>)>> + Send;
 
-    /// Deletes audit records from before `older_than`, oldest first, at most `limit`. Ids are
-    /// never reused afterwards. Returns how many.
+    /// Deletes audit records from before `older_than`, and the oldest beyond the newest `keep`
+    /// (see `audit_is_stale`), oldest first, at most `limit`. Ids are never reused afterwards.
+    /// Returns how many.
     fn prune_audit(
         &self,
         older_than: Timestamp,
+        keep: u64,
         limit: usize,
     ) -> impl Future<Output = Result<usize>> + Send;
 

@@ -104,6 +104,9 @@ pub struct ReplacedRecord {
     pub rotation: u32,
     #[prost(uint64, tag = "3")]
     pub replaced_at: u64,
+    /// A bound token's own end; 0: none.
+    #[prost(uint64, tag = "4")]
+    pub expires_at: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -449,6 +452,7 @@ pub fn encode_session(s: &Session) -> Vec<u8> {
                 hash: r.hash.as_bytes().to_vec(),
                 rotation: r.rotation,
                 replaced_at: r.replaced_at.as_millis(),
+                expires_at: r.expires_at.map_or(0, Timestamp::as_millis),
             })
             .collect(),
         new_device: s.new_device,
@@ -514,6 +518,7 @@ pub fn decode_session(id: SessionId, bytes: &[u8]) -> Result<Session, Error> {
                     hash: TokenHash::from_slice(&r.hash).ok_or_else(|| corrupt("session"))?,
                     rotation: r.rotation,
                     replaced_at: Timestamp::from_millis(r.replaced_at),
+                    expires_at: (r.expires_at != 0).then(|| Timestamp::from_millis(r.expires_at)),
                 })
             })
             .collect::<Result<_, Error>>()?,
@@ -531,6 +536,7 @@ pub fn decode_session(id: SessionId, bytes: &[u8]) -> Result<Session, Error> {
                         .into_iter()
                         .map(|c| {
                             Ok(Challenge {
+                                generation: None,
                                 nonce: c.nonce.try_into().map_err(|_| corrupt("session"))?,
                                 expires_at: Timestamp::from_millis(c.expires_at),
                             })

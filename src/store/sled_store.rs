@@ -45,8 +45,8 @@ use super::{
     records,
     session_cache::{Change, SessionCache},
     touch_log::{self, TouchLog},
-    CreateOutcome, CreateRules, Defence, Defended, ListPage, ListScope, LogBounds, PolicyOf,
-    RevokeOutcome, RevokeTarget, RotateOutcome, SessionStore,
+    CreateOutcome, CreateRules, Defence, Defended, ListPage, ListScope, LogBounds, PolicyChange,
+    PolicyOf, RevokeOutcome, RevokeTarget, RotateOutcome, Rotation, SessionStore,
 };
 use crate::{
     clock::Timestamp,
@@ -61,7 +61,7 @@ use crate::{
         session::{Location, RevokeReason, Session},
         travel::{LastSeen, TravelRules},
     },
-    token::{SessionId, TokenHash},
+    token::SessionId,
 };
 
 /// sled's errors become the service's storage errors here, so no other module knows sled. An I/O
@@ -189,7 +189,7 @@ enum Op {
     },
     PutPolicy {
         tenant_id: String,
-        policy: Option<Policy>,
+        change: PolicyChange,
     },
     EnforcementDone {
         tenant_id: String,
@@ -200,8 +200,7 @@ enum Op {
     Snapshot(std::path::PathBuf),
     Rotate {
         id: SessionId,
-        current: TokenHash,
-        replacement: TokenHash,
+        rotation: Rotation,
         policy: Arc<Policy>,
         now: Timestamp,
     },
@@ -240,6 +239,7 @@ enum Op {
     },
     PruneAudit {
         older_than: Timestamp,
+        keep: u64,
         limit: usize,
     },
     /// Put the next sessions after `after` into the cache (see `warm_cache`). Writes nothing.
@@ -253,7 +253,7 @@ enum Op {
 enum Outcome {
     Created(CreateOutcome),
     Observed(Box<Session>),
-    Existed(bool),
+    PolicyPut(Box<(bool, Option<Policy>)>),
     Rotated(Box<RotateOutcome>),
     Revoked(RevokeOutcome),
     Defended(Box<Defended>),
@@ -604,11 +604,16 @@ impl SessionStore for SledStore {
         Ok(out)
     }
 
-    async fn put_policy(&self, tenant_id: String, policy: Option<Policy>) -> Result<bool> {
+    async fn put_policy(
+        &self,
+        tenant_id: String,
+        change: PolicyChange,
+    ) -> Result<(bool, Option<Policy>)> {
         expect_outcome!(
-            self.submit(Op::PutPolicy { tenant_id, policy }).await,
-            Existed
+            self.submit(Op::PutPolicy { tenant_id, change }).await,
+            PolicyPut
         )
+        .map(|b| *b)
     }
 
     fn pending_enforcements(&self) -> Result<Vec<String>> {
@@ -674,15 +679,13 @@ impl SessionStore for SledStore {
     async fn rotate(
         &self,
         id: SessionId,
-        current: TokenHash,
-        replacement: TokenHash,
+        rotation: Rotation,
         policy: Arc<Policy>,
         now: Timestamp,
     ) -> Result<RotateOutcome> {
         let op = Op::Rotate {
             id,
-            current,
-            replacement,
+            rotation,
             policy,
             now,
         };
@@ -759,9 +762,14 @@ impl SessionStore for SledStore {
         }
     }
 
-    async fn prune_audit(&self, older_than: Timestamp, limit: usize) -> Result<usize> {
+    async fn prune_audit(&self, older_than: Timestamp, keep: u64, limit: usize) -> Result<usize> {
         expect_outcome!(
-            self.submit(Op::PruneAudit { older_than, limit }).await,
+            self.submit(Op::PruneAudit {
+                older_than,
+                keep,
+                limit
+            })
+            .await,
             Count
         )
     }
@@ -1715,9 +1723,9 @@ impl<'a> Tx<'a> {
             } => self
                 .plan(|p| p.observe(id, location, now, rules))
                 .map(|s| Outcome::Observed(Box::new(s))),
-            Op::PutPolicy { tenant_id, policy } => {
-                self.put_policy(&tenant_id, policy).map(Outcome::Existed)
-            }
+            Op::PutPolicy { tenant_id, change } => self
+                .put_policy(&tenant_id, &change)
+                .map(|put| Outcome::PolicyPut(Box::new(put))),
             Op::EnforcementDone { tenant_id, mark } => {
                 let key = keys::per_tenant(keys::ENFORCE, &tenant_id);
                 if self.tree.get(&key)?.as_deref() == Some(&mark.to_be_bytes()[..]) {
@@ -1730,12 +1738,11 @@ impl<'a> Tx<'a> {
             Op::Snapshot(path) => self.snapshot(&path).map(|n| Outcome::Count(n as usize)),
             Op::Rotate {
                 id,
-                current,
-                replacement,
+                rotation,
                 policy,
                 now,
             } => self
-                .plan(|p| p.rotate(id, current, replacement, &policy, now))
+                .plan(|p| p.rotate(id, rotation, &policy, now))
                 .map(|r| Outcome::Rotated(Box::new(r))),
             Op::Revoke {
                 target,
@@ -1776,9 +1783,13 @@ impl<'a> Tx<'a> {
             } => self
                 .purge_user_state(older_than, now, cursor, limit)
                 .map(|(n, next)| Outcome::Purged(n, next)),
-            Op::PruneAudit { older_than, limit } => {
-                self.prune_audit(older_than, limit).map(Outcome::Count)
-            }
+            Op::PruneAudit {
+                older_than,
+                keep,
+                limit,
+            } => self
+                .prune_audit(older_than, keep, limit)
+                .map(Outcome::Count),
             // Both are answered by `writer_loop` itself and never reach a batch.
             Op::Close | Op::Warm { .. } | Op::DrainTouches => Ok(Outcome::Nothing),
         }
@@ -1965,11 +1976,20 @@ impl<'a> Tx<'a> {
         Ok(entry.id)
     }
 
-    fn put_policy(&mut self, tenant_id: &str, policy: Option<Policy>) -> Result<bool> {
+    fn put_policy(
+        &mut self,
+        tenant_id: &str,
+        change: &PolicyChange,
+    ) -> Result<(bool, Option<Policy>)> {
         let key = keys::policy(tenant_id);
-        let existed = self.tree.get(&key)?.is_some();
-        match policy {
-            Some(p) => self.batch.insert(key, records::encode_policy(&p)?),
+        let stored = self
+            .tree
+            .get(&key)?
+            .map(|v| records::decode_policy(&v))
+            .transpose()?;
+        let policy = change(stored.as_ref())?;
+        match &policy {
+            Some(p) => self.batch.insert(key, records::encode_policy(p)?),
             None => self.batch.remove(key),
         }
         // Its sessions are enforced in the background; until that is done, the mark says so.
@@ -1978,7 +1998,7 @@ impl<'a> Tx<'a> {
             &random_nonzero_u64()?.to_be_bytes(),
         );
         self.dirty = true;
-        Ok(existed)
+        Ok((stored.is_some(), policy))
     }
 
     fn prune(&mut self, older_than: Timestamp, keep: u64) -> Result<usize> {
@@ -2059,17 +2079,22 @@ impl<'a> Tx<'a> {
         Ok((purged, cursor))
     }
 
-    fn prune_audit(&mut self, older_than: Timestamp, limit: usize) -> Result<usize> {
+    fn prune_audit(&mut self, older_than: Timestamp, keep: u64, limit: usize) -> Result<usize> {
         let mut pruned = 0;
         let mut newest = None;
+        let last = match self.tree.scan_prefix([keys::AUDIT]).next_back() {
+            Some(entry) => audit_id(&entry?.0)?,
+            None => return Ok(0),
+        };
         for entry in self.tree.scan_prefix([keys::AUDIT]).take(limit) {
             let (key, value) = entry?;
             let record: AuditEntry = serde_json::from_slice(&value)
                 .map_err(|_| Error::Storage("corrupt audit record".into()))?;
-            if record.at >= older_than {
+            let id = audit_id(&key)?;
+            if !super::audit_is_stale(id, record.at, last, older_than, keep) {
                 break;
             }
-            newest = Some(audit_id(&key)?);
+            newest = Some(id);
             self.batch.remove(key);
             pruned += 1;
         }

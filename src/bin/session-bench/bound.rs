@@ -126,7 +126,10 @@ async fn rotated_eight_times(
         let mut token = token.clone();
         for _ in 0..8 {
             token = client
-                .rotate_session(pb::RotateSessionRequest { token })
+                .rotate_session(pb::RotateSessionRequest {
+                    token,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner()
                 .token;

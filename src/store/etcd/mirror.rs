@@ -20,7 +20,12 @@ use crate::{
     error::{Error, Result},
     events::EventBus,
     model::login::Login,
-    model::{event::Event, plan::View, session::Session, travel::LastSeen},
+    model::{
+        event::Event,
+        plan::{Plan, View},
+        session::Session,
+        travel::LastSeen,
+    },
     store::{keys, records},
     token::SessionId,
 };
@@ -30,6 +35,32 @@ use crate::{
 pub struct Versioned {
     pub value: Vec<u8>,
     pub revision: i64,
+}
+
+/// The kinds of key kept in `State::other`: meta records, policies, per-user records, audit
+/// entries and enforcement marks.
+const KEPT_KINDS: [u8; 7] = [
+    keys::META,
+    keys::POLICY,
+    keys::LAST_SEEN,
+    keys::CREATIONS,
+    keys::LOGINS,
+    keys::AUDIT,
+    keys::ENFORCE,
+];
+
+/// Whether a key (without the prefix) is of a kind this version keeps: what a backup takes.
+pub fn is_kept(key: &[u8]) -> bool {
+    key.first()
+        .is_some_and(|k| [keys::SESSION, keys::EVENT].contains(k) || KEPT_KINDS.contains(k))
+}
+
+/// Where another deployment's store starts, if `key` (below this deployment's prefix) is its
+/// format record: `<sub>/mformat` holding a format of this service.
+fn another_deployment<'k>(key: &'k [u8], value: Option<&[u8]>) -> Option<&'k [u8]> {
+    let at = key.strip_suffix(keys::META_FORMAT)?;
+    (at.ends_with(b"/") && value.is_some_and(|v| v.starts_with(b"session-authority/")))
+        .then_some(at)
 }
 
 /// The replica's copy, at `revision`.
@@ -75,13 +106,6 @@ impl State {
 
     pub fn has_session(&self, id: &SessionId) -> bool {
         self.sessions.contains_key(id)
-    }
-
-    /// Every session, encoded as etcd holds it.
-    pub fn encoded_sessions(&self) -> impl Iterator<Item = (&SessionId, &[u8])> {
-        self.sessions
-            .iter()
-            .map(|(id, (value, _))| (id, &value[..]))
     }
 
     /// The revision of `key` (0: absent), for a commit's compare.
@@ -177,6 +201,13 @@ impl State {
         value: Option<&[u8]>,
         revision: i64,
     ) -> Result<Option<u64>> {
+        if let Some(at) = another_deployment(key, value) {
+            return Err(Error::DataDir(format!(
+                "another deployment's store lies inside this one's prefix, at {:?} below it: \
+                 give each deployment a prefix that no other starts with",
+                String::from_utf8_lossy(at)
+            )));
+        }
         match key.first() {
             Some(&keys::SESSION) => {
                 let id = SessionId::from_slice(&key[1..])
@@ -207,6 +238,12 @@ impl State {
             // Compared without their revisions (see `store::etcd`): one key per user with
             // sessions.
             Some(&keys::GUARD) => Ok(None),
+            Some(kind) if !KEPT_KINDS.contains(kind) => {
+                // A kind this version does not know (a newer version's): not ours to read.
+                tracing::debug!(kind = %char::from(*kind), "skipping an etcd key of unknown kind");
+                Ok(None)
+            }
+            None => Ok(None),
             _ => {
                 if key.first() == Some(&keys::POLICY) {
                     self.policy_version += 1;
@@ -338,9 +375,20 @@ impl Mirror {
 /// A planner's view of the copy that notes the revision of each key read.
 /// Uses of sessions queued but not written yet are applied to what it reads, so a plan sees
 /// the recency that validations already promised (the limit's eviction order, say).
+///
+/// What a commit must compare is less than what a planner read: a user's set of sessions is
+/// compared by its guard, which every change of membership rewrites, and a member by its own key
+/// only if the plan writes it (a write must not overwrite a change it did not see). A member the
+/// plan only counted or ranked needs no compare: its membership is the guard's, and a change to
+/// its contents meanwhile (a use, a rotation) cannot change what the rules decided (a use only
+/// makes it more recent than the member the plan evicted, which is compared). So a user's
+/// hundredth login costs a handful of compares, not one per session.
 pub struct Recording<'a> {
     pub state: &'a State,
-    pub reads: RefCell<BTreeMap<Vec<u8>, i64>>,
+    /// Keys to compare, with the revision the copy had.
+    reads: RefCell<BTreeMap<Vec<u8>, i64>>,
+    /// Sessions read as members of a user's set: compared only if written.
+    members: RefCell<BTreeMap<Vec<u8>, i64>>,
     pending: &'a dyn Pending,
 }
 
@@ -358,8 +406,33 @@ impl<'a> Recording<'a> {
         Self {
             state,
             reads: RefCell::new(BTreeMap::new()),
+            members: RefCell::new(BTreeMap::new()),
             pending,
         }
+    }
+
+    /// Every key the planner looked at, compared or not: what a group member must not share
+    /// with another's writes.
+    pub fn looked_at(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        let reads: Vec<Vec<u8>> = self.reads.borrow().keys().cloned().collect();
+        let members: Vec<Vec<u8>> = self.members.borrow().keys().cloned().collect();
+        reads.into_iter().chain(members)
+    }
+
+    /// What a commit of `plan` must compare (see the type's doc): the keys read, and the members
+    /// of a set that the plan writes.
+    pub fn compared(&self, plan: &Plan) -> BTreeMap<Vec<u8>, i64> {
+        let mut out = self.reads.borrow().clone();
+        let members = self.members.borrow();
+        for (old, new) in &plan.sessions {
+            if let Some(s) = old.as_ref().or(new.as_ref()) {
+                let key = keys::session(&s.id).to_vec();
+                if let Some(revision) = members.get(&key) {
+                    out.entry(key).or_insert(*revision);
+                }
+            }
+        }
+        out
     }
 
     fn with_touch(&self, mut s: Session) -> Session {
@@ -387,12 +460,16 @@ impl View for Recording<'_> {
     }
 
     fn user_sessions(&self, tenant: &str, user: &str) -> Result<Vec<Session>> {
-        // The guard changes with the set; each member's own key with the member.
+        // The guard changes with the set; each member's own key with the member, compared only
+        // if the plan writes it (see the type's doc).
         self.note(&keys::per_user(keys::GUARD, tenant, user));
         let sessions = self.state.user_sessions(tenant, user)?;
+        let mut members = self.members.borrow_mut();
         for s in &sessions {
-            self.note(&keys::session(&s.id));
+            let key = keys::session(&s.id);
+            members.insert(key.to_vec(), self.state.revision_of(&key));
         }
+        drop(members);
         Ok(sessions.into_iter().map(|s| self.with_touch(s)).collect())
     }
 
