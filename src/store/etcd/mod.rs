@@ -2204,10 +2204,63 @@ impl SessionStore for EtcdStore {
 }
 
 #[cfg(test)]
+mod testing {
+    //! What the etcd tests share: a cluster, options to reach it, a logins' service over a
+    //! replica.
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        clock::ManualClock,
+        config::Config,
+        sessions::{policies::Policies, NewSession, Sessions},
+        token::TokenGenerator,
+    };
+
+    /// A one-member etcd on loopback.
+    pub fn one_member() -> local::LocalCluster {
+        let etcd = local::find_etcd().expect("an etcd binary");
+        local::LocalCluster::start(&etcd, 1, None).expect("etcd")
+    }
+
+    pub fn options(cluster: &local::LocalCluster) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: cluster.endpoints(),
+            ..EtcdOptions::default()
+        }
+    }
+
+    /// The sessions service over `store`, under the default policy as `change` makes it.
+    pub fn sessions_over(
+        store: Arc<EtcdStore>,
+        clock: Arc<ManualClock>,
+        change: impl FnOnce(&mut Policy),
+    ) -> Sessions<EtcdStore> {
+        let mut policy = Policy::from(&Config::default());
+        change(&mut policy);
+        let policies = Arc::new(Policies::load(store.clone(), policy).expect("policies"));
+        let tokens = TokenGenerator::from_os().expect("seed");
+        Sessions::new(store, clock, tokens, policies, Duration::from_secs(10))
+    }
+
+    /// A plain login of `user` of tenant "t".
+    pub fn login(user: &str) -> NewSession {
+        NewSession {
+            tenant_id: "t".into(),
+            user_id: user.into(),
+            remember_me: false,
+            device: Default::default(),
+            attributes: Default::default(),
+            binding_key: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod loading {
     use std::collections::BTreeMap;
 
-    use super::*;
+    use super::{testing::*, *};
     use crate::{
         model::{
             event::EventKind,
@@ -2285,13 +2338,6 @@ mod loading {
         (entries, ids)
     }
 
-    fn options(cluster: &local::LocalCluster) -> EtcdOptions {
-        EtcdOptions {
-            endpoints: cluster.endpoints(),
-            ..EtcdOptions::default()
-        }
-    }
-
     /// A replica's copy is read in pages of at most 10,000 keys, read ahead of applying them: a
     /// store of several pages opens with every session and every event, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2330,12 +2376,7 @@ mod loading {
     /// stays within 3x of without.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn validate_stays_quick_while_stats_scan_200_000_events() {
-        use crate::{
-            clock::ManualClock,
-            config::Config,
-            model::policy::Policy,
-            sessions::{policies::Policies, NewSession, Sessions},
-        };
+        use crate::{clock::ManualClock, sessions::Sessions};
         let n = 200_000;
         let etcd = local::find_etcd().expect("an etcd binary");
         let cluster = local::LocalCluster::start(&etcd, 1, None).expect("etcd");
@@ -2359,26 +2400,9 @@ mod loading {
         let clock = Arc::new(ManualClock::new(Timestamp::from_millis(
             1_800_000_000_000 + n,
         )));
-        let policies = Arc::new(
-            Policies::load(store.clone(), Policy::from(&Config::default())).expect("policies"),
-        );
-        let sessions = Arc::new(Sessions::new(
-            store.clone(),
-            clock,
-            TokenGenerator::from_os().expect("seed"),
-            policies,
-            Duration::from_secs(10),
-        ));
-        let login = |user: String| NewSession {
-            tenant_id: "t".into(),
-            user_id: user,
-            remember_me: false,
-            device: Default::default(),
-            attributes: Default::default(),
-            binding_key: None,
-        };
+        let sessions = Arc::new(sessions_over(store.clone(), clock, |_| {}));
         let token = sessions
-            .create(login("v".into()))
+            .create(login("v"))
             .await
             .expect("create")
             .token
@@ -2391,7 +2415,7 @@ mod loading {
             async move {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let _ = sessions.create(login(format!("w{i}"))).await;
+                    let _ = sessions.create(login(&format!("w{i}"))).await;
                     i += 1;
                 }
             }
@@ -2546,13 +2570,12 @@ mod compares {
 mod guards {
     use std::sync::Arc;
 
-    use super::*;
+    use super::{testing::*, *};
     use crate::{
         clock::{Clock, ManualClock},
         config::Config,
-        model::{policy::Policy, session::RevokeReason},
-        sessions::{policies::Policies, NewSession, Sessions},
-        token::TokenGenerator,
+        model::session::RevokeReason,
+        sessions::Sessions,
     };
 
     const PREFIX: &str = "/guards/";
@@ -2571,11 +2594,7 @@ mod guards {
         clock: Arc<ManualClock>,
         change: impl FnOnce(&mut Policy),
     ) -> (Arc<EtcdStore>, Sessions<EtcdStore>) {
-        let options = EtcdOptions {
-            endpoints: cluster.endpoints(),
-            ..EtcdOptions::default()
-        };
-        replica_on(options, clock, change).await
+        replica_on(options(cluster), clock, change).await
     }
 
     /// As `replica_with`, reaching etcd with `options`.
@@ -2589,29 +2608,8 @@ mod guards {
                 .await
                 .expect("open"),
         );
-        let mut policy = Policy::from(&Config::default());
-        change(&mut policy);
-        let policies = Arc::new(Policies::load(store.clone(), policy).expect("policies"));
-        let tokens = TokenGenerator::from_os().expect("seed");
-        let sessions = Sessions::new(
-            store.clone(),
-            clock,
-            tokens,
-            policies,
-            Duration::from_secs(10),
-        );
+        let sessions = sessions_over(store.clone(), clock, change);
         (store, sessions)
-    }
-
-    fn login(user: &str) -> NewSession {
-        NewSession {
-            tenant_id: "t".into(),
-            user_id: user.into(),
-            remember_me: false,
-            device: Default::default(),
-            attributes: Default::default(),
-            binding_key: None,
-        }
     }
 
     /// Whether etcd holds the guard of user `user` of tenant "t".
@@ -2627,8 +2625,7 @@ mod guards {
 
     /// A one-member etcd, and the clock its replicas share.
     fn cluster_and_clock() -> (local::LocalCluster, Arc<ManualClock>) {
-        let etcd = local::find_etcd().expect("an etcd binary");
-        let cluster = local::LocalCluster::start(&etcd, 1, None).expect("etcd");
+        let cluster = one_member();
         let start = Timestamp::from_millis(1_767_225_600_000);
         (cluster, Arc::new(ManualClock::new(start)))
     }
@@ -2842,9 +2839,8 @@ mod guards {
         let (cluster, clock) = cluster_and_clock();
         // No read fence: validate answers from the copy, held below.
         let options = EtcdOptions {
-            endpoints: cluster.endpoints(),
             no_read_fence: true,
-            ..EtcdOptions::default()
+            ..options(&cluster)
         };
         let (store, sessions) = replica_on(options, clock.clone(), |p| {
             p.token_reuse_action = TokenReuseAction::Flag
@@ -2980,29 +2976,11 @@ mod guards {
 mod prefixes {
     use std::sync::Arc;
 
-    use super::*;
+    use super::{testing::*, *};
     use crate::{
         clock::{Clock, ManualClock},
-        config::Config,
-        model::{
-            policy::Policy,
-            session::{RevokeReason, SessionState},
-        },
-        sessions::{policies::Policies, NewSession, Sessions},
-        token::TokenGenerator,
+        model::session::{RevokeReason, SessionState},
     };
-
-    fn one_member() -> local::LocalCluster {
-        let etcd = local::find_etcd().expect("an etcd binary");
-        local::LocalCluster::start(&etcd, 1, None).expect("etcd")
-    }
-
-    fn options(cluster: &local::LocalCluster) -> EtcdOptions {
-        EtcdOptions {
-            endpoints: cluster.endpoints(),
-            ..EtcdOptions::default()
-        }
-    }
 
     async fn open(cluster: &local::LocalCluster, prefix: &str) -> Result<EtcdStore> {
         EtcdStore::open(options(cluster), prefix, 4096, Duration::from_secs(86_400)).await
@@ -3071,27 +3049,8 @@ mod prefixes {
         let cluster = one_member();
         let store = Arc::new(open(&cluster, "/broken/").await.expect("open"));
         let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_767_225_600_000)));
-        let policies = Arc::new(
-            Policies::load(store.clone(), Policy::from(&Config::default())).expect("policies"),
-        );
-        let sessions = Sessions::new(
-            store.clone(),
-            clock.clone(),
-            TokenGenerator::from_os().expect("seed"),
-            policies,
-            Duration::from_secs(10),
-        );
-        let created = sessions
-            .create(NewSession {
-                tenant_id: "t".into(),
-                user_id: "u".into(),
-                remember_me: false,
-                device: Default::default(),
-                attributes: Default::default(),
-                binding_key: None,
-            })
-            .await
-            .expect("create");
+        let sessions = sessions_over(store.clone(), clock.clone(), |_| {});
+        let created = sessions.create(login("u")).await.expect("create");
         let id = created.session.id;
         let client = &store.inner.client;
         let key = |k: &[u8]| store.inner.key(k);
