@@ -139,6 +139,10 @@ pub struct Config {
     /// day. All are purged by the sweeper, so churning users never grow the disk.
     #[serde(with = "humantime_serde")]
     pub user_state_retention: Duration,
+    /// At most this many users' last places and login histories are kept (each a record; the
+    /// least recently written go first, a sweeper's pass after the count is passed): on etcd
+    /// every replica holds them in memory.
+    pub user_state_retention_count: u64,
     /// Audit records older than this are purged by the sweeper.
     #[serde(with = "humantime_serde")]
     pub audit_retention: Duration,
@@ -313,6 +317,7 @@ impl Default for Config {
             user_state_retention: Duration::from_secs(30 * 86_400),
             audit_retention: Duration::from_secs(365 * 86_400),
             audit_retention_count: 1_000_000,
+            user_state_retention_count: 2_000_000,
             heartbeat_interval: Duration::from_secs(15),
             event_buffer: 4096,
             cache_mib: 192,
@@ -415,6 +420,11 @@ impl Config {
         check(
             self.audit_retention_count >= 1,
             "audit_retention_count",
+            "must be at least 1",
+        )?;
+        check(
+            self.user_state_retention_count >= 1,
+            "user_state_retention_count",
             "must be at least 1",
         )?;
         check(
@@ -688,6 +698,10 @@ struct CliSettings {
     #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]
     user_state_retention: Option<String>,
+    /// Most last places and login histories kept [default: 2000000]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_state_retention_count: Option<u64>,
     /// How long audit records are kept [default: 365d]
     #[arg(long, value_parser = duration)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -832,7 +832,9 @@ async fn a_later_use_queued_over_an_earlier_one_is_still_written<B: Backend>(b: 
     // Past the first use's idle deadline (1,100 s), before the second's (1,600 s).
     h.clock.advance(Duration::from_secs(1500));
     let retention = a_day_of_retention();
-    sweep_once(s, retention, &mut None).await.expect("sweep");
+    sweep_once(s, retention, &mut Default::default())
+        .await
+        .expect("sweep");
     s.validate(&token, false, None, None)
         .await
         .expect("live: last used 500 s ago");
@@ -851,7 +853,9 @@ async fn a_used_session_outlives_its_first_idle_deadline_and_expires_at_its_last
     s.validate(&token, true, None, None).await.expect("a use");
     // Past the idle deadline of creation (600 s), before that of the use (900 s).
     h.clock.advance(Duration::from_secs(310));
-    sweep_once(s, retention, &mut None).await.expect("sweep");
+    sweep_once(s, retention, &mut Default::default())
+        .await
+        .expect("sweep");
     s.validate(&token, false, None, None)
         .await
         .expect("still live after its first deadline");
@@ -864,12 +868,16 @@ async fn a_used_session_outlives_its_first_idle_deadline_and_expires_at_its_last
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        sweep_once(s, retention, &mut None).await.expect("sweep");
+        sweep_once(s, retention, &mut Default::default())
+            .await
+            .expect("sweep");
         due = s.store().due(now, 100).expect("due");
     }
     assert!(due.is_empty(), "still due after every sweep: {due:?}");
     h.clock.advance(Duration::from_secs(300));
-    sweep_once(s, retention, &mut None).await.expect("sweep");
+    sweep_once(s, retention, &mut Default::default())
+        .await
+        .expect("sweep");
     assert!(is_not_valid(s.validate(&token, false, None, None).await));
     let expiries = events(&h)
         .iter()
@@ -888,7 +896,9 @@ async fn an_expiry_is_recorded_once_however_many_notice_it<B: Backend>(b: B) {
         assert!(is_not_valid(
             s.validate(created.token.expose(), true, None, None).await
         ));
-        sweep_once(s, retention, &mut None).await.expect("sweep");
+        sweep_once(s, retention, &mut Default::default())
+            .await
+            .expect("sweep");
     }
     let expiries = events(&h)
         .iter()
@@ -1123,6 +1133,43 @@ async fn listing_pages_cover_every_live_session_once<B: Backend>(b: B) {
     assert_eq!(ids, created);
 }
 
+/// Places and login histories are bounded by count as well as by age (every etcd replica holds
+/// them in memory): once a sweeper's pass has counted more than `user_state_count`, the next
+/// pass forgets those written longest ago.
+async fn per_user_records_beyond_their_count_go_oldest_first<B: Backend>(b: B) {
+    let h = harness(&b, policy(|_| {})).await;
+    let s = &h.sessions;
+    // Ten users a login each (a place and a login history each), two hours apart.
+    for i in 0..10 {
+        s.create(from_bangkok("t", &format!("u{i}")))
+            .await
+            .expect("create");
+        h.clock.advance(Duration::from_secs(7200));
+    }
+    let mut retention = a_day_of_retention();
+    retention.user_state = Duration::from_secs(30 * 86_400);
+    retention.user_state_count = 6;
+    let mut pass = Default::default();
+    // A pass counts (a call reads at most 1,024 keys: one call here), the next one forgets.
+    for _ in 0..4 {
+        sweep_once(s, retention, &mut pass).await.expect("sweep");
+    }
+    let store = s.store();
+    let kept: Vec<bool> = (0..10)
+        .map(|i| {
+            store
+                .last_seen("t", &format!("u{i}"))
+                .expect("read")
+                .is_some()
+        })
+        .collect();
+    assert_eq!(
+        kept,
+        [false, false, false, false, false, false, false, true, true, true],
+        "the newest 6 records: 3 users' places and histories"
+    );
+}
+
 /// Stale per-user records go, in short calls that together cover every user, also users whose
 /// sessions are live; fresh ones stay. A forgotten quota and history show in the next login.
 async fn stale_per_user_records_are_purged_in_short_calls<B: Backend>(b: B) {
@@ -1139,14 +1186,14 @@ async fn stale_per_user_records_are_purged_in_short_calls<B: Backend>(b: B) {
     let purge = |older_than: Timestamp, now: Timestamp| async move {
         let (mut purged, mut cursor, mut calls) = (0, None, 0);
         loop {
-            let (n, next) = store
+            let page = store
                 .purge_user_state(older_than, now, cursor.take(), 3)
                 .await
                 .expect("purge");
-            purged += n;
+            purged += page.purged;
             calls += 1;
             assert!(calls < 100, "the walk ends");
-            match next {
+            match page.next {
                 Some(next) => cursor = Some(next),
                 None => return (purged, calls),
             }
@@ -1205,7 +1252,9 @@ async fn the_audit_trail_keeps_the_newest_records_beyond_its_count<B: Backend>(b
     }
     let mut retention = a_day_of_retention();
     retention.audit_count = 3;
-    sweep_once(s, retention, &mut None).await.expect("sweep");
+    sweep_once(s, retention, &mut Default::default())
+        .await
+        .expect("sweep");
     let kept = s.store().audit_after(0, 100).expect("audit");
     assert_eq!(
         kept.iter().map(|e| e.id).collect::<Vec<_>>(),
@@ -1218,7 +1267,7 @@ async fn the_audit_trail_keeps_the_newest_records_beyond_its_count<B: Backend>(b
     assert_eq!(next, 11);
     // And by age: a day later every record is past its retention.
     h.clock.advance(Duration::from_secs(86_401));
-    sweep_once(s, a_day_of_retention(), &mut None)
+    sweep_once(s, a_day_of_retention(), &mut Default::default())
         .await
         .expect("sweep");
     assert!(s.store().audit_after(0, 100).expect("audit").is_empty());
@@ -1409,6 +1458,7 @@ macro_rules! conformance {
                 policies_audit_and_sessions_survive_a_reopen,
                 listing_pages_cover_every_live_session_once,
                 stale_per_user_records_are_purged_in_short_calls,
+                per_user_records_beyond_their_count_go_oldest_first,
                 pruning_keeps_the_newest_events_and_the_head,
                 the_audit_trail_keeps_the_newest_records_beyond_its_count,
                 the_log_reads_and_prunes_from_inside_one_writes_events,

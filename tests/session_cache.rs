@@ -272,7 +272,9 @@ async fn a_session_touched_in_the_background_is_filed_anew_once_and_ends_at_its_
     // Past the idle deadline of the creation, before that of the use.
     clock.advance(idle - Duration::from_secs(60));
     assert_eq!(s.store().due(clock.now(), 100).expect("due").len(), 50);
-    sweep_once(&s, retention, &mut None).await.expect("sweep");
+    sweep_once(&s, retention, &mut Default::default())
+        .await
+        .expect("sweep");
     let due = s.store().due(clock.now(), 100).expect("due");
     assert!(due.is_empty(), "still due after the sweep: {due:?}");
     for (token, _) in &created {
@@ -283,7 +285,9 @@ async fn a_session_touched_in_the_background_is_filed_anew_once_and_ends_at_its_
     // Past the use's.
     clock.advance(Duration::from_secs(61));
     assert!(clock.now() > used_at.saturating_add(idle));
-    sweep_once(&s, retention, &mut None).await.expect("sweep");
+    sweep_once(&s, retention, &mut Default::default())
+        .await
+        .expect("sweep");
     for (token, _) in &created {
         assert!(s.validate(token, false, None, None).await.is_err());
     }

@@ -161,6 +161,7 @@ async fn serve<S: SessionStore>(
             count: config.event_retention_count,
             user_state: config.user_state_retention,
             audit: config.audit_retention,
+            user_state_count: config.user_state_retention_count,
             audit_count: config.audit_retention_count,
         },
         stopped.clone(),

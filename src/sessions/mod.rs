@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-pub use sweeper::{run_sweeper, Retention};
+pub use sweeper::{run_sweeper, Retention, UserStatePass};
 
 use self::policies::Policies;
 use crate::{

@@ -10,7 +10,7 @@ use std::{
 use crate::{
     error::Result,
     model::policy::{generated_cookie_name, Policy},
-    store::{PolicyChange, SessionStore},
+    store::{PolicyChange, PolicyOf, SessionStore},
 };
 
 /// Every tenant's policy, cached over the store.
@@ -69,6 +69,20 @@ impl<S: SessionStore> Policies<S> {
 
     pub fn for_tenant(&self, tenant_id: &str) -> Arc<Policy> {
         self.get(tenant_id).0
+    }
+
+    /// Every tenant's policy as it is now, for a write that judges sessions of many tenants
+    /// (the sweep). A copy, so the write never reads the store from inside its planner (on
+    /// etcd, under the copy's lock).
+    pub fn policy_of(&self) -> PolicyOf {
+        let tenants = self.read().clone();
+        let default = self.default.clone();
+        Arc::new(move |tenant: &str| {
+            tenants
+                .get(tenant)
+                .cloned()
+                .unwrap_or_else(|| default.clone())
+        })
     }
 
     /// Stores a tenant's policy (durably) and puts it in force.
@@ -315,7 +329,7 @@ mod tests {
             now: Timestamp,
             cursor: Option<Vec<u8>>,
             limit: usize,
-        ) -> impl Future<Output = Result<(usize, Option<Vec<u8>>)>> + Send {
+        ) -> impl Future<Output = Result<crate::store::UserStatePage>> + Send {
             self.inner.purge_user_state(older_than, now, cursor, limit)
         }
         fn prune_audit(

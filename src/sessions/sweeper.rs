@@ -2,12 +2,12 @@
 //! tombstones, prunes the event log and the audit trail to their retention, and forgets per-user
 //! records nobody needs (a chunk per round). Runs until its shutdown signal.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
 use super::Sessions;
-use crate::store::{PolicyOf, SessionStore};
+use crate::{clock::Timestamp, store::SessionStore};
 
 /// Sessions handled per store command, so a backlog never holds the writer for long.
 const SWEEP_BATCH: usize = 512;
@@ -24,11 +24,51 @@ pub struct Retention {
     /// Events: the oldest kept, and the most kept.
     pub age: Duration,
     pub count: u64,
-    /// A user's last known place.
+    /// A user's last known place and login history: the oldest kept, and the most kept (both
+    /// kinds together; those last written longest ago go first).
     pub user_state: Duration,
+    pub user_state_count: u64,
     /// Audit records: the oldest kept, and the most kept.
     pub audit: Duration,
     pub audit_count: u64,
+}
+
+/// Where the sweeper's walk over per-user records is, and what it counted on the way: the
+/// count cap on places and login histories is applied from what a whole pass saw, on the next
+/// pass (a count needs the whole store; a pass reads it a chunk a round).
+#[derive(Debug, Default)]
+pub struct UserStatePass {
+    cursor: Option<Vec<u8>>,
+    /// Places and login histories kept so far in this pass, by the hour they were last written.
+    hours: BTreeMap<u64, u64>,
+    /// Those last written before this go too: what the count cap left of the last whole pass.
+    cutoff: Timestamp,
+}
+
+const HOUR_MS: u64 = 3_600_000;
+
+impl UserStatePass {
+    /// Counts a page's kept records; at the end of a pass, the cutoff that keeps at most
+    /// `most` of them (whole hours, newest first).
+    fn count(&mut self, kept: &[Timestamp], next: Option<Vec<u8>>, most: u64) {
+        for at in kept {
+            *self.hours.entry(at.as_millis() / HOUR_MS).or_default() += 1;
+        }
+        self.cursor = next;
+        if self.cursor.is_some() {
+            return;
+        }
+        let mut total = 0u64;
+        self.cutoff = Timestamp::from_millis(0);
+        for (hour, n) in self.hours.iter().rev() {
+            total += n;
+            if total > most {
+                self.cutoff = Timestamp::from_millis((hour + 1) * HOUR_MS);
+                break;
+            }
+        }
+        self.hours.clear();
+    }
 }
 
 /// Sweeps every `interval` until `shutdown` turns true. Errors are logged and retried next round:
@@ -39,7 +79,7 @@ pub async fn run_sweeper<S: SessionStore>(
     retention: Retention,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut user_cursor = None;
+    let mut user_pass = UserStatePass::default();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -53,23 +93,22 @@ pub async fn run_sweeper<S: SessionStore>(
         if !sessions.store().runs_background_work() {
             continue; // another replica's turn
         }
-        if let Err(e) = sweep_once(&sessions, retention, &mut user_cursor).await {
+        if let Err(e) = sweep_once(&sessions, retention, &mut user_pass).await {
             tracing::warn!(error = %e, "sweep failed; retrying next round");
         }
     }
 }
 
 /// One round: expire everything due, prune the log and the audit trail, and purge the next chunk
-/// of per-user records after `user_cursor` (which it moves on).
+/// of per-user records of `user_pass` (which it moves on).
 pub async fn sweep_once<S: SessionStore>(
     sessions: &Sessions<S>,
     retention: Retention,
-    user_cursor: &mut Option<Vec<u8>>,
+    user_pass: &mut UserStatePass,
 ) -> crate::error::Result<()> {
     let store = sessions.store();
     let now = sessions.clock().now();
-    let policies = sessions.policies().clone();
-    let policy_of: PolicyOf = Arc::new(move |tenant: &str| policies.for_tenant(tenant));
+    let policy_of = sessions.policies().policy_of();
     loop {
         let due = store.due(now, SWEEP_BATCH)?;
         let full = due.len() == SWEEP_BATCH;
@@ -92,17 +131,18 @@ pub async fn sweep_once<S: SessionStore>(
         .await?
         == AUDIT_CHUNK
     {}
-    let (purged, next) = store
-        .purge_user_state(
-            now.saturating_sub(retention.user_state),
-            now,
-            user_cursor.take(),
-            USER_STATE_CHUNK,
-        )
+    let older_than = now
+        .saturating_sub(retention.user_state)
+        .max(user_pass.cutoff);
+    let page = store
+        .purge_user_state(older_than, now, user_pass.cursor.take(), USER_STATE_CHUNK)
         .await?;
-    if purged > 0 {
-        tracing::debug!(purged, "sweeper forgot stale per-user records");
+    if page.purged > 0 {
+        tracing::debug!(
+            purged = page.purged,
+            "sweeper forgot stale per-user records"
+        );
     }
-    *user_cursor = next;
+    user_pass.count(&page.kept, page.next, retention.user_state_count);
     Ok(())
 }

@@ -102,27 +102,60 @@ fn list_start(
     Ok((prefix, start))
 }
 
-/// Whether a per-user record of `kind` (one of `keys::USER_RECORD_KINDS`; any other is kept) is
-/// no longer needed: a last place seen before `older_than`, a login history with no login since
-/// then, a login quota with no creation in the day before `now`. The rule of every backend's
-/// `purge_user_state`.
-fn user_record_is_stale(
+/// What becomes of a per-user record of `kind` (one of `keys::USER_RECORD_KINDS`; any other is
+/// kept): a last place seen before `older_than` goes, as does a login history with no login
+/// since then, and a login quota with no creation in the day before `now`. A kept place or
+/// history says when it was last written, for the sweeper's count of them. The rule of every
+/// backend's `purge_user_state`.
+fn user_record_fate(
     kind: u8,
     value: &[u8],
     older_than: Timestamp,
     now: Timestamp,
-) -> Result<bool> {
+) -> Result<RecordFate> {
     let day_ago = now.saturating_sub(std::time::Duration::from_secs(86_400));
-    Ok(match kind {
-        keys::LAST_SEEN => records::decode_last_seen(value)?.at < older_than,
+    let latest = match kind {
+        keys::LAST_SEEN => records::decode_last_seen(value)?.at,
         keys::LOGINS => records::decode_logins(value)?
             .iter()
-            .all(|l| l.at < older_than),
-        keys::CREATIONS => records::decode_creations(value)
-            .iter()
-            .all(|t| *t <= day_ago),
-        _ => false,
+            .map(|l| l.at)
+            .max()
+            .unwrap_or(Timestamp::from_millis(0)),
+        keys::CREATIONS => {
+            let stale = records::decode_creations(value)
+                .iter()
+                .all(|t| *t <= day_ago);
+            return Ok(if stale {
+                RecordFate::Stale
+            } else {
+                RecordFate::Kept(None)
+            });
+        }
+        _ => return Ok(RecordFate::Kept(None)),
+    };
+    Ok(if latest < older_than {
+        RecordFate::Stale
+    } else {
+        RecordFate::Kept(Some(latest))
     })
+}
+
+/// See `user_record_fate`.
+enum RecordFate {
+    Stale,
+    /// Kept; when a place or login history was last written.
+    Kept(Option<Timestamp>),
+}
+
+/// One call's worth of `purge_user_state`.
+#[derive(Debug, Default)]
+pub struct UserStatePage {
+    /// Records deleted.
+    pub purged: usize,
+    /// Where the next call goes on from; `None` at the end of a pass.
+    pub next: Option<Vec<u8>>,
+    /// When each place or login history kept was last written: the sweeper counts them.
+    pub kept: Vec<Timestamp>,
 }
 
 /// Whether audit record `id`, made `at`, goes: it is older than `older_than`, or `keep` newer
@@ -326,15 +359,16 @@ pub trait SessionStore: Send + Sync + 'static {
     /// `cursor` (so each call is short; on sled these include a key of each user's sessions,
     /// beside which its records are kept): last known places seen before `older_than`, login
     /// histories with no login since then, and login-quota records with no creation in the day
-    /// before `now`. Returns how many it deleted and where to go on from (`None` at the end:
-    /// start again from the beginning).
+    /// before `now` (see `user_record_fate`). Returns how many it deleted, where to go on from
+    /// (`None` at the end: start again from the beginning), and when each place and login
+    /// history it kept was last written.
     fn purge_user_state(
         &self,
         older_than: Timestamp,
         now: Timestamp,
         cursor: Option<Vec<u8>>,
         limit: usize,
-    ) -> impl Future<Output = Result<(usize, Option<Vec<u8>>)>> + Send;
+    ) -> impl Future<Output = Result<UserStatePage>> + Send;
 
     /// Deletes audit records from before `older_than`, and the oldest beyond the newest `keep`
     /// (see `audit_is_stale`), oldest first, at most `limit`. Ids are never reused afterwards.

@@ -46,7 +46,8 @@ use super::{
     session_cache::{Change, SessionCache},
     touch_log::{self, TouchLog},
     CreateOutcome, CreateRules, Defence, Defended, ListPage, ListScope, LogBounds, PolicyChange,
-    PolicyOf, RevokeOutcome, RevokeTarget, RotateOutcome, Rotation, SessionStore,
+    PolicyOf, RecordFate, RevokeOutcome, RevokeTarget, RotateOutcome, Rotation, SessionStore,
+    UserStatePage,
 };
 use crate::{
     clock::Timestamp,
@@ -258,7 +259,7 @@ enum Outcome {
     Revoked(RevokeOutcome),
     Defended(Box<Defended>),
     Count(usize),
-    Purged(usize, Option<Vec<u8>>),
+    Purged(Box<UserStatePage>),
     /// Where warming goes on from; `None` when it is done.
     Warmed(Option<SessionId>),
     Nothing,
@@ -749,17 +750,14 @@ impl SessionStore for SledStore {
         now: Timestamp,
         cursor: Option<Vec<u8>>,
         limit: usize,
-    ) -> Result<(usize, Option<Vec<u8>>)> {
+    ) -> Result<UserStatePage> {
         let op = Op::PurgeUserState {
             older_than,
             now,
             cursor,
             limit,
         };
-        match self.submit(op).await? {
-            Outcome::Purged(n, next) => Ok((n, next)),
-            _ => Err(Error::Storage("unexpected reply from the writer".into())),
-        }
+        expect_outcome!(self.submit(op).await, Purged).map(|b| *b)
     }
 
     async fn prune_audit(&self, older_than: Timestamp, keep: u64, limit: usize) -> Result<usize> {
@@ -1782,7 +1780,7 @@ impl<'a> Tx<'a> {
                 limit,
             } => self
                 .purge_user_state(older_than, now, cursor, limit)
-                .map(|(n, next)| Outcome::Purged(n, next)),
+                .map(|page| Outcome::Purged(Box::new(page))),
             Op::PruneAudit {
                 older_than,
                 keep,
@@ -2031,24 +2029,28 @@ impl<'a> Tx<'a> {
         now: Timestamp,
         cursor: Option<Vec<u8>>,
         limit: usize,
-    ) -> Result<(usize, Option<Vec<u8>>)> {
+    ) -> Result<UserStatePage> {
         // Per-user records end their user's range (`keys::user_records`): walk the range,
         // stepping over each user's session entries with one seek. `limit` bounds the keys read.
         let end = Bound::Excluded(vec![keys::USER + 1]);
         let mut from = cursor.map_or(Bound::Included(vec![keys::USER]), Bound::Excluded);
-        let (mut read, mut purged) = (0, 0);
+        let mut read = 0;
+        let mut page = UserStatePage::default();
         while read < limit {
             let mut next = None;
             for entry in self.tree.range::<Vec<u8>, _>((from.clone(), end.clone())) {
                 let (key, value) = entry?;
                 read += 1;
                 match keys::parse_user_entry(&key) {
-                    Some(UserEntry::Record { kind, .. })
-                        if super::user_record_is_stale(kind, &value, older_than, now)? =>
-                    {
-                        self.batch.remove(key.clone());
-                        self.dirty = true;
-                        purged += 1;
+                    Some(UserEntry::Record { kind, .. }) => {
+                        match super::user_record_fate(kind, &value, older_than, now)? {
+                            RecordFate::Stale => {
+                                self.batch.remove(key.clone());
+                                self.dirty = true;
+                                page.purged += 1;
+                            }
+                            RecordFate::Kept(at) => page.kept.extend(at),
+                        }
                     }
                     Some(UserEntry::Session { user_end, .. })
                         if key[user_end] < keys::USER_RECORDS_FROM =>
@@ -2068,15 +2070,15 @@ impl<'a> Tx<'a> {
             match next {
                 Some(n) => from = n,
                 // The range ended: the next call starts a new pass.
-                None => return Ok((purged, None)),
+                None => return Ok(page),
             }
         }
         // No key is a user's prefix and `USER_RECORDS_FROM`, so a seek's target is a cursor too.
-        let cursor = match from {
+        page.next = match from {
             Bound::Included(k) | Bound::Excluded(k) => Some(k),
             Bound::Unbounded => None,
         };
-        Ok((purged, cursor))
+        Ok(page)
     }
 
     fn prune_audit(&mut self, older_than: Timestamp, keep: u64, limit: usize) -> Result<usize> {

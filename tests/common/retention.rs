@@ -13,5 +13,6 @@ pub fn a_day_of_retention() -> Retention {
         user_state: day,
         audit: day,
         audit_count: 1_000_000,
+        user_state_count: 1_000_000,
     }
 }

@@ -15,8 +15,8 @@ use session_authority::{
 use tonic::transport::Channel;
 
 use super::{
-    closed_loop, connect, fmt_ms, make_pool, percentile, record, server_args, validate_loop, Args,
-    Error, OwnServer, Report,
+    closed_loop, closed_loop_upto, connect, fmt_ms, make_pool, percentile, record, server_args,
+    validate_loop, Args, Error, OwnServer, Report,
 };
 
 /// The targets the scale-out issue names, as ratios in one run.
@@ -127,11 +127,13 @@ pub async fn run(args: &Args) -> Result<(), Error> {
                     .map(|p| p.session_id.to_string())
                     .collect(),
             );
-            let r = closed_loop(args, &channels, move |ch, i| {
+            // The run ends when the pool is used up: every call then is a real revoke.
+            let calls = ids.len();
+            let r = closed_loop_upto(args, &channels, calls, move |ch, i| {
                 let ids = ids.clone();
                 async move {
                     let Some(id) = ids.get(i).cloned() else {
-                        return Err(tonic::Status::out_of_range("pool used up"));
+                        return Err(tonic::Status::internal("past the pool: a bench bug"));
                     };
                     SessionServiceClient::new(ch)
                         .revoke_session(pb::RevokeSessionRequest {

@@ -555,6 +555,24 @@ where
     Fut: std::future::Future<Output = Result<(), E>> + Send,
     E: Send + 'static,
 {
+    closed_loop_upto(args, channels, usize::MAX, call).await
+}
+
+/// `closed_loop`, stopping early once `calls` calls were made (numbered `0..calls`): for calls
+/// that use up what they act on (a pool of sessions to revoke), so that running out is the end
+/// of the run, not a stream of failed calls. The rate is over the time the calls took.
+async fn closed_loop_upto<C, F, Fut, E>(
+    args: &Args,
+    channels: &[C],
+    calls: usize,
+    call: F,
+) -> Report
+where
+    C: Clone + Send + 'static,
+    F: Fn(C, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
+    E: Send + 'static,
+{
     let duration = Duration::from_secs_f64(args.seconds);
     let start = Instant::now();
     let deadline = start + duration;
@@ -569,7 +587,7 @@ where
             let mut latencies = Vec::new();
             let mut errors = 0u64;
             let mut i = caller;
-            while Instant::now() < deadline {
+            while Instant::now() < deadline && i < calls {
                 let t = Instant::now();
                 match call(channel.clone(), i).await {
                     Ok(()) => latencies.push(t.elapsed()),

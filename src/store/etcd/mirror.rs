@@ -274,6 +274,11 @@ pub struct Mirror {
     state: RwLock<State>,
     applied: watch::Sender<i64>,
     bus: Arc<EventBus>,
+    /// `State::policy_version` as last applied, readable without the copy's lock: every
+    /// validate asks for it (through the policy registry), and a planner may too, while its
+    /// write holds the lock for reading (a second read then could wait behind the watch's
+    /// write, which waits for the first: a deadlock).
+    policy_version: std::sync::atomic::AtomicU64,
 }
 
 impl Mirror {
@@ -283,12 +288,20 @@ impl Mirror {
         let revision = state.revision;
         let bus = Arc::new(EventBus::new(event_buffer, state.head()?));
         let (applied, _) = watch::channel(revision);
+        let policy_version = std::sync::atomic::AtomicU64::new(state.policy_version);
         Ok(Self {
             prefix,
             state: RwLock::new(state),
             applied,
             bus,
+            policy_version,
         })
+    }
+
+    /// Changes whenever a tenant policy in the copy changes.
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn bus(&self) -> Arc<EventBus> {
@@ -355,7 +368,12 @@ impl Mirror {
     fn publish(&self, mut added: Vec<Event>, head: u64) {
         added.sort_by_key(|e| e.sequence);
         self.bus.publish(added, head);
-        let revision = self.read().revision;
+        let (revision, policy_version) = {
+            let state = self.read();
+            (state.revision, state.policy_version)
+        };
+        self.policy_version
+            .store(policy_version, std::sync::atomic::Ordering::Release);
         self.applied.send_if_modified(|r| {
             let raised = revision > *r;
             *r = (*r).max(revision);

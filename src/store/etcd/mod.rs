@@ -60,7 +60,8 @@ use mirror::{Mirror, Pending, Recording, State};
 
 use super::{
     keys, records, CreateOutcome, CreateRules, Defence, Defended, ListPage, ListScope, LogBounds,
-    PolicyChange, PolicyOf, RevokeOutcome, RevokeTarget, RotateOutcome, Rotation, SessionStore,
+    PolicyChange, PolicyOf, RecordFate, RevokeOutcome, RevokeTarget, RotateOutcome, Rotation,
+    SessionStore, UserStatePage,
 };
 use crate::{
     clock::Timestamp,
@@ -2075,8 +2076,9 @@ impl SessionStore for EtcdStore {
         now: Timestamp,
         cursor: Option<Vec<u8>>,
         limit: usize,
-    ) -> Result<(usize, Option<Vec<u8>>)> {
+    ) -> Result<UserStatePage> {
         let start = cursor.unwrap_or_else(|| vec![keys::LAST_SEEN]);
+        let mut page = UserStatePage::default();
         let (stale, last) = {
             let state = self.inner.mirror.read();
             let mut stale = Vec::new();
@@ -2090,14 +2092,14 @@ impl SessionStore for EtcdStore {
                 .take(limit)
             {
                 let kind = key.first().copied().unwrap_or_default();
-                if super::user_record_is_stale(kind, &v.value, older_than, now)? {
-                    stale.push((key.clone(), v.revision));
+                match super::user_record_fate(kind, &v.value, older_than, now)? {
+                    RecordFate::Stale => stale.push((key.clone(), v.revision)),
+                    RecordFate::Kept(at) => page.kept.extend(at),
                 }
                 last = Some(key.clone());
             }
             (stale, last)
         };
-        let mut purged = 0;
         for chunk in stale.chunks(CHUNK * 2) {
             // Each record only if nobody wrote it since it was found stale.
             for (key, revision) in chunk {
@@ -2106,11 +2108,12 @@ impl SessionStore for EtcdStore {
                     ops: vec![delete(self.inner.key(key))],
                 };
                 if self.inner.commit(txn).await? {
-                    purged += 1;
+                    page.purged += 1;
                 }
             }
         }
-        Ok((purged, last))
+        page.next = last;
+        Ok(page)
     }
 
     async fn prune_audit(&self, older_than: Timestamp, keep: u64, limit: usize) -> Result<usize> {
@@ -2168,7 +2171,7 @@ impl SessionStore for EtcdStore {
     }
 
     fn policy_version(&self) -> u64 {
-        self.inner.mirror.read().policy_version
+        self.inner.mirror.policy_version()
     }
 
     fn runs_background_work(&self) -> bool {
@@ -2969,6 +2972,33 @@ mod guards {
         assert!(again.revoked.is_empty(), "already revoked");
         assert!(!again.sessions[0].is_active());
         assert!(again.sequence >= first.sequence);
+    }
+
+    /// The sweeper's planner asked for the policy version while its write held the copy for
+    /// reading; with the watch's apply waiting to write, that second read waited behind it, and
+    /// the apply for the first: a deadlock (seen in a CI run). The version is read without the
+    /// copy's lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_policy_version_is_read_without_the_copys_lock() {
+        let (cluster, clock) = cluster_and_clock();
+        let (store, _sessions) = replica(&cluster, clock).await;
+        let held = store.inner.mirror.read();
+        let writer = std::thread::spawn({
+            let store = store.clone();
+            move || store.inner.mirror.apply(&[], 0).map(drop)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let (answer, answered) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn({
+            let store = store.clone();
+            move || answer.send(store.policy_version()).ok()
+        });
+        let in_time = answered.recv_timeout(Duration::from_secs(2)).is_ok();
+        drop(held);
+        writer.join().expect("writer").expect("apply");
+        reader.join().expect("reader");
+        assert!(in_time, "the policy version waited for the copy's lock");
+        store.close().await.expect("close");
     }
 }
 
