@@ -2454,6 +2454,7 @@ mod loading {
         let scans = scanner.await.expect("scanner");
         writer.await.expect("writer");
         assert!(scans >= 1);
+        println!("validate p99: {scanning:?} while stats scan, {quiet:?} without ({scans} scans)");
         assert!(
             scanning <= quiet * 3 + Duration::from_millis(2),
             "validate p99 {scanning:?} while scanning, {quiet:?} without ({scans} scans)"
