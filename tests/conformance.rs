@@ -28,7 +28,8 @@ use session_authority::{
         session::{Device, Location, RevokeReason, SessionState},
     },
     sessions::{
-        policies::Policies, sweeper::sweep_once, ListQuery, NewSession, SessionFilter, Sessions,
+        policies::Policies, sweeper::sweep_once, Created, ListQuery, NewSession, SessionFilter,
+        Sessions,
     },
     store::{EtcdOptions, EtcdStore, ListScope, RevokeTarget, SessionStore, SledStore},
     token::TokenGenerator,
@@ -162,6 +163,15 @@ fn from_bangkok(tenant: &str, user: &str) -> NewSession {
         },
         ..new_session(tenant, user)
     }
+}
+
+/// `n` logins of user "u" of tenant "t", one after another.
+async fn logins<S: SessionStore>(s: &Sessions<S>, n: usize) -> Vec<Created> {
+    let mut created = Vec::with_capacity(n);
+    for _ in 0..n {
+        created.push(s.create(new_session("t", "u")).await.expect("create"));
+    }
+    created
 }
 
 /// Every event in the log, in order.
@@ -966,10 +976,7 @@ async fn a_user_holds_a_thousand_sessions_and_the_next_login_evicts_one<B: Backe
 async fn a_revoke_of_every_session_of_a_user_with_a_thousand_ends_them_all<B: Backend>(b: B) {
     let h = harness(&b, policy(|p| p.max_sessions_per_user = 1000)).await;
     let s = &h.sessions;
-    let mut tokens = Vec::new();
-    for _ in 0..1000 {
-        tokens.push(s.create(new_session("t", "u")).await.expect("create").token);
-    }
+    let tokens: Vec<_> = logins(s, 1000).await.into_iter().map(|c| c.token).collect();
     let target = RevokeTarget::User {
         tenant_id: "t".into(),
         user_id: "u".into(),
@@ -994,16 +1001,11 @@ async fn a_revoke_of_every_session_of_a_user_with_a_thousand_ends_them_all<B: Ba
 async fn a_login_ends_a_hundred_idle_sessions_of_its_user<B: Backend>(b: B) {
     let h = harness(&b, policy(|p| p.max_sessions_per_user = 1000)).await;
     let s = &h.sessions;
-    let mut ids = Vec::new();
-    for _ in 0..100 {
-        ids.push(
-            s.create(new_session("t", "u"))
-                .await
-                .expect("create")
-                .session
-                .id,
-        );
-    }
+    let ids: Vec<_> = logins(s, 100)
+        .await
+        .into_iter()
+        .map(|c| c.session.id)
+        .collect();
     h.clock.advance(Duration::from_secs(601));
     s.create(new_session("t", "u")).await.expect("login");
     for id in [ids[0], ids[99]] {
@@ -1307,16 +1309,11 @@ async fn the_log_reads_and_prunes_from_inside_one_writes_events<B: Backend>(b: B
     {
         let h = harness(&b, policy(|_| {})).await;
         let s = &h.sessions;
-        let mut ids = Vec::new();
-        for _ in 0..6 {
-            ids.push(
-                s.create(new_session("t", "u"))
-                    .await
-                    .expect("create")
-                    .session
-                    .id,
-            );
-        }
+        let ids: Vec<_> = logins(s, 6)
+            .await
+            .into_iter()
+            .map(|c| c.session.id)
+            .collect();
         h.clock.advance(Duration::from_secs(60));
         let revoked = s
             .revoke(
