@@ -174,6 +174,14 @@ async fn logins<S: SessionStore>(s: &Sessions<S>, n: usize) -> Vec<Created> {
     created
 }
 
+/// A login of user "u" of tenant "t" bound to the device key `jwk`.
+fn bound_login(jwk: &str) -> NewSession {
+    NewSession {
+        binding_key: Some(BindingKey::from_jwk(jwk).expect("jwk")),
+        ..new_session("t", "u")
+    }
+}
+
 /// Every event in the log, in order.
 fn events<S: SessionStore>(h: &Harness<S>) -> Vec<Event> {
     h.sessions.store().events_after(0, 100_000).expect("events")
@@ -702,13 +710,7 @@ async fn a_bound_session_renews_only_against_a_fresh_challenge<B: Backend>(b: B)
     let h = harness(&b, policy(|p| p.bound_token_ttl = Duration::from_secs(120))).await;
     let s = &h.sessions;
     let (key, jwk) = dbsc::key_pair(21);
-    let created = s
-        .create(NewSession {
-            binding_key: Some(BindingKey::from_jwk(&jwk).expect("jwk")),
-            ..new_session("t", "u")
-        })
-        .await
-        .expect("create");
+    let created = s.create(bound_login(&jwk)).await.expect("create");
     let id = created.session.id;
     let token = created.token.expose().to_string();
     h.clock.advance(Duration::from_secs(61));
@@ -778,13 +780,7 @@ async fn a_device_refreshes_as_often_as_it_likes_and_each_challenge_answers_once
     .await;
     let s = &h.sessions;
     let (key, jwk) = dbsc::key_pair(22);
-    let created = s
-        .create(NewSession {
-            binding_key: Some(BindingKey::from_jwk(&jwk).expect("jwk")),
-            ..new_session("t", "u")
-        })
-        .await
-        .expect("create");
+    let created = s.create(bound_login(&jwk)).await.expect("create");
     let id = created.session.id;
     let sign = |challenge: &str| {
         let iat = (h.clock.now().as_millis() / 1000) as i64;

@@ -564,7 +564,7 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         if !s.token_hash.matches(&rotation.current) {
             return Err(Error::SessionNotValid);
         }
-        if s.bound_token_expires_at().is_some_and(|end| now >= end) {
+        if s.bound_token_expired(now) {
             // Expired: dead like any other, and saying more would tell its holder it was current.
             return Err(Error::SessionNotValid);
         }
@@ -610,10 +610,7 @@ impl<'v, V: View + ?Sized> Planner<'v, V> {
         if policy.token_reuse_action == TokenReuseAction::Ignore {
             return s.clone();
         }
-        let already = s
-            .flags
-            .iter()
-            .any(|f| matches!(f, Flag::TokenReuse(r) if r.rotation == replaced.rotation));
+        let already = s.flagged_for_reuse_of(replaced.rotation);
         if already && policy.token_reuse_action == TokenReuseAction::Flag {
             return s.clone();
         }

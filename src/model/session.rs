@@ -245,6 +245,20 @@ impl Session {
         self.binding.as_ref().map(|b| b.token_expires_at)
     }
 
+    /// Whether a device-bound session's current token has ended (it stops validating; the
+    /// session lives on until a signed refresh). False for an unbound session.
+    pub fn bound_token_expired(&self, now: Timestamp) -> bool {
+        self.bound_token_expires_at().is_some_and(|end| now >= end)
+    }
+
+    /// Whether the session carries the reuse flag of the token rotation number `rotation`
+    /// replaced: FLAG flags each reused token once.
+    pub fn flagged_for_reuse_of(&self, rotation: u32) -> bool {
+        self.flags
+            .iter()
+            .any(|f| matches!(f, Flag::TokenReuse(r) if r.rotation == rotation))
+    }
+
     /// The replaced token `hash` is, if it is one.
     pub fn replaced_token(&self, hash: &TokenHash) -> Option<ReplacedToken> {
         // Every entry is compared (in constant time each), so timing does not say which matched.

@@ -400,7 +400,7 @@ impl<S: SessionStore> Sessions<S> {
             self.store.end_soon(session.id, policy, now);
             return Err(Error::SessionNotValid);
         }
-        if session.bound_token_expires_at().is_some_and(|at| now >= at) {
+        if session.bound_token_expired(now) {
             // The session lives on; only this token is stale until a signed refresh.
             return Err(Error::SessionNotValid);
         }
@@ -481,13 +481,9 @@ impl<S: SessionStore> Sessions<S> {
         policy: Arc<Policy>,
         now: Timestamp,
     ) {
-        let flagged = session
-            .flags
-            .iter()
-            .any(|f| matches!(f, Flag::TokenReuse(r) if r.rotation == replaced.rotation));
         let done = match policy.token_reuse_action {
             TokenReuseAction::Ignore => true,
-            TokenReuseAction::Flag => flagged,
+            TokenReuseAction::Flag => session.flagged_for_reuse_of(replaced.rotation),
             TokenReuseAction::Revoke => false,
         };
         if done || !session.is_active() {
@@ -584,10 +580,7 @@ impl<S: SessionStore> Sessions<S> {
             self.store.end_soon(session.id, policy, now);
             return Err(Error::SessionNotValid);
         }
-        if session
-            .bound_token_expires_at()
-            .is_some_and(|end| now >= end)
-        {
+        if session.bound_token_expired(now) {
             return Err(Error::SessionNotValid);
         }
         let issued = self.tokens.issue(&parsed.session_id);

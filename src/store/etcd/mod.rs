@@ -1194,7 +1194,8 @@ impl Inner {
                 continue;
             }
             let its_writes = written_keys(&plan);
-            let clash = view.looked_at().any(|k| written.contains(&k))
+            let its_looked_at: Vec<Vec<u8>> = view.looked_at().collect();
+            let clash = its_looked_at.iter().any(|k| written.contains(k))
                 || its_writes
                     .iter()
                     .any(|k| written.contains(k) || looked_at.contains(k));
@@ -1210,7 +1211,7 @@ impl Inner {
             }
             size = grown;
             head = plan.head;
-            looked_at.extend(view.looked_at());
+            looked_at.extend(its_looked_at);
             reads.extend(its_reads);
             written.extend(its_writes);
             plans.push(plan);
